@@ -1,0 +1,51 @@
+"""jaxqp: quantize and prune JAX/Flax parameter trees with pure, composable transforms.
+
+Example:
+    >>> import jaxqp
+    >>> rules = [jaxqp.Rule(r".*/kernel", quant=jaxqp.QuantSpec(bits=8),
+    ...                     prune=jaxqp.PruneSpec(sparsity=jaxqp.polynomial(0.0, 0.8, 100, 1000, 50)))]
+    >>> t = jaxqp.transform(rules)
+"""
+
+from ._mask import apply_mask, magnitude_mask, threshold_mask
+from ._optax import WrapState, state_of, wrap
+from ._quant import affine_scale, fake_quant, int_range, symmetric_scale
+from ._quantizer import fake_quant_weight, weight_quantizer
+from ._rule import LeafPlan, Plan, Rule, resolve
+from ._schedule import Schedule, constant, one_shot, polynomial
+from ._spec import PruneSpec, QuantSpec
+from ._summary import Summary, summary
+from ._transform import ParamTransform, TransformState, chain, transform
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LeafPlan",
+    "ParamTransform",
+    "Plan",
+    "PruneSpec",
+    "QuantSpec",
+    "Rule",
+    "Schedule",
+    "Summary",
+    "TransformState",
+    "WrapState",
+    "affine_scale",
+    "apply_mask",
+    "chain",
+    "constant",
+    "fake_quant",
+    "fake_quant_weight",
+    "int_range",
+    "magnitude_mask",
+    "one_shot",
+    "polynomial",
+    "resolve",
+    "state_of",
+    "summary",
+    "symmetric_scale",
+    "threshold_mask",
+    "transform",
+    "weight_quantizer",
+    "wrap",
+]

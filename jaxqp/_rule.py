@@ -1,0 +1,202 @@
+"""Rules and plans: which parameter gets which spec (specs layer).
+
+A :class:`Rule` pairs a regular expression with specs. :func:`resolve` walks a
+parameter tree and gives each float leaf the specs of the *first* rule whose
+pattern ``re.fullmatch``-es its path; the result is a static, hashable
+:class:`Plan`. Non-float leaves (integer counters, RNG keys) are never touched.
+A rule that matches no float leaf is an error, because it is almost always a
+typo in the pattern.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> params = {"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)}}
+    >>> plan = resolve([Rule(r".*/kernel", quant=QuantSpec(bits=8))], params)
+    >>> [(leaf.path, leaf.quant.bits if leaf.quant else None) for leaf in plan.leaves]
+    [('Dense_0/bias', None), ('Dense_0/kernel', 8)]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from ._path import paths_and_leaves
+from ._spec import PruneSpec, QuantSpec
+
+_EXAMPLES = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """``Rule(pattern, quant=None, prune=None)``: specs for the paths ``pattern`` fully matches.
+
+    A rule with neither spec excludes what it matches from later rules (first
+    match wins), e.g. ``Rule(r"head/.*")`` before a catch-all rule.
+    """
+
+    pattern: str
+    quant: QuantSpec | None = None
+    prune: PruneSpec | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.pattern, str):
+            raise TypeError(f"Rule(pattern={self.pattern!r}): pattern must be a regex string, e.g. r'.*/kernel'")
+        try:
+            re.compile(self.pattern)
+        except re.error as err:
+            raise ValueError(f"Rule(pattern={self.pattern!r}) is not a valid regular expression: {err}") from None
+        if self.quant is not None and not isinstance(self.quant, QuantSpec):
+            raise TypeError(f"Rule({self.pattern!r}, quant={self.quant!r}): quant must be a jaxqp.QuantSpec or None")
+        if self.prune is not None and not isinstance(self.prune, PruneSpec):
+            raise TypeError(f"Rule({self.pattern!r}, prune={self.prune!r}): prune must be a jaxqp.PruneSpec or None")
+
+    def matches(self, path: str) -> bool:
+        return re.fullmatch(self.pattern, path) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+    """What happens to one leaf: its path, shape, dtype and specs (None: untouched)."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    quant: QuantSpec | None = None
+    prune: PruneSpec | None = None
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The static result of :func:`resolve`: one :class:`LeafPlan` per leaf, in tree order."""
+
+    leaves: tuple[LeafPlan, ...]
+
+    def check(self, tree, what: str = "params") -> tuple[list[tuple[str, Any]], Any]:
+        """Flattens ``tree`` and checks it is the tree this plan was made for.
+
+        Returns ``([(path, leaf), ...], treedef)``; raises ValueError naming the
+        first path that differs.
+        """
+        flat, treedef = paths_and_leaves(tree)
+        expected = {leaf.path: leaf for leaf in self.leaves}
+        got = {path for path, _ in flat}
+        missing = [p for p in expected if p not in got]
+        extra = [p for p in got if p not in expected]
+        if missing or extra:
+            raise ValueError(
+                f"{what} do not match the jaxqp state: the state was made for another tree "
+                f"(missing from {what}: {missing[:_EXAMPLES]}; not in the state: {extra[:_EXAMPLES]}). "
+                f"Fix: call t.init({what}) on this tree."
+            )
+        for path, leaf in flat:
+            want = expected[path]
+            shape = leaf_shape(leaf)
+            if shape != want.shape:
+                raise ValueError(
+                    f"{what} leaf '{path}' has shape {shape} but the jaxqp state was made for "
+                    f"shape {want.shape}. Fix: call t.init({what}) on this tree."
+                )
+        return flat, treedef
+
+    def by_path(self) -> dict[str, LeafPlan]:
+        return {leaf.path: leaf for leaf in self.leaves}
+
+
+def leaf_shape(leaf) -> tuple[int, ...]:
+    shape = getattr(leaf, "shape", None)
+    return tuple(shape) if shape is not None else tuple(np.shape(leaf))
+
+
+def _dtype(leaf) -> np.dtype:
+    dtype = getattr(leaf, "dtype", None)
+    return jnp.dtype(dtype) if dtype is not None else np.result_type(leaf)
+
+
+def is_float(leaf) -> bool:
+    """True for floating-point leaves (the only ones rules apply to)."""
+    try:
+        return jnp.issubdtype(_dtype(leaf), jnp.floating)
+    except TypeError:  # e.g. a typed PRNG key or an object leaf
+        return False
+
+
+def _as_rules(rules) -> tuple[Rule, ...]:
+    if isinstance(rules, Rule):
+        return (rules,)
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+        raise TypeError(f"rules must be a list of jaxqp.Rule, got {type(rules).__name__}")
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, Rule):
+            raise TypeError(f"rules[{i}] is {rule!r}; every rule must be a jaxqp.Rule(pattern, quant=, prune=)")
+    return tuple(rules)
+
+
+def _check_fits(path: str, shape: tuple[int, ...], quant: QuantSpec | None) -> None:
+    if quant is None or quant.axis is None:
+        return
+    axes = (quant.axis,) if isinstance(quant.axis, int) else quant.axis
+    for a in axes:
+        if not -len(shape) <= a < len(shape):
+            raise ValueError(
+                f"'{path}' has shape {shape}, so QuantSpec(axis={quant.axis}) is out of range. "
+                "Fix: use axis=None (per tensor) for it, or a rule that does not match it."
+            )
+
+
+def resolve(rules: Sequence[Rule] | Rule, params) -> Plan:
+    """Matches ``rules`` against the float leaves of ``params`` (first match wins).
+
+    Raises ValueError if a rule matches no float leaf, listing some real paths.
+    ``params`` may hold arrays or ``jax.ShapeDtypeStruct``s.
+    """
+    rules = _as_rules(rules)
+    flat, _ = paths_and_leaves(params)
+    used = [False] * len(rules)
+    leaves, seen = [], set()
+    for path, leaf in flat:
+        if path in seen:
+            raise ValueError(f"two leaves share the path '{path}'; jaxqp needs distinct paths")
+        seen.add(path)
+        shape, dtype = leaf_shape(leaf), _dtype(leaf) if is_float(leaf) else None
+        quant = prune = None
+        if dtype is not None:
+            for i, rule in enumerate(rules):
+                if rule.matches(path):
+                    used[i] = True
+                    quant, prune = rule.quant, rule.prune
+                    _check_fits(path, shape, quant)
+                    break
+        leaves.append(LeafPlan(path, shape, str(dtype if dtype is not None else _safe_dtype(leaf)), quant, prune))
+    unused = [i for i, u in enumerate(used) if not u]
+    if unused:
+        i = unused[0]
+        examples = [leaf.path for leaf in leaves if is_float_dtype(leaf.dtype)][:_EXAMPLES]
+        raise ValueError(
+            f"rules[{i}] (pattern {rules[i].pattern!r}) matches no float parameter"
+            + (" not already taken by an earlier rule" if i else "")
+            + f". Paths look like: {examples}. Fix the pattern (it must match the whole path, "
+            "re.fullmatch) or remove the rule."
+        )
+    return Plan(tuple(leaves))
+
+
+def _safe_dtype(leaf) -> str:
+    try:
+        return str(_dtype(leaf))
+    except TypeError:
+        return type(leaf).__name__
+
+
+def is_float_dtype(dtype: str) -> bool:
+    try:
+        return jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        return False

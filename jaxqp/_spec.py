@@ -1,0 +1,101 @@
+"""Frozen, validated specs: what to do to one parameter (specs layer).
+
+Specs are static and hashable: they travel as metadata of the transform state,
+so jit caches on them and never on their values. Bad values fail here, at
+construction, with the field and a fix in the message.
+
+Example:
+    >>> QuantSpec(bits=4, axis=None)
+    QuantSpec(bits=4, symmetric=True, axis=None, ste='clipped')
+    >>> PruneSpec(sparsity=0.5).sparsity
+    Constant(value=0.5)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+from ._schedule import Schedule, check_sparsity, constant
+
+MIN_BITS, MAX_BITS = 2, 16
+
+
+def _normalize_axis(axis):
+    if axis is None or (isinstance(axis, numbers.Integral) and not isinstance(axis, bool)):
+        return None if axis is None else int(axis)
+    if isinstance(axis, (tuple, list)) and axis and all(
+        isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axis
+    ):
+        return tuple(int(a) for a in axis)
+    raise TypeError(
+        f"QuantSpec(axis={axis!r}): axis must be an int (one scale per index along it), "
+        "a non-empty tuple of ints, or None (one scale per tensor)"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """Integer fake-quantization of a parameter.
+
+    Attributes:
+      bits: integer width, 2 to 16.
+      symmetric: True (default): absmax scale, narrow signed range
+        ``[-(2^(b-1)-1), 2^(b-1)-1]``, zero point 0. False: min/max scale over the
+        full signed range with an integer zero point.
+      axis: channel axis (or axes) that get their own scale; -1 (default) is the
+        output channel of a Flax Dense or Conv kernel; None is one scale per tensor.
+      ste: straight-through gradient: "clipped" (1 inside the clipping range,
+        0 outside) or "identity" (1 everywhere).
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    axis: int | tuple[int, ...] | None = -1
+    ste: str = "clipped"
+
+    def __post_init__(self):
+        bits = self.bits
+        if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
+            raise TypeError(f"QuantSpec(bits={bits!r}): bits must be an int, e.g. QuantSpec(bits=8)")
+        if not MIN_BITS <= bits <= MAX_BITS:
+            raise ValueError(
+                f"QuantSpec(bits={bits}): bits must lie in [{MIN_BITS}, {MAX_BITS}]; "
+                "e.g. QuantSpec(bits=8), or leave the parameter float by giving its rule quant=None"
+            )
+        object.__setattr__(self, "bits", int(bits))
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"QuantSpec(symmetric={self.symmetric!r}): use True or False")
+        object.__setattr__(self, "axis", _normalize_axis(self.axis))
+        if self.ste not in ("clipped", "identity"):
+            raise ValueError(f"QuantSpec(ste={self.ste!r}): use ste='clipped' or ste='identity'")
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneSpec:
+    """Mask-based pruning of a parameter. Give exactly one of:
+
+    Attributes:
+      sparsity: magnitude pruning to this fraction of zeros, a float in [0, 1)
+        (a :func:`jaxqp.constant` schedule) or a schedule such as
+        :func:`jaxqp.polynomial`. The count pruned is ``round(sparsity * size)``.
+      threshold: prune every entry with ``|w| < threshold`` (recomputed at each
+        update; pruned entries stay pruned).
+    """
+
+    sparsity: float | Schedule | None = None
+    threshold: float | None = None
+
+    def __post_init__(self):
+        if (self.sparsity is None) == (self.threshold is None):
+            raise ValueError(
+                "PruneSpec needs exactly one of sparsity= or threshold=; "
+                "e.g. PruneSpec(sparsity=0.8) or PruneSpec(threshold=1e-3)"
+            )
+        if self.sparsity is not None and not isinstance(self.sparsity, Schedule):
+            object.__setattr__(self, "sparsity", constant(check_sparsity(self.sparsity, "PruneSpec(sparsity)")))
+        if self.threshold is not None:
+            t = self.threshold
+            if isinstance(t, bool) or not isinstance(t, numbers.Real) or not t >= 0:
+                raise ValueError(f"PruneSpec(threshold={t!r}): threshold must be a float >= 0")
+            object.__setattr__(self, "threshold", float(t))

@@ -1,0 +1,194 @@
+"""ParamTransform: quantize and prune a parameter tree (transforms layer).
+
+A :class:`ParamTransform` is a NamedTuple of pure functions, like an optax
+``GradientTransformation``:
+
+* ``init(params) -> state``: resolves the rules and computes the first masks;
+* ``apply(params, state) -> params``: the tree the model sees: pruned entries
+  exactly 0, then fake-quantized (scales computed on the surviving weights);
+* ``update(params, state) -> state``: advances the step by one and recomputes
+  masks where the schedule says so (under ``lax.cond``: one compiled step);
+* ``masks(state) -> {path: bool array}``: the pruning masks, for
+  :func:`jaxqp.wrap` to keep pruned params exactly 0.
+
+Example:
+    >>> import jax.numpy as jnp, jaxqp
+    >>> t = jaxqp.transform([jaxqp.Rule(r"w", quant=jaxqp.QuantSpec(bits=8),
+    ...                                 prune=jaxqp.PruneSpec(sparsity=0.5))])
+    >>> params = {"w": jnp.array([[0.1, -0.4], [0.3, 0.2]])}
+    >>> state = t.init(params)
+    >>> t.apply(params, state)["w"]
+    Array([[ 0. , -0.4],
+           [ 0.3,  0. ]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ._mask import apply_mask, magnitude_mask, threshold_mask
+from ._quantizer import fake_quant_weight
+from ._rule import LeafPlan, Plan, Rule, _as_rules, resolve
+from ._spec import PruneSpec
+
+Params = Any
+Masks = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformState:
+    """State of :func:`transform`: a pytree whose leaves are ``step`` and ``masks``.
+
+    Attributes:
+      step: int32 scalar, optimizer updates applied so far.
+      masks: ``{path: bool array}`` for every pruned parameter (True keeps).
+      plan: static metadata (not a leaf): the resolved :class:`Plan`, so tools
+        such as :func:`jaxqp.summary` need no rules.
+    """
+
+    step: jax.Array
+    masks: Masks
+    plan: Plan = dataclasses.field(repr=False)
+
+
+jax.tree_util.register_dataclass(TransformState, data_fields=["step", "masks"], meta_fields=["plan"])
+
+
+def _no_masks(state) -> Masks:
+    del state
+    return {}
+
+
+class ParamTransform(NamedTuple):
+    """``(init, apply, update, masks)``: see the module docstring."""
+
+    init: Callable[[Params], Any]
+    apply: Callable[[Params, Any], Params]
+    update: Callable[[Params, Any], Any]
+    masks: Callable[[Any], Masks] = _no_masks
+
+
+def _first_mask(leaf: jax.Array, spec: PruneSpec) -> jax.Array:
+    if spec.threshold is not None:
+        return threshold_mask(leaf, spec.threshold)
+    return magnitude_mask(leaf, spec.sparsity(0))
+
+
+def _refresh_mask(leaf: jax.Array, spec: PruneSpec, prev: jax.Array, step: jax.Array) -> jax.Array:
+    if spec.threshold is not None:
+        return threshold_mask(leaf, spec.threshold, prev)
+    schedule = spec.sparsity
+    return jax.lax.cond(
+        schedule.update_at(step),
+        lambda: magnitude_mask(leaf, schedule(step), prev),
+        lambda: prev,
+    )
+
+
+def _describe_difference(want: Plan, got: Plan) -> str:
+    for a, b in zip(want.leaves, got.leaves):
+        if a != b:
+            return f"'{a.path}': the rules give {a}, the state holds {b}"
+    return "the number of leaves differs"
+
+
+def _checked(rules: tuple[Rule, ...], params, state, what: str) -> tuple[list, Any, Plan]:
+    if not isinstance(state, TransformState):
+        raise TypeError(
+            f"{what}: state must be the jaxqp state returned by t.init(params) "
+            f"(inside an optimizer: jaxqp.state_of(opt_state)), got {type(state).__name__}"
+        )
+    flat, treedef = state.plan.check(params)
+    plan = resolve(rules, params)
+    if plan != state.plan:
+        raise ValueError(
+            f"{what}: this state was made by a transform with other rules "
+            f"({_describe_difference(plan, state.plan)}). Fix: call t.init(params) with this transform."
+        )
+    return flat, treedef, plan
+
+
+def transform(rules: Sequence[Rule] | Rule) -> ParamTransform:
+    """The quantize-and-prune transform of ``rules`` (first matching rule wins per leaf).
+
+    For a leaf with both specs, the mask is applied first and the quantizer is
+    calibrated on the survivors, so pruned weights stay exactly 0.
+    """
+    rules = _as_rules(rules)
+
+    def init(params) -> TransformState:
+        plan = resolve(rules, params)
+        flat, _ = plan.check(params)
+        entries = plan.by_path()
+        masks = {
+            path: _first_mask(jnp.asarray(leaf), entries[path].prune)
+            for path, leaf in flat
+            if entries[path].prune is not None
+        }
+        return TransformState(jnp.zeros((), jnp.int32), masks, plan)
+
+    def apply(params, state: TransformState):
+        flat, treedef, plan = _checked(rules, params, state, "t.apply")
+        out = [_apply_leaf(leaf, entry, state.masks) for (_, leaf), entry in zip(flat, plan.leaves)]
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    def update(params, state: TransformState) -> TransformState:
+        flat, _, plan = _checked(rules, params, state, "t.update")
+        step = state.step + 1
+        masks = {
+            entry.path: _refresh_mask(leaf, entry.prune, state.masks[entry.path], step)
+            for (_, leaf), entry in zip(flat, plan.leaves)
+            if entry.prune is not None
+        }
+        return TransformState(step, masks, plan)
+
+    def masks(state: TransformState) -> Masks:
+        return dict(state.masks)
+
+    return ParamTransform(init, apply, update, masks)
+
+
+def _apply_leaf(leaf, entry: LeafPlan, masks: Masks):
+    if entry.prune is not None:
+        leaf = apply_mask(leaf, masks[entry.path])
+    if entry.quant is not None:
+        leaf = fake_quant_weight(leaf, entry.quant)
+    return leaf
+
+
+def chain(*transforms: ParamTransform) -> ParamTransform:
+    """Applies ``transforms`` in order; the state is a tuple of their states.
+
+    Masks of the same path are combined with logical AND.
+
+    >>> import jaxqp
+    >>> t = jaxqp.chain(jaxqp.transform([jaxqp.Rule("w", prune=jaxqp.PruneSpec(sparsity=0.5))]),
+    ...                 jaxqp.transform([jaxqp.Rule("w", quant=jaxqp.QuantSpec(bits=4))]))
+    """
+    for i, t in enumerate(transforms):
+        if not isinstance(t, ParamTransform):
+            raise TypeError(f"chain argument {i} is {type(t).__name__}; pass jaxqp.ParamTransform values")
+
+    def init(params):
+        return tuple(t.init(params) for t in transforms)
+
+    def apply(params, state):
+        for t, s in zip(transforms, state, strict=True):
+            params = t.apply(params, s)
+        return params
+
+    def update(params, state):
+        return tuple(t.update(params, s) for t, s in zip(transforms, state, strict=True))
+
+    def masks(state) -> Masks:
+        merged: Masks = {}
+        for t, s in zip(transforms, state, strict=True):
+            for path, mask in t.masks(s).items():
+                merged[path] = merged[path] & mask if path in merged else mask
+        return merged
+
+    return ParamTransform(init, apply, update, masks)
