@@ -1,0 +1,78 @@
+"""Pruning masks: exact counts, deterministic ties, thresholds, monotonicity."""
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxqp import apply_mask, magnitude_mask, threshold_mask
+
+
+def test_magnitude_mask_keeps_largest():
+    mask = magnitude_mask(jnp.array([3.0, -1.0, 1.0, 2.0, -5.0]), 0.4)
+    np.testing.assert_array_equal(np.asarray(mask), [True, False, False, True, True])
+
+
+def test_ties_broken_by_lower_index_first():
+    mask = magnitude_mask(jnp.ones(6), 0.5)
+    np.testing.assert_array_equal(np.asarray(mask), [False, False, False, True, True, True])
+    mask = magnitude_mask(jnp.array([[2.0, 1.0], [1.0, 1.0]]), 0.5)
+    np.testing.assert_array_equal(np.asarray(mask), [[True, False], [False, True]])
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    x=hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=12),
+                 elements=st.floats(-10, 10, width=32, allow_subnormal=False)),  # XLA flushes subnormals
+    sparsity=st.floats(0.0, 0.99),
+)
+def test_exact_count_property(x, sparsity):
+    mask = np.asarray(magnitude_mask(jnp.asarray(x), sparsity))
+    assert mask.shape == x.shape
+    assert (~mask).sum() == int(np.round(np.float32(sparsity) * x.size))
+    if mask.any() and (~mask).any():  # every survivor is at least as large as every pruned entry
+        assert np.abs(x[mask]).min() >= np.abs(x[~mask]).max()
+
+
+def test_exact_sparsity_on_kernel_sizes():
+    x = jax.random.normal(jax.random.key(0), (320, 160))
+    mask = magnitude_mask(x, 0.8)
+    assert int((~mask).sum()) == 40960 and int((~mask).sum()) / mask.size == 0.8
+
+
+def test_previous_mask_stays_pruned():
+    x = jnp.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.5])
+    prev = jnp.array([False, True, True, True, True, True])  # the largest was pruned before
+    mask = magnitude_mask(x, 0.5, prev)
+    np.testing.assert_array_equal(np.asarray(mask), [False, True, True, True, False, False])
+
+
+def test_traced_sparsity_under_jit():
+    x = jax.random.normal(jax.random.key(1), (50,))
+    f = jax.jit(magnitude_mask)
+    for s in [0.0, 0.2, 0.5]:
+        np.testing.assert_array_equal(np.asarray(f(x, s)), np.asarray(magnitude_mask(x, s)))
+        assert int((~f(x, s)).sum()) == round(s * 50)
+
+
+def test_threshold_mask():
+    x = jnp.array([0.1, -0.2, 0.05, -0.01, 0.2])
+    np.testing.assert_array_equal(np.asarray(threshold_mask(x, 0.1)), [True, True, False, False, True])
+    prev = jnp.array([False, True, True, True, True])
+    np.testing.assert_array_equal(np.asarray(threshold_mask(x, 0.1, prev)), [False, True, False, False, True])
+
+
+def test_apply_mask_exact_zero_and_zero_gradient():
+    x = jnp.array([1.5, -2.0, 3.0])
+    mask = jnp.array([True, False, True])
+    np.testing.assert_array_equal(np.asarray(apply_mask(x, mask)), [1.5, 0.0, 3.0])
+    grad = jax.grad(lambda v: jnp.sum(apply_mask(v, mask) ** 2))(x)
+    np.testing.assert_array_equal(np.asarray(grad), [3.0, 0.0, 6.0])
+
+
+@pytest.mark.parametrize("s", [0.0, 0.25, 0.5, 0.75])
+def test_count_rounds_to_nearest(s):
+    assert int((~magnitude_mask(jnp.arange(1.0, 9.0), s)).sum()) == round(s * 8)
