@@ -4,8 +4,9 @@
 ``update(grads, opt_state, params)``:
 
 1. runs ``tx`` on the gradients;
-2. calls ``t.update`` on the params the updates lead to (advancing the step and
-   refreshing masks on schedule);
+2. calls ``t.update(params, state)`` with the params it was given (the ones
+   this step's forward used), advancing the step and refreshing masks on
+   schedule;
 3. masks the updates so that every pruned parameter becomes exactly 0:
    kept entries get ``tx``'s update unchanged, pruned entries get ``-params``
    (``p + (-p)`` is exactly 0 in IEEE arithmetic).
@@ -76,7 +77,7 @@ def wrap(tx: optax.GradientTransformation, t: ParamTransform) -> optax.GradientT
                 "call tx.update(grads, opt_state, params)"
             )
         updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
-        new_state = t.update(optax.apply_updates(params, updates), state.transform)
+        new_state = t.update(params, state.transform)
         masks = t.masks(new_state)
         if masks:
             updates = _mask_updates(updates, params, masks)

@@ -39,7 +39,13 @@ def _check_step(value, name: str) -> int:
 
 
 class Schedule:
-    """Base class: subclasses are frozen dataclasses with ``__call__`` and ``update_at``."""
+    """Base class: subclasses are frozen dataclasses with ``__call__`` and ``update_at``.
+
+    ``refreshes`` is a static flag: False when masks never change after ``init``,
+    so the transform compiles no mask refresh at all.
+    """
+
+    refreshes = True
 
     def __call__(self, step) -> jax.Array:
         raise NotImplementedError
@@ -53,6 +59,7 @@ class Constant(Schedule):
     """Sparsity ``value`` at every step; masks are computed once, by ``init``."""
 
     value: float
+    refreshes = False
 
     def __post_init__(self):
         object.__setattr__(self, "value", check_sparsity(self.value, "constant(value)"))

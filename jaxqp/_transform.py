@@ -82,6 +82,8 @@ def _refresh_mask(leaf: jax.Array, spec: PruneSpec, prev: jax.Array, step: jax.A
     if spec.threshold is not None:
         return threshold_mask(leaf, spec.threshold, prev)
     schedule = spec.sparsity
+    if not schedule.refreshes:
+        return prev
     return jax.lax.cond(
         schedule.update_at(step),
         lambda: magnitude_mask(leaf, schedule(step), prev),

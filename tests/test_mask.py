@@ -76,3 +76,33 @@ def test_apply_mask_exact_zero_and_zero_gradient():
 @pytest.mark.parametrize("s", [0.0, 0.25, 0.5, 0.75])
 def test_count_rounds_to_nearest(s):
     assert int((~magnitude_mask(jnp.arange(1.0, 9.0), s)).sum()) == round(s * 8)
+
+
+def reference_mask(x, sparsity, prev=None):
+    """Stable argsort of |x| (pruned-before entries first): the definition the bisection must match."""
+    score = np.abs(x.astype(np.float32)).ravel().astype(np.float64)
+    if prev is not None:
+        score = np.where(prev.ravel(), score, -1.0)
+    k = int(np.round(np.float32(sparsity) * np.float32(x.size)))
+    keep = np.ones(x.size, bool)
+    keep[np.argsort(score, kind="stable")[:k]] = False
+    return keep.reshape(x.shape)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    x=hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=2, max_side=30),
+                 elements=st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, 1e-3, -7.0, 3e38])),
+    sparsity=st.floats(0.0, 0.99),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_stable_argsort_reference_with_ties(x, sparsity, seed):
+    prev = np.random.default_rng(seed).random(x.shape) > 0.3
+    got = np.asarray(magnitude_mask(jnp.asarray(x), sparsity, jnp.asarray(prev)))
+    np.testing.assert_array_equal(got, reference_mask(x, sparsity, prev))
+    np.testing.assert_array_equal(np.asarray(magnitude_mask(jnp.asarray(x), sparsity)), reference_mask(x, sparsity))
+
+
+def test_inf_and_nan_rank_largest():
+    x = jnp.array([jnp.inf, 1.0, jnp.nan, -jnp.inf, 0.5])
+    np.testing.assert_array_equal(np.asarray(magnitude_mask(x, 0.4)), [True, False, True, True, False])
