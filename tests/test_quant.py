@@ -154,6 +154,9 @@ def test_vmap_matches_loop():
     chex.assert_trees_all_equal(vmapped, looped)
 
 
+jit_fake_quant_weight = jax.jit(fake_quant_weight, static_argnums=1)
+jit_fake_quant = jax.jit(fake_quant, static_argnums=(3, 4))
+
 finite_arrays = hnp.arrays(
     np.float32,
     hnp.array_shapes(min_dims=1, max_dims=2, min_side=1, max_side=16),
@@ -168,7 +171,7 @@ def test_error_at_most_half_step(x, bits, symmetric):
     x = jnp.asarray(x)
     spec = QuantSpec(bits=bits, symmetric=symmetric, axis=-1)
     scale = (symmetric_scale(x, bits, -1) if symmetric else affine_scale(x, bits, -1)[0])
-    err = np.abs(np.asarray(fake_quant_weight(x, spec)) - np.asarray(x))
+    err = np.abs(np.asarray(jit_fake_quant_weight(x, spec)) - np.asarray(x))
     bound = np.asarray(scale) / 2 * (1 + 1e-5) + 1e-30
     assert np.all(err <= bound), (err.max(), bound.min())
 
@@ -179,8 +182,8 @@ def test_idempotent_with_same_scale(x, bits):
     x = jnp.asarray(x)
     scale = symmetric_scale(x, bits, -1)
     qmin, qmax = int_range(bits, narrow=True)
-    once = fake_quant(x, scale, None, qmin, qmax)
-    twice = fake_quant(once, scale, None, qmin, qmax)
+    once = jit_fake_quant(x, scale, None, qmin, qmax)
+    twice = jit_fake_quant(once, scale, None, qmin, qmax)
     np.testing.assert_array_equal(np.asarray(twice), np.asarray(once))
 
 
@@ -189,7 +192,7 @@ def test_idempotent_with_same_scale(x, bits):
 def test_values_are_integer_multiples_of_scale(x, bits):
     x = jnp.asarray(x)
     scale = np.asarray(symmetric_scale(x, bits, -1), np.float64)
-    y = np.asarray(fake_quant_weight(x, QuantSpec(bits=bits)), np.float64)
+    y = np.asarray(jit_fake_quant_weight(x, QuantSpec(bits=bits)), np.float64)
     codes = y / scale
     np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
     assert np.all(np.abs(np.round(codes)) <= 2 ** (bits - 1) - 1)

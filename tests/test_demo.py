@@ -1,0 +1,38 @@
+"""The main job and the step benchmark run end to end in quick mode."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_the_table(tmp_path):
+    out = tmp_path / "demo.json"
+    proc = subprocess.run([sys.executable, "-m", "jaxqp.demo", "--quick", "--json", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [r["config"] for r in rows] == ["float32", "int8", "pruned", "pruned+int8"]
+    assert set(rows[0]) == {"config", "accuracy", "nll", "sparsity", "bytes_float", "bytes_compressed"}
+    by = {r["config"]: r for r in rows}
+    assert by["pruned"]["sparsity"] == 0.8 and by["pruned+int8"]["sparsity"] == 0.8
+    assert by["float32"]["sparsity"] == 0.0 and by["float32"]["bytes_compressed"] == by["float32"]["bytes_float"]
+    assert by["pruned+int8"]["bytes_compressed"] < by["int8"]["bytes_compressed"] < by["float32"]["bytes_float"]
+    assert all(r["accuracy"] > 80 for r in rows), rows  # 150 steps already learn digits
+    assert "pruned weights exactly 0.0" in proc.stdout
+
+
+@pytest.mark.slow
+def test_step_overhead_quick_writes_rows(tmp_path):
+    out = tmp_path / "steps.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_overhead.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [r["config"] for r in rows] == ["int8", "pruned", "pruned+int8"]
+    assert all(r["step_ratio"] > 0 for r in rows)

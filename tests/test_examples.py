@@ -1,0 +1,28 @@
+"""Examples run in quick mode and do what their docstrings say."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.standard_promotion
+def test_nnx_quickstart_quick(capsys):
+    accuracy, params, state = load("nnx_quickstart").main(["--quick"])
+    assert accuracy > 0.5
+    mask = np.asarray(state.masks["l1/kernel"])
+    kernel = np.asarray(params["l1"]["kernel"][...])
+    assert (~mask).sum() == round(0.9 * mask.size) and np.all(kernel[~mask] == 0.0)
+    assert "l2/kernel" not in state.masks
+    assert "l1/kernel" in capsys.readouterr().out
