@@ -72,10 +72,21 @@ class ParamTransform(NamedTuple):
     masks: Callable[[Any], Masks] = _no_masks
 
 
+def _is_multi_device(leaf) -> bool:
+    # Concrete arrays spread over several devices; single-device arrays are left as they
+    # are, so that committing them does not change the jit cache key of the first step.
+    return (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+            and len(leaf.sharding.device_set) > 1)
+
+
 def _first_mask(leaf: jax.Array, spec: PruneSpec) -> jax.Array:
     if spec.threshold is not None:
-        return threshold_mask(leaf, spec.threshold)
-    return magnitude_mask(leaf, spec.sparsity(0))
+        mask = threshold_mask(leaf, spec.threshold)
+    else:
+        mask = magnitude_mask(leaf, spec.sparsity(0))
+    if _is_multi_device(leaf):
+        mask = jax.device_put(mask, leaf.sharding)  # a mask follows its parameter's sharding
+    return mask
 
 
 def _refresh_mask(leaf: jax.Array, spec: PruneSpec, prev: jax.Array, step: jax.Array) -> jax.Array:
@@ -127,7 +138,7 @@ def transform(rules: Sequence[Rule] | Rule) -> ParamTransform:
         flat, _ = plan.check(params)
         entries = plan.by_path()
         masks = {
-            path: _first_mask(jnp.asarray(leaf), entries[path].prune)
+            path: _first_mask(leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf), entries[path].prune)
             for path, leaf in flat
             if entries[path].prune is not None
         }

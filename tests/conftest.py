@@ -14,3 +14,6 @@ def _strict_dtype_promotion(request):
     mode = "standard" if request.node.get_closest_marker("standard_promotion") else "strict"
     with jax.numpy_dtype_promotion(mode):
         yield
+
+# A script run in a subprocess by test_sharding.py (it must configure devices before JAX starts).
+collect_ignore = ["sharded_step.py"]

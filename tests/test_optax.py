@@ -179,3 +179,18 @@ def test_nnx_trains_with_exact_zeros():
     assert losses[-1] < losses[0] and len(traces) == 1
     model = nnx.merge(graphdef, t.apply(params, state))
     assert np.all(np.asarray(model.l1.kernel[...])[~mask] == 0.0)
+
+
+def test_multisteps_around_wrap():
+    model, params = linen_setup()
+    t = jaxqp.transform(RULES)
+    tx = optax.MultiSteps(jaxqp.wrap(optax.adam(1e-2), t), every_k_schedule=2)
+    opt_state = tx.init(params)
+    step = make_step(model, t, tx)
+    for _ in range(20):
+        params, opt_state, _ = step(params, opt_state)
+        assert kernels_zero_where_masked(params, jaxqp.state_of(opt_state))
+    state = jaxqp.state_of(opt_state)
+    assert int(state.step) == 10  # the wrapped optimizer ran every second mini-step
+    for mask in state.masks.values():
+        assert int((~mask).sum()) == round(float(SCHEDULE(10)) * mask.size)
