@@ -7,8 +7,10 @@ Example:
     >>> t = jaxqp.transform(rules)
 """
 
+from ._export import export
 from ._mask import apply_mask, magnitude_mask, threshold_mask
 from ._optax import WrapState, state_of, wrap
+from ._qarray import QArray, SparseArray, dequantize
 from ._quant import affine_scale, fake_quant, int_range, symmetric_scale
 from ._quantizer import fake_quant_weight, weight_quantizer
 from ._rule import LeafPlan, Plan, Rule, resolve
@@ -24,9 +26,11 @@ __all__ = [
     "ParamTransform",
     "Plan",
     "PruneSpec",
+    "QArray",
     "QuantSpec",
     "Rule",
     "Schedule",
+    "SparseArray",
     "Summary",
     "TransformState",
     "WrapState",
@@ -34,6 +38,8 @@ __all__ = [
     "apply_mask",
     "chain",
     "constant",
+    "dequantize",
+    "export",
     "fake_quant",
     "fake_quant_weight",
     "int_range",

@@ -99,11 +99,16 @@ def affine_scale(x: jax.Array, bits: int, axis: Axis = -1) -> tuple[jax.Array, j
 
 
 def quantize(x, scale, zero_point, qmin: int, qmax: int) -> jax.Array:
-    """Integer codes ``clip(round(x / scale) + zero_point, qmin, qmax)`` as floats."""
+    """Integer codes ``clip(round(x / scale) + zero_point, qmin, qmax)`` as floats.
+
+    A code of zero is +0.0, never -0.0 (rounding -0.3 gives -0.0), so fake-quantized
+    values carry no sign on zero, exactly like values decoded from integer codes.
+    """
     v = jnp.round(jnp.asarray(x, scale.dtype) / scale)
     if zero_point is not None:
         v = v + zero_point
-    return jnp.clip(v, qmin, qmax)
+    v = jnp.clip(v, qmin, qmax)
+    return jnp.where(v == 0, jnp.zeros_like(v), v)
 
 
 def dequantize(q, scale, zero_point) -> jax.Array:

@@ -1,11 +1,8 @@
 """``jaxqp.summary``: per-layer bits, sparsity and bytes (tools layer).
 
-Compressed bytes are an estimate of what a packed export stores, per leaf:
-
-* values: ``ceil(size * bits / 8)`` dense, or for pruned leaves the smaller of
-  that and a bitmask plus packed survivors, ``ceil(size / 8) + ceil(kept * bits / 8)``;
-* plus 4 bytes per float32 scale (and 4 per zero point when affine).
-
+Compressed bytes are what :func:`jaxqp.export` really stores for each leaf:
+integer codes in their container (packed below 8 bits), a bitmask and only the
+kept entries when that is smaller, float32 scales and int32 zero points.
 Untouched leaves count at their own dtype width.
 
 Example:
@@ -20,63 +17,29 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._quant import reduce_axes
-from ._rule import LeafPlan
-from ._transform import TransformState
+from ._export import _export_leaf
+from ._qarray import nbytes
+from ._transform import LeafView, leaf_views
 
 COLUMNS = ("path", "shape", "bits", "sparsity", "bytes_float", "bytes_compressed")
 
 
-def _transform_states(state) -> list[TransformState]:
-    nodes = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, TransformState))
-    found = [n for n in nodes if isinstance(n, TransformState)]
-    if not found:
-        raise ValueError(
-            "jaxqp.summary(params, state): no jaxqp state found; pass t.init(params)'s result "
-            "or jaxqp.state_of(opt_state)"
-        )
-    return found
-
-
-def _num_scales(entry: LeafPlan) -> int:
-    if entry.quant.axis is None:
-        return 1
-    reduced = reduce_axes(len(entry.shape), entry.quant.axis)
-    return math.prod(d for a, d in enumerate(entry.shape) if a not in reduced)
-
-
-def _row(entry: LeafPlan, quant, mask) -> dict:
-    size = entry.size
-    itembits = jnp.dtype(entry.dtype).itemsize * 8 if _is_array_dtype(entry.dtype) else 0
-    bits = quant.bits if quant is not None else itembits
-    kept = size if mask is None else int(np.count_nonzero(np.asarray(mask)))
-    stored = math.ceil(size * bits / 8)
-    if mask is not None:
-        stored = min(stored, math.ceil(size / 8) + math.ceil(kept * bits / 8))
-    if quant is not None:
-        stored += _num_scales(dataclasses.replace(entry, quant=quant)) * (4 if quant.symmetric else 8)
+def _row(leaf, view: LeafView) -> dict:
+    entry = view.entry
+    itembits = jnp.dtype(entry.dtype).itemsize * 8 if hasattr(leaf, "dtype") else 0
+    kept = entry.size if view.mask is None else int(np.count_nonzero(np.asarray(view.mask)))
     return {
         "path": entry.path,
         "shape": entry.shape,
-        "bits": bits,
-        "sparsity": 0.0 if size == 0 else 1.0 - kept / size,
-        "bytes_float": math.ceil(size * itembits / 8),
-        "bytes_compressed": stored,
+        "bits": view.quant.bits if view.quant is not None else itembits,
+        "sparsity": 0.0 if entry.size == 0 else 1.0 - kept / entry.size,
+        "bytes_float": nbytes(leaf),
+        "bytes_compressed": nbytes(_export_leaf(leaf, view)),
     }
-
-
-def _is_array_dtype(dtype: str) -> bool:
-    try:
-        jnp.dtype(dtype)
-        return True
-    except TypeError:
-        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,16 +75,5 @@ class Summary:
 
 def summary(params, state) -> Summary:
     """Per-layer table of ``params`` under the jaxqp ``state`` (or an optimizer state holding it)."""
-    states = _transform_states(state)
-    for s in states:
-        s.plan.check(params)
-    quant: dict = {}
-    masks: dict = {}
-    for s in states:
-        for entry in s.plan.leaves:
-            if entry.quant is not None and quant.get(entry.path) is None:
-                quant[entry.path] = entry.quant
-        for path, mask in s.masks.items():
-            masks[path] = masks[path] & mask if path in masks else mask
-    rows = tuple(_row(e, quant.get(e.path), masks.get(e.path)) for e in states[0].plan.leaves)
-    return Summary(rows)
+    flat, _, views = leaf_views(params, state)
+    return Summary(tuple(_row(leaf, view) for (_, leaf), view in zip(flat, views)))

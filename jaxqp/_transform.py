@@ -205,3 +205,38 @@ def chain(*transforms: ParamTransform) -> ParamTransform:
         return merged
 
     return ParamTransform(init, apply, update, masks)
+
+
+class LeafView(NamedTuple):
+    """What every transform in a (possibly chained) state does to one leaf."""
+
+    entry: LeafPlan
+    quant: Any  # QuantSpec | None: the first transform's that quantizes the leaf
+    mask: jax.Array | None  # AND of every transform's mask of the leaf
+
+
+def leaf_views(params, state) -> tuple[list, Any, list[LeafView]]:
+    """Flattens ``params`` and merges every :class:`TransformState` found in ``state``.
+
+    ``state`` may be a transform state, a tuple of them (``chain``) or an optimizer
+    state holding one (``wrap``). Returns ``(flat, treedef, views)`` in leaf order.
+    """
+    nodes = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, TransformState))
+    states = [n for n in nodes if isinstance(n, TransformState)]
+    if not states:
+        raise ValueError(
+            "no jaxqp state found: pass t.init(params)'s result or jaxqp.state_of(opt_state)"
+        )
+    flat, treedef = states[0].plan.check(params)
+    for s in states[1:]:
+        s.plan.check(params)
+    views = []
+    for i, entry in enumerate(states[0].plan.leaves):
+        quant, mask = None, None
+        for s in states:
+            leaf = s.plan.leaves[i]
+            quant = quant if quant is not None else leaf.quant
+            if leaf.path in s.masks:
+                mask = s.masks[leaf.path] if mask is None else mask & s.masks[leaf.path]
+        views.append(LeafView(entry, quant, mask))
+    return flat, treedef, views

@@ -47,6 +47,14 @@ def test_symmetric_golden_unit_absmax():
     np.testing.assert_allclose(np.asarray(got), [1.0, -38 / 127, 0.0], rtol=0, atol=1e-7)
 
 
+def test_no_negative_zero():
+    # round(-0.3) is -0.0; codes are integers, so a zero code must come out as +0.0
+    got = fake_quant(jnp.array([-0.3, -0.0, 0.2]), jnp.array(1.0), None, -7, 7)
+    assert not np.any(np.signbit(np.asarray(got)))
+    got = jax.jit(fake_quant_weight, static_argnums=1)(jnp.array([-0.001, 1.0]), QuantSpec(bits=8, axis=None))
+    assert not np.signbit(np.asarray(got)[0])
+
+
 def test_half_to_even_rounding():
     x = jnp.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5])
     got = fake_quant(x, jnp.array(1.0), None, -7, 7)

@@ -1,0 +1,216 @@
+"""Compressed leaves: ``QArray`` (integer codes + scale) and ``SparseArray`` (export layer).
+
+Both are pytrees (registered dataclasses): their arrays are leaves, their shape,
+dtype and bit width are static, so a jitted function taking them compiles once
+per layout. ``dequantize`` turns them (or a whole tree of them) back into float
+arrays, under jit or not.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> q = QArray.from_codes(jnp.array([[-127, 0], [64, 127]], jnp.int32),
+    ...                       scale=jnp.array([[0.5, 0.25]]), zero_point=None,
+    ...                       bits=8, qmin=-127, qmax=127, dtype="float32")
+    >>> dequantize(q)
+    Array([[-63.5 ,   0.  ],
+           [ 32.  ,  31.75]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._pack import container_width, pack, pack_mask, packed_size, unpack, unpack_mask
+
+
+def _size(shape) -> int:
+    return math.prod(shape)
+
+
+def _store_codes(codes: jax.Array, bits: int, qmin: int) -> jax.Array:
+    """Flat or shaped integer codes in the container of ``bits``."""
+    width = container_width(bits)
+    if width < 8:
+        return pack((codes - qmin).astype(jnp.uint8), width)
+    return codes.astype(jnp.int8 if width == 8 else jnp.int16)
+
+
+def _load_codes(stored: jax.Array, bits: int, qmin: int, count: int) -> jax.Array:
+    """The first ``count`` codes as a flat int32 array."""
+    width = container_width(bits)
+    if width < 8:
+        return unpack(stored, width, count).astype(jnp.int32) + qmin
+    return stored.reshape(-1).astype(jnp.int32)
+
+
+def _scatter(mask: jax.Array, kept: jax.Array, fill: jax.Array) -> jax.Array:
+    """Dense flat array: ``kept`` (in row-major order) where ``mask``, ``fill`` elsewhere."""
+    flat_mask = mask.reshape(-1)
+    if kept.size == 0:
+        return fill
+    index = jnp.clip(jnp.cumsum(flat_mask, dtype=jnp.int32) - 1, 0, kept.size - 1)
+    return jnp.where(flat_mask, kept[index], fill)
+
+
+@dataclasses.dataclass(frozen=True)
+class QArray:
+    """An integer-quantized tensor: ``dequantize(q) = (codes - zero_point) * scale``.
+
+    Invariants (checked by :meth:`validate`):
+
+    * every code lies in ``[qmin, qmax]``;
+    * ``codes`` is stored in the container of ``bits`` (see ``jaxqp._pack``):
+      int8 for 5-8 bits, int16 for 9-16 bits, and for 1-4 bits ``code - qmin``
+      packed ``8 // width`` per uint8 byte over the flattened tensor;
+    * if ``bitmask`` is not None (sparse storage), it holds ``shape``'s mask as
+      packed bits and ``codes`` holds only the kept entries, in row-major order;
+      pruned entries decode to ``zero_point``, i.e. to exactly 0.0;
+    * ``scale`` is float32, finite and positive, with ``shape``'s rank and size 1
+      on every axis that shares a scale;
+    * ``zero_point`` is None (symmetric) or int32 of ``scale``'s shape, in range;
+    * ``kept`` (static) is the number of stored codes: the size, unless sparse;
+    * ``dtype`` is the float dtype :func:`dequantize` returns.
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+    zero_point: jax.Array | None
+    bitmask: jax.Array | None
+    shape: tuple[int, ...]
+    dtype: str
+    bits: int
+    qmin: int
+    qmax: int
+    kept: int
+
+    @classmethod
+    def from_codes(cls, codes, scale, zero_point, bits, qmin, qmax, dtype, mask=None) -> "QArray":
+        """Builds a QArray from dense integer ``codes``; with ``mask``, stores only kept codes."""
+        codes = jnp.asarray(codes)
+        shape = tuple(codes.shape)
+        bitmask, kept = None, _size(shape)
+        if mask is not None:
+            mask = np.asarray(mask, bool)
+            codes = jnp.asarray(np.asarray(codes).reshape(-1)[mask.reshape(-1)])
+            bitmask, kept = pack_mask(jnp.asarray(mask)), int(mask.sum())
+        zp = None if zero_point is None else jnp.asarray(zero_point).astype(jnp.int32)
+        return cls(_store_codes(codes, bits, qmin), jnp.asarray(scale, jnp.float32), zp, bitmask,
+                   shape, str(jnp.dtype(dtype)), int(bits), int(qmin), int(qmax), kept)
+
+    def int_codes(self) -> jax.Array:
+        """The dense integer codes, int32 of ``shape``."""
+        if self.bitmask is None:
+            return _load_codes(self.codes, self.bits, self.qmin, _size(self.shape)).reshape(self.shape)
+        mask = unpack_mask(self.bitmask, self.shape)
+        kept = _load_codes(self.codes, self.bits, self.qmin, self.kept)
+        zp = jnp.zeros(self.shape, jnp.int32) if self.zero_point is None else jnp.broadcast_to(
+            self.zero_point, self.shape)
+        return _scatter(mask, kept, zp.reshape(-1)).reshape(self.shape)
+
+    def dequantize(self) -> jax.Array:
+        """``(codes - zero_point) * scale`` in float32, cast to ``dtype``."""
+        q = self.int_codes().astype(jnp.float32)
+        if self.zero_point is not None:
+            q = q - self.zero_point.astype(jnp.float32)
+        return (q * self.scale).astype(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually stored: codes, bitmask, scale and zero point."""
+        arrays = [self.codes, self.scale, self.zero_point, self.bitmask]
+        return sum(int(a.nbytes) for a in arrays if a is not None)
+
+    def validate(self) -> "QArray":
+        """Checks the invariants above; raises ValueError naming the broken one."""
+        width = container_width(self.bits)
+        want = jnp.uint8 if width < 8 else (jnp.int8 if width == 8 else jnp.int16)
+        if self.codes.dtype != want:
+            raise ValueError(f"QArray: {self.bits}-bit codes must be stored as {jnp.dtype(want)}, got {self.codes.dtype}")
+        if self.scale.dtype != jnp.float32 or self.scale.ndim != len(self.shape):
+            raise ValueError(f"QArray: scale must be float32 of rank {len(self.shape)}, got {self.scale.dtype}{self.scale.shape}")
+        for s, d in zip(self.scale.shape, self.shape):
+            if s not in (1, d):
+                raise ValueError(f"QArray: scale shape {self.scale.shape} does not broadcast to {self.shape}")
+        scale = np.asarray(self.scale)
+        if not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+            raise ValueError("QArray: scale must be finite and positive")
+        if self.bitmask is not None and self.bitmask.size != -(-_size(self.shape) // 8):
+            raise ValueError(f"QArray: bitmask must hold {_size(self.shape)} bits")
+        want_size = self.kept if width >= 8 else packed_size(self.kept, width)
+        if self.codes.size != want_size:
+            raise ValueError(f"QArray: {self.codes.size} stored codes do not hold {self.kept} entries")
+        if self.bitmask is not None:
+            in_mask = int(np.count_nonzero(np.asarray(unpack_mask(self.bitmask, self.shape))))
+            if in_mask != self.kept:
+                raise ValueError(f"QArray: bitmask keeps {in_mask} entries but {self.kept} codes are stored")
+        codes = np.asarray(self.int_codes())
+        if codes.size and (codes.min() < self.qmin or codes.max() > self.qmax):
+            raise ValueError(f"QArray: codes outside [{self.qmin}, {self.qmax}]")
+        if self.zero_point is not None:
+            zp = np.asarray(self.zero_point)
+            if zp.dtype != np.int32 or zp.shape != self.scale.shape or zp.min() < self.qmin or zp.max() > self.qmax:
+                raise ValueError("QArray: zero_point must be int32 of scale's shape, inside [qmin, qmax]")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseArray:
+    """A float tensor stored as a packed bitmask plus its kept values in row-major order.
+
+    Invariants: ``bitmask`` holds ``shape``'s mask as packed bits (8 per byte);
+    ``values`` is 1-D with one entry per set bit; pruned entries are exactly 0.0.
+    """
+
+    values: jax.Array
+    bitmask: jax.Array
+    shape: tuple[int, ...]
+
+    @classmethod
+    def from_dense(cls, x, mask) -> "SparseArray":
+        mask = np.asarray(mask, bool)
+        values = jnp.asarray(np.asarray(x).reshape(-1)[mask.reshape(-1)])
+        return cls(values, pack_mask(jnp.asarray(mask)), tuple(np.shape(x)))
+
+    def dequantize(self) -> jax.Array:
+        mask = unpack_mask(self.bitmask, self.shape)
+        fill = jnp.zeros(_size(self.shape), self.values.dtype)
+        return _scatter(mask, self.values, fill).reshape(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.values.nbytes) + int(self.bitmask.nbytes)
+
+    def validate(self) -> "SparseArray":
+        if self.bitmask.dtype != jnp.uint8 or self.bitmask.size != -(-_size(self.shape) // 8):
+            raise ValueError(f"SparseArray: bitmask must be uint8 holding {_size(self.shape)} bits")
+        kept = int(np.count_nonzero(np.asarray(unpack_mask(self.bitmask, self.shape))))
+        if self.values.ndim != 1 or self.values.size != kept:
+            raise ValueError(f"SparseArray: {self.values.size} values stored for {kept} kept entries")
+        return self
+
+
+jax.tree_util.register_dataclass(
+    QArray, data_fields=["codes", "scale", "zero_point", "bitmask"],
+    meta_fields=["shape", "dtype", "bits", "qmin", "qmax", "kept"])
+jax.tree_util.register_dataclass(SparseArray, data_fields=["values", "bitmask"], meta_fields=["shape"])
+
+
+def is_compressed(x: Any) -> bool:
+    return isinstance(x, (QArray, SparseArray))
+
+
+def dequantize(tree):
+    """Replaces every :class:`QArray` / :class:`SparseArray` in ``tree`` by its float array."""
+    return jax.tree_util.tree_map(lambda x: x.dequantize() if is_compressed(x) else x, tree, is_leaf=is_compressed)
+
+
+def nbytes(leaf) -> int:
+    """Bytes a leaf stores: compressed containers count what they hold."""
+    if is_compressed(leaf):
+        return leaf.nbytes
+    return int(np.asarray(leaf).nbytes) if hasattr(leaf, "dtype") else 0

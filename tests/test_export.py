@@ -1,0 +1,132 @@
+"""Packing, QArray/SparseArray invariants, and export that decodes bit for bit."""
+
+import chex
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxqp
+from jaxqp import PruneSpec, QArray, QuantSpec, Rule, SparseArray
+from jaxqp._pack import container_width, pack, pack_mask, unpack, unpack_mask
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("size", [1, 3, 7, 8, 9, 17, 64])
+def test_pack_round_trip_odd_lengths(width, size):
+    codes = jnp.asarray(np.random.default_rng(size).integers(0, 2**width, size), jnp.uint8)
+    packed = pack(codes, width)
+    assert packed.dtype == jnp.uint8 and packed.size == -(-size * width // 8)
+    np.testing.assert_array_equal(np.asarray(unpack(packed, width, size)), np.asarray(codes))
+
+
+def test_pack_layout_low_bits_first():
+    np.testing.assert_array_equal(np.asarray(pack(jnp.array([1, 0, 3, 2], jnp.uint8), 2)), [0b10110001])
+    np.testing.assert_array_equal(np.asarray(pack(jnp.array([0xA, 0x3], jnp.uint8), 4)), [0x3A])
+    mask = np.array([[True, False, True], [True, True, False]])
+    np.testing.assert_array_equal(np.asarray(unpack_mask(pack_mask(jnp.asarray(mask)), (2, 3))), mask)
+
+
+def test_container_widths():
+    assert [container_width(b) for b in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
+
+
+def bits_equal(a, b):
+    """Bit-for-bit equality, so -0.0 and +0.0 differ."""
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    w=hnp.arrays(np.float32, st.tuples(st.integers(1, 9), st.integers(1, 9)),
+                 elements=st.floats(-4, 4, width=32, allow_subnormal=False)),
+    bits=st.integers(2, 16), symmetric=st.booleans(), sparsity=st.sampled_from([None, 0.0, 0.5, 0.9]),
+    axis=st.sampled_from([-1, 0, None]),
+)
+def test_dequantize_export_equals_apply_bit_for_bit(w, bits, symmetric, sparsity, axis):
+    params = {"w": jnp.asarray(w), "b": jnp.ones(3)}
+    prune = None if sparsity is None else PruneSpec(sparsity=sparsity)
+    t = jaxqp.transform([Rule("w", quant=QuantSpec(bits=bits, symmetric=symmetric, axis=axis), prune=prune)])
+    state = t.init(params)
+    packed = jaxqp.export(params, state)
+    assert isinstance(packed["w"], QArray) and packed["w"].validate() is packed["w"]
+    assert packed["b"] is params["b"]
+    want = t.apply(params, state)["w"]
+    assert bits_equal(jaxqp.dequantize(packed)["w"], want)
+    assert bits_equal(jax.jit(jaxqp.dequantize)(packed)["w"], jax.jit(t.apply)(params, state)["w"])
+
+
+def test_sparse_storage_chosen_when_smaller():
+    w = jax.random.normal(jax.random.key(0), (64, 32))
+    params = {"w": w}
+    for sparsity, sparse in [(0.9, True), (0.5, True), (0.1, False)]:  # 8-bit: sparse pays off above 1/8
+        t = jaxqp.transform([Rule("w", quant=QuantSpec(bits=8), prune=PruneSpec(sparsity=sparsity))])
+        q = jaxqp.export(params, t.init(params))["w"]
+        assert (q.bitmask is not None) == sparse
+        kept = round((1 - sparsity) * w.size)
+        want_codes = kept if sparse else w.size
+        assert q.codes.size == want_codes and q.kept == want_codes
+        assert q.nbytes == want_codes + (w.size // 8 if sparse else 0) + 32 * 4
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_low_bit_codes_are_packed(bits):
+    params = {"w": jax.random.normal(jax.random.key(1), (16, 8))}
+    t = jaxqp.transform([Rule("w", quant=QuantSpec(bits=bits, axis=None))])
+    q = jaxqp.export(params, t.init(params))["w"]
+    width = container_width(bits)
+    assert q.codes.dtype == jnp.uint8 and q.codes.size == 128 * width // 8
+    assert q.nbytes == 128 * width // 8 + 4
+
+
+def test_pruned_float_leaf_becomes_sparse_array():
+    params = {"w": jax.random.normal(jax.random.key(2), (40, 10))}
+    t = jaxqp.transform([Rule("w", prune=PruneSpec(sparsity=0.9))])
+    state = t.init(params)
+    s = jaxqp.export(params, state)["w"]
+    assert isinstance(s, SparseArray) and s.validate().values.size == 40
+    assert s.nbytes == 40 * 4 + 50
+    assert bits_equal(jaxqp.dequantize(s), t.apply(params, state)["w"])
+    dense = jaxqp.export(params, jaxqp.transform([Rule("w", prune=PruneSpec(sparsity=0.01))]).init(params))["w"]
+    assert isinstance(dense, jax.Array)  # 1% sparsity: a bitmask would cost more than it saves
+
+
+def test_export_reads_optimizer_state_and_chain():
+    import optax
+
+    params = {"w": jax.random.normal(jax.random.key(3), (8, 8))}
+    t = jaxqp.chain(jaxqp.transform([Rule("w", prune=PruneSpec(sparsity=0.75))]),
+                    jaxqp.transform([Rule("w", quant=QuantSpec(bits=4))]))
+    opt_state = jaxqp.wrap(optax.sgd(0.1), t).init(params)
+    packed = jaxqp.export(params, opt_state)
+    assert bits_equal(jaxqp.dequantize(packed)["w"], t.apply(params, jaxqp.state_of(opt_state))["w"])
+
+
+def test_validate_catches_broken_invariants():
+    q = QArray.from_codes(jnp.array([[1, -2], [3, 4]]), jnp.ones((1, 2)), None, 8, -127, 127, "float32")
+    q.validate()
+    import dataclasses
+
+    with pytest.raises(ValueError, match="codes outside"):
+        dataclasses.replace(q, qmax=3).validate()
+    with pytest.raises(ValueError, match="finite and positive"):
+        dataclasses.replace(q, scale=jnp.array([[1.0, 0.0]])).validate()
+    with pytest.raises(ValueError, match="stored as int8"):
+        dataclasses.replace(q, codes=q.codes.astype(jnp.int16)).validate()
+    with pytest.raises(ValueError, match="does not broadcast"):
+        dataclasses.replace(q, scale=jnp.ones((1, 3))).validate()
+
+
+def test_qarray_is_a_pytree_that_jits_once():
+    params = {"w": jax.random.normal(jax.random.key(4), (8, 4))}
+    t = jaxqp.transform([Rule("w", quant=QuantSpec(bits=4), prune=PruneSpec(sparsity=0.9))])
+    packed = jaxqp.export(params, t.init(params))
+    f = jax.jit(lambda tree: jaxqp.dequantize(tree)["w"].sum())
+    f(packed)
+    f(jax.tree.map(lambda x: x, packed))
+    assert f._cache_size() == 1
+    chex.assert_trees_all_equal_structs(packed, jax.tree.map(lambda x: x, packed))
