@@ -8,6 +8,7 @@ Example:
 """
 
 from ._export import export
+from ._io import load, save
 from ._mask import apply_mask, magnitude_mask, threshold_mask
 from ._optax import WrapState, state_of, wrap
 from ._qarray import QArray, SparseArray, dequantize
@@ -43,10 +44,12 @@ __all__ = [
     "fake_quant",
     "fake_quant_weight",
     "int_range",
+    "load",
     "magnitude_mask",
     "one_shot",
     "polynomial",
     "resolve",
+    "save",
     "state_of",
     "summary",
     "symmetric_scale",

@@ -1,0 +1,138 @@
+"""save/load: round trips, atomic writes, and every kind of bad file refused."""
+
+import json
+import os
+import struct
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxqp
+from jaxqp import PruneSpec, QArray, QuantSpec, Rule, SparseArray
+
+
+def exported_tree():
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    params = {
+        "Dense_0": {"kernel": jax.random.normal(k1, (12, 9)), "bias": jnp.linspace(-1, 1, 9)},
+        "Dense_1": {"kernel": jax.random.normal(k2, (9, 5)), "bias": jnp.zeros(5, jnp.bfloat16)},
+        "embed": [jax.random.normal(k3, (7, 3)), (jnp.arange(4, dtype=jnp.int32), None)],
+    }
+    t = jaxqp.transform([
+        Rule("Dense_0/kernel", quant=QuantSpec(bits=4), prune=PruneSpec(sparsity=0.75)),
+        Rule("Dense_1/kernel", quant=QuantSpec(bits=8, symmetric=False, axis=0)),
+        Rule("embed/0", prune=PruneSpec(sparsity=0.9)),
+    ])
+    state = t.init(params)
+    return params, t, state, jaxqp.export(params, state)
+
+
+def test_round_trip_identical_tree_and_outputs(tmp_path):
+    params, t, state, packed = exported_tree()
+    assert isinstance(packed["Dense_0"]["kernel"], QArray) and isinstance(packed["embed"][0], SparseArray)
+    path = tmp_path / "model.jaxqp"
+    jaxqp.save(path, packed)
+    loaded = jaxqp.load(path)
+    chex.assert_trees_all_equal_structs(loaded, packed)
+    chex.assert_trees_all_equal(loaded, packed)
+    chex.assert_trees_all_equal(jaxqp.dequantize(loaded), t.apply(params, state))
+    assert loaded["Dense_1"]["bias"].dtype == jnp.bfloat16 and loaded["embed"][1][1] is None
+    assert isinstance(loaded["embed"], list) and isinstance(loaded["embed"][1], tuple)
+    # deterministic bytes, and really smaller than the float tree
+    jaxqp.save(tmp_path / "again.jaxqp", loaded)
+    assert (tmp_path / "again.jaxqp").read_bytes() == path.read_bytes()
+
+
+def test_file_is_really_smaller(tmp_path):
+    params = {"kernel": jax.random.normal(jax.random.key(5), (256, 256))}
+    t = jaxqp.transform([Rule("kernel", quant=QuantSpec(bits=4), prune=PruneSpec(sparsity=0.5))])
+    jaxqp.save(tmp_path / "float.jaxqp", params)
+    jaxqp.save(tmp_path / "packed.jaxqp", jaxqp.export(params, t.init(params)))
+    ratio = os.path.getsize(tmp_path / "packed.jaxqp") / os.path.getsize(tmp_path / "float.jaxqp")
+    # 4-bit codes of half the entries + a 1-bit mask + scales: (0.5*4 + 1)/32 = 0.094, plus the header
+    assert ratio < 0.1, ratio
+
+
+def test_file_is_standard_safetensors(tmp_path):
+    _, _, _, packed = exported_tree()
+    path = tmp_path / "model.jaxqp"
+    jaxqp.save(path, packed)
+    blob = path.read_bytes()
+    (size,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + size])
+    assert size % 8 == 0 and header["__metadata__"]["format"] == "jaxqp"
+    entry = header["Dense_0/kernel:codes"]
+    assert entry["dtype"] == "U8" and entry["shape"] == [14]  # 27 kept 4-bit codes, 2 per byte
+
+
+def test_bit_flips_anywhere_are_refused(tmp_path):
+    path = tmp_path / "model.jaxqp"
+    jaxqp.save(path, {"w": jaxqp.export({"w": jnp.arange(-4.0, 4.0)}, jaxqp.transform(
+        [Rule("w", quant=QuantSpec(bits=4, axis=None))]).init({"w": jnp.arange(-4.0, 4.0)}))["w"]})
+    blob = path.read_bytes()
+    bad = tmp_path / "bad.jaxqp"
+    for i in range(len(blob)):
+        bad.write_bytes(blob[:i] + bytes([blob[i] ^ 0x01]) + blob[i + 1:])
+        with pytest.raises(ValueError, match="jaxqp.load"):
+            jaxqp.load(bad)
+
+
+@pytest.mark.parametrize("cut", [0, 5, 8, 100, -1, -7])
+def test_truncated_files_are_refused(tmp_path, cut):
+    _, _, _, packed = exported_tree()
+    path = tmp_path / "model.jaxqp"
+    jaxqp.save(path, packed)
+    blob = path.read_bytes()
+    path.write_bytes(blob[:cut] if cut >= 0 else blob[:cut])
+    with pytest.raises(ValueError, match="jaxqp.load"):
+        jaxqp.load(path)
+
+
+def write_safetensors(path, metadata, tensors=None):
+    header = {"__metadata__": metadata}
+    data = b""
+    for name, array in (tensors or {}).items():
+        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [len(data), len(data) + array.nbytes]}
+        data += array.tobytes()
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def test_foreign_and_newer_files_are_refused(tmp_path):
+    foreign = tmp_path / "foreign.safetensors"
+    write_safetensors(foreign, {"format": "pt"}, {"w": np.ones(3, np.float32)})
+    with pytest.raises(ValueError, match="not a jaxqp file"):
+        jaxqp.load(foreign)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"PK\x03\x04" + os.urandom(200))
+    with pytest.raises(ValueError, match="jaxqp.load"):
+        jaxqp.load(junk)
+    path = tmp_path / "model.jaxqp"
+    jaxqp.save(path, {"w": jnp.ones(3)})
+    blob = path.read_bytes()
+    (size,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + size])
+    header["__metadata__"]["format_version"] = "2"
+    from jaxqp._io import _header_digest
+
+    header["__metadata__"]["header_sha256"] = _header_digest(header)
+    raw = json.dumps(header).encode()
+    newer = tmp_path / "newer.jaxqp"
+    newer.write_bytes(struct.pack("<Q", len(raw)) + raw + blob[8 + size:])
+    with pytest.raises(ValueError, match="newer jaxqp.*upgrade jaxqp"):
+        jaxqp.load(newer)
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
+    path = tmp_path / "model.jaxqp"
+    jaxqp.save(path, {"w": jnp.ones(3)})
+    before = path.read_bytes()
+    with pytest.raises(TypeError, match="'bad' is a object"):
+        jaxqp.save(path, {"w": jnp.zeros(3), "bad": object()})
+    assert path.read_bytes() == before  # the failed save did not touch the old file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.jaxqp"]
+    with pytest.raises(TypeError, match="not a string"):
+        jaxqp.save(path, {1: jnp.ones(2)})
