@@ -15,6 +15,8 @@ from ._qarray import QArray, SparseArray, dequantize
 from ._quant import affine_scale, fake_quant, int_range, symmetric_scale
 from ._quantizer import fake_quant_weight, weight_quantizer
 from ._rule import LeafPlan, Plan, Rule, resolve
+from ._serve_linen import linen_serving_apply
+from ._serving import ServingKernel, int8_matmul, prepare
 from ._schedule import Schedule, constant, one_shot, polynomial
 from ._spec import PruneSpec, QuantSpec
 from ._summary import Summary, summary
@@ -31,6 +33,7 @@ __all__ = [
     "QuantSpec",
     "Rule",
     "Schedule",
+    "ServingKernel",
     "SparseArray",
     "Summary",
     "TransformState",
@@ -43,11 +46,14 @@ __all__ = [
     "export",
     "fake_quant",
     "fake_quant_weight",
+    "int8_matmul",
     "int_range",
+    "linen_serving_apply",
     "load",
     "magnitude_mask",
     "one_shot",
     "polynomial",
+    "prepare",
     "resolve",
     "save",
     "state_of",

@@ -57,8 +57,19 @@ def _scatter(mask: jax.Array, kept: jax.Array, fill: jax.Array) -> jax.Array:
     return jnp.where(flat_mask, kept[index], fill)
 
 
+class Compressed:
+    """Base of compressed leaves: each has ``dequantize()`` and ``nbytes``."""
+
+    def dequantize(self) -> jax.Array:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in jax.tree_util.tree_leaves(self))
+
+
 @dataclasses.dataclass(frozen=True)
-class QArray:
+class QArray(Compressed):
     """An integer-quantized tensor: ``dequantize(q) = (codes - zero_point) * scale``.
 
     Invariants (checked by :meth:`validate`):
@@ -119,12 +130,6 @@ class QArray:
             q = q - self.zero_point.astype(jnp.float32)
         return (q * self.scale).astype(self.dtype)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes actually stored: codes, bitmask, scale and zero point."""
-        arrays = [self.codes, self.scale, self.zero_point, self.bitmask]
-        return sum(int(a.nbytes) for a in arrays if a is not None)
-
     def validate(self) -> "QArray":
         """Checks the invariants above; raises ValueError naming the broken one."""
         width = container_width(self.bits)
@@ -159,7 +164,7 @@ class QArray:
 
 
 @dataclasses.dataclass(frozen=True)
-class SparseArray:
+class SparseArray(Compressed):
     """A float tensor stored as a packed bitmask plus its kept values in row-major order.
 
     Invariants: ``bitmask`` holds ``shape``'s mask as packed bits (8 per byte);
@@ -181,10 +186,6 @@ class SparseArray:
         fill = jnp.zeros(_size(self.shape), self.values.dtype)
         return _scatter(mask, self.values, fill).reshape(self.shape)
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.values.nbytes) + int(self.bitmask.nbytes)
-
     def validate(self) -> "SparseArray":
         if self.bitmask.dtype != jnp.uint8 or self.bitmask.size != -(-_size(self.shape) // 8):
             raise ValueError(f"SparseArray: bitmask must be uint8 holding {_size(self.shape)} bits")
@@ -201,11 +202,11 @@ jax.tree_util.register_dataclass(SparseArray, data_fields=["values", "bitmask"],
 
 
 def is_compressed(x: Any) -> bool:
-    return isinstance(x, (QArray, SparseArray))
+    return isinstance(x, Compressed)
 
 
 def dequantize(tree):
-    """Replaces every :class:`QArray` / :class:`SparseArray` in ``tree`` by its float array."""
+    """Replaces every compressed leaf (QArray, SparseArray, ServingKernel) in ``tree`` by its float array."""
     return jax.tree_util.tree_map(lambda x: x.dequantize() if is_compressed(x) else x, tree, is_leaf=is_compressed)
 
 

@@ -7,6 +7,10 @@ Conventions (DESIGN.md §4, pinned in ``tests/test_quant.py``):
 * symmetric scales use the narrow signed range ``[-(2^(b-1)-1), 2^(b-1)-1]`` and
   zero point 0; affine scales use the full range and an integer zero point in it;
 * an all-zero tensor or channel gets scale 1.0 (finite), and 0 maps to exactly 0;
+* a scale divides a range by a constant as a product with the float32
+  reciprocal, e.g. ``absmax * f32(1 / qmax)``: XLA rewrites division by a
+  constant into that product under jit, so writing it so makes jit and eager
+  agree bit for bit;
 * arithmetic runs in float32 (or float64 for float64 inputs) and the result is
   cast back to the input dtype;
 * the clipped straight-through estimator passes the gradient where
@@ -29,6 +33,7 @@ from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Axis = int | Sequence[int] | None
 SteKind = Literal["clipped", "identity"]
@@ -66,6 +71,11 @@ def reduce_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
     return tuple(a for a in range(ndim) if a not in kept)
 
 
+def reciprocal(n: int | float) -> np.float32:
+    """``1 / n`` rounded once to float32: the constant XLA multiplies by for ``x / n``."""
+    return np.float32(1.0) / np.float32(n)
+
+
 def _finite_positive(scale: jax.Array) -> jax.Array:
     # A zero (or underflowed) scale would divide by zero: use 1.0 there, which
     # maps an all-zero channel to exactly zero.
@@ -73,14 +83,14 @@ def _finite_positive(scale: jax.Array) -> jax.Array:
 
 
 def symmetric_scale(x: jax.Array, bits: int, axis: Axis = -1, *, narrow: bool = True) -> jax.Array:
-    """Absmax scale ``max|x| / qmax`` per channel along ``axis`` (None: per tensor).
+    """Absmax scale ``max|x| * f32(1 / qmax)`` per channel along ``axis`` (None: per tensor).
 
     The result keeps reduced dimensions (size 1) so it broadcasts against ``x``.
     """
     x = jnp.asarray(x, compute_dtype(x.dtype))
     _, qmax = int_range(bits, narrow=narrow)
     absmax = jnp.max(jnp.abs(x), axis=reduce_axes(x.ndim, axis), keepdims=True)
-    return _finite_positive(absmax / qmax)
+    return _finite_positive(absmax * reciprocal(qmax))
 
 
 def affine_scale(x: jax.Array, bits: int, axis: Axis = -1) -> tuple[jax.Array, jax.Array]:
@@ -93,7 +103,7 @@ def affine_scale(x: jax.Array, bits: int, axis: Axis = -1) -> tuple[jax.Array, j
     axes = reduce_axes(x.ndim, axis)
     lo = jnp.minimum(jnp.min(x, axis=axes, keepdims=True), 0)
     hi = jnp.maximum(jnp.max(x, axis=axes, keepdims=True), 0)
-    scale = _finite_positive((hi - lo) / (qmax - qmin))
+    scale = _finite_positive((hi - lo) * reciprocal(qmax - qmin))
     zero_point = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
     return scale, zero_point
 

@@ -19,6 +19,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from ._quant import reciprocal
+
 
 def check_sparsity(value, name: str) -> float:
     """Returns ``value`` as a float if it lies in [0, 1), else raises ValueError."""
@@ -125,8 +127,14 @@ class Polynomial(Schedule):
 
     def __call__(self, step):
         t = self._last_update(step).astype(jnp.float32)
-        frac = jnp.clip((t - self.begin) / (self.end - self.begin), 0.0, 1.0)
-        value = self.final + (self.initial - self.final) * (1.0 - frac) ** self.power
+        # a product with the float32 reciprocal: what XLA computes for a division by a
+        # constant under jit, so eager and jitted schedules agree bit for bit
+        frac = jnp.clip((t - self.begin) * reciprocal(self.end - self.begin), 0.0, 1.0)
+        if self.power == int(self.power):  # x*x*x, as XLA also rewrites pow(x, 3) under jit
+            decay = jax.lax.integer_pow(1.0 - frac, int(self.power))
+        else:
+            decay = (1.0 - frac) ** self.power
+        value = self.final + (self.initial - self.final) * decay
         return jnp.where(jnp.asarray(step) >= self.begin, value, 0.0).astype(jnp.float32)
 
     def update_at(self, step):

@@ -1,0 +1,114 @@
+"""Serving: integer matmuls on exported weights (export & serving layer, no flax).
+
+:func:`prepare` turns an exported (or loaded) tree into the tree a jitted
+forward pass uses:
+
+* a 2-D symmetric QArray of at most 8 bits with one scale per output column (or
+  per tensor), of at least ``min_int_size`` entries, becomes a
+  :class:`ServingKernel`: int8 codes laid out ``(out, in)``, so that XLA's
+  integer ``dot_general`` contracts the last axis of both operands (its fast
+  layout on CPU), and a float32 scale per output;
+* every other compressed leaf is decoded to its float array once (the float
+  path: never slower than float, because it is float);
+* other leaves stay as they are.
+
+:func:`int8_matmul` computes ``x @ W`` for a ServingKernel: each row of ``x`` is
+quantized to int8 on the fly (symmetric, absmax per row), multiplied in int8 with
+int32 accumulation, and rescaled. A single row is padded to two, because XLA's
+CPU integer dot is slow for one row and fast for two. Relative to ``x @
+dequantize(W)`` the only error is the activation rounding, at most half an int8
+step of each row's absmax per input (see ``docs/design.md``).
+
+Example:
+    >>> import jax, jax.numpy as jnp, jaxqp
+    >>> params = {"w": jax.random.normal(jax.random.key(0), (256, 256))}
+    >>> t = jaxqp.transform([jaxqp.Rule("w", quant=jaxqp.QuantSpec(bits=8))])
+    >>> served = jaxqp.prepare(jaxqp.export(params, t.init(params)))
+    >>> y = jaxqp.int8_matmul(jnp.ones((4, 256)), served["w"])
+    >>> y.shape
+    (4, 256)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from ._qarray import Compressed, QArray, SparseArray
+from ._quant import reciprocal
+
+MIN_INT_SIZE = 256 * 256
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingKernel(Compressed):
+    """An int8 weight ready for :func:`int8_matmul`.
+
+    Invariants: ``codes`` is int8 of shape ``(out, in)`` with values in
+    [-127, 127]; ``scale`` is float32 of shape ``(out,)``, finite and positive;
+    ``dequantize()`` returns the ``(in, out)`` weight in ``dtype``, equal bit for
+    bit to the QArray it was prepared from.
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.codes.shape[1], self.codes.shape[0])
+
+    def dequantize(self) -> jax.Array:
+        return (self.codes.T.astype(jnp.float32) * self.scale).astype(self.dtype)
+
+
+jax.tree_util.register_dataclass(ServingKernel, data_fields=["codes", "scale"], meta_fields=["dtype"])
+
+
+def _servable(q: QArray, min_int_size: int) -> bool:
+    return (len(q.shape) == 2 and q.zero_point is None and q.bits <= 8 and q.qmin >= -127
+            and q.scale.shape[0] == 1 and q.shape[0] * q.shape[1] >= min_int_size)
+
+
+def _prepare_leaf(leaf, min_int_size: int):
+    if isinstance(leaf, QArray):
+        if _servable(leaf, min_int_size):
+            codes = leaf.int_codes().T.astype(jnp.int8)
+            scale = jnp.broadcast_to(leaf.scale.reshape(-1), (leaf.shape[1],)).astype(jnp.float32)
+            return ServingKernel(codes, scale, leaf.dtype)
+        return leaf.dequantize()
+    if isinstance(leaf, SparseArray):
+        return leaf.dequantize()
+    return leaf
+
+
+def prepare(tree, min_int_size: int = MIN_INT_SIZE):
+    """The serving tree of an exported tree (see the module docstring)."""
+    is_leaf = lambda x: isinstance(x, (QArray, SparseArray))  # noqa: E731
+    return jax.tree_util.tree_map(lambda x: _prepare_leaf(x, min_int_size), tree, is_leaf=is_leaf)
+
+
+def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 codes of each row of 2-D ``x`` and the float32 scale per row."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=1, keepdims=True) * reciprocal(127)
+    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    codes = jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8)
+    return codes, scale
+
+
+def int8_matmul(x: jax.Array, kernel: ServingKernel) -> jax.Array:
+    """``x @ W`` over the last axis of ``x``, with int8 activations and weights."""
+    n_in = kernel.codes.shape[1]
+    if x.shape[-1] != n_in:
+        raise ValueError(f"int8_matmul: x has {x.shape[-1]} features, the kernel expects {n_in}")
+    rows = x.reshape(-1, n_in)
+    n = rows.shape[0]
+    if n == 1:  # XLA's CPU integer dot is ~10x slower for one row than for two
+        rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
+    codes, row_scale = quantize_rows(rows)
+    acc = jax.lax.dot_general(codes, kernel.codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    y = acc.astype(jnp.float32) * row_scale * kernel.scale
+    return y[:n].reshape(*x.shape[:-1], kernel.codes.shape[0]).astype(x.dtype)
