@@ -1,0 +1,156 @@
+"""Serving latency and stored bytes: float vs jaxqp's exported models, in one process.
+
+Latency: a jitted forward pass of (a) a 2-layer 4096-wide MLP and (b) a small
+transformer block (d_model 512, 8 heads, MLP 2048, 16 tokens per sequence), at
+batch 1, 2, 8, 32 and 256, for float32 and for the jaxqp int8 and int4 exports
+(``jaxqp.prepare`` + ``jaxqp.linen_serving_apply``: Dense layers run int8 x int8
+-> int32 matmuls, everything else stays float). Each cell is the median over
+interleaved repeats, divided by the float median of the same cell.
+
+Bytes: the saved file (``jaxqp.save``) of each export of the MLP, divided by the
+saved float32 file.
+
+    python benchmarks/serving.py --json serving.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxqp
+
+
+class MLP(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.width)(nn.relu(nn.Dense(self.width)(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: self-attention and a 4x MLP, both residual."""
+
+    d_model: int
+    heads: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads)(h, h)
+        h = nn.LayerNorm()(x)
+        h = nn.Dense(4 * self.d_model)(h)
+        return x + nn.Dense(self.d_model)(nn.gelu(h))
+
+
+def exports(params):
+    """The export configs: name -> rules."""
+    kernel = r".*/kernel"
+    return {
+        "int8": [jaxqp.Rule(kernel, quant=jaxqp.QuantSpec(bits=8))],
+        "int4": [jaxqp.Rule(kernel, quant=jaxqp.QuantSpec(bits=4))],
+        "sparse90+int8": [jaxqp.Rule(kernel, quant=jaxqp.QuantSpec(bits=8), prune=jaxqp.PruneSpec(sparsity=0.9))],
+    }
+
+
+def export_tree(params, rules):
+    t = jaxqp.transform(rules)
+    return jaxqp.export(params, t.init(params))
+
+
+def time_calls(fns: dict, args: dict, repeats: int, calls: int) -> dict:
+    """Median seconds per call of each fn, timed round-robin."""
+    for name, fn in fns.items():
+        jax.block_until_ready(fn(*args[name]))  # compile
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                out = fn(*args[name])
+            jax.block_until_ready(out)
+            times[name].append((time.perf_counter() - start) / calls)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def latency_rows(model_name, model, params, make_input, batches, configs, repeats, calls):
+    float_apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    served = {name: jaxqp.prepare(export_tree(params, rules)) for name, rules in configs.items()}
+    serve = jax.jit(jaxqp.linen_serving_apply(model))
+    rows = []
+    for batch in batches:
+        x = make_input(batch)
+        fns = {"float32": float_apply, **{name: serve for name in served}}
+        args = {"float32": (params, x), **{name: (tree, x) for name, tree in served.items()}}
+        t = time_calls(fns, args, repeats, calls)
+        cells = []
+        for name in served:
+            rows.append({"model": model_name, "batch": batch, "config": name,
+                         "latency_ratio": round(t[name] / t["float32"], 4),
+                         "latency_ms": round(t[name] * 1e3, 3), "float_ms": round(t["float32"] * 1e3, 3)})
+            cells.append(f"{name} {t[name] / t['float32']:.2f}x")
+        print(f"{model_name:<12} batch {batch:>4}: float {t['float32'] * 1e3:8.2f} ms | " + " | ".join(cells), flush=True)
+    return rows
+
+
+def bytes_rows(params, configs):
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        jaxqp.save(os.path.join(tmp, "float.jaxqp"), params)
+        base = os.path.getsize(os.path.join(tmp, "float.jaxqp"))
+        print(f"\nstored bytes of the MLP (float32 file: {base} bytes)")
+        for name, rules in configs.items():
+            path = os.path.join(tmp, f"{name}.jaxqp")
+            jaxqp.save(path, export_tree(params, rules))
+            size = os.path.getsize(path)
+            rows.append({"config": name, "bytes_ratio": round(size / base, 4), "bytes": size})
+            print(f"  {name:<14} {size:>10} bytes  {size / base:.3f}x")
+    print("  nm2:4+int8     not available yet (N:M pruning is issue 4)")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
+    parser.add_argument("--json", metavar="FILE")
+    args = parser.parse_args(argv)
+    width, d_model, batches = args.width, 512, [1, 2, 8, 32, 256]
+    if args.quick:
+        width, d_model, batches, args.repeats, args.calls = 256, 64, [1, 4], 2, 2
+
+    print(f"backend {jax.default_backend()} ({platform.processor() or platform.machine()}), "
+          f"median of {args.repeats} x {args.calls} calls\n")
+    mlp = MLP(width)
+    mlp_params = mlp.init(jax.random.key(0), jnp.ones((1, width)))["params"]
+    configs = exports(mlp_params)
+    rows = latency_rows(f"mlp{width}", mlp, mlp_params,
+                        lambda b: jax.random.normal(jax.random.key(b), (b, width)),
+                        batches, configs, args.repeats, args.calls)
+    block = Block(d_model, 8)
+    block_params = block.init(jax.random.key(1), jnp.ones((1, 16, d_model)))["params"]
+    rows += latency_rows("transformer", block, block_params,
+                         lambda b: jax.random.normal(jax.random.key(b), (b, 16, d_model)),
+                         batches, exports(block_params), args.repeats, args.calls)
+    rows += bytes_rows(mlp_params, configs)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+        print(f"wrote {args.json}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

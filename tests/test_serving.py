@@ -1,0 +1,124 @@
+"""Serving: int8 matmul exactness, prepare, and the linen adapter."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxqp
+from jaxqp import PruneSpec, QuantSpec, Rule, ServingKernel
+
+
+def reference_int8_matmul(x, kernel):
+    """numpy: per-row int8 codes, exact int64 accumulation, the same float32 rescale."""
+    x = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+    scale = np.max(np.abs(x), axis=1, keepdims=True) * (np.float32(1) / np.float32(127))
+    scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+    codes = np.clip(np.round(x / scale), -127, 127).astype(np.int64)
+    acc = codes @ np.asarray(kernel.codes, np.int64).T
+    return (acc.astype(np.float32) * scale * np.asarray(kernel.scale)).astype(np.float32)
+
+
+def served_kernel(shape=(256, 300), bits=8, seed=0, **spec):
+    params = {"w": jax.random.normal(jax.random.key(seed), shape)}
+    t = jaxqp.transform([Rule("w", quant=QuantSpec(bits=bits, **spec))])
+    state = t.init(params)
+    packed = jaxqp.export(params, state)
+    return params, t, state, packed, jaxqp.prepare(packed, min_int_size=1)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 32])
+def test_int8_matmul_is_exact_integer_arithmetic(rows):
+    *_, served = served_kernel()
+    kernel = served["w"]
+    assert isinstance(kernel, ServingKernel) and kernel.codes.dtype == jnp.int8 and kernel.codes.shape == (300, 256)
+    x = jax.random.normal(jax.random.key(1), (rows, 256))
+    got = np.asarray(jax.jit(jaxqp.int8_matmul)(x, kernel))
+    np.testing.assert_array_equal(got, reference_int8_matmul(x, kernel))
+
+
+def test_int8_matmul_keeps_leading_axes_and_zero_rows():
+    *_, served = served_kernel()
+    x = jax.random.normal(jax.random.key(2), (2, 3, 256)).at[0, 1].set(0.0)
+    y = jaxqp.int8_matmul(x, served["w"])
+    assert y.shape == (2, 3, 300) and np.all(np.isfinite(np.asarray(y)))
+    np.testing.assert_array_equal(np.asarray(y[0, 1]), 0.0)
+    with pytest.raises(ValueError, match="x has 255 features, the kernel expects 256"):
+        jaxqp.int8_matmul(jnp.ones((2, 255)), served["w"])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_prepared_kernel_dequantizes_bit_for_bit(bits):
+    params, t, state, packed, served = served_kernel(bits=bits)
+    want = np.asarray(t.apply(params, state)["w"])
+    assert np.asarray(served["w"].dequantize()).tobytes() == want.tobytes()
+    assert np.asarray(jaxqp.dequantize(packed)["w"]).tobytes() == want.tobytes()
+
+
+def test_int8_matmul_error_is_activation_rounding_only():
+    params, t, state, _, served = served_kernel()
+    x = jax.random.normal(jax.random.key(3), (16, 256))
+    w = t.apply(params, state)["w"]
+    y = np.asarray(jaxqp.int8_matmul(x, served["w"]), np.float64)
+    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    # |x - x_hat| <= s_x / 2 per input, so |error| <= s_x / 2 * sum|w| per output (plus float32 rounding)
+    s_x = np.max(np.abs(np.asarray(x)), axis=1, keepdims=True) / 127
+    bound = s_x / 2 * np.sum(np.abs(np.asarray(w, np.float64)), axis=0, keepdims=True)
+    assert np.all(np.abs(y - exact) <= bound * 1.001 + 1e-4)
+
+
+def test_prepare_falls_back_to_float():
+    params = {"small": jax.random.normal(jax.random.key(4), (8, 8)),
+              "affine": jax.random.normal(jax.random.key(5), (256, 256)),
+              "conv": jax.random.normal(jax.random.key(6), (3, 3, 64, 64)),
+              "pruned": jax.random.normal(jax.random.key(7), (256, 256))}
+    t = jaxqp.transform([Rule("small", quant=QuantSpec()), Rule("affine", quant=QuantSpec(symmetric=False)),
+                         Rule("conv", quant=QuantSpec()),
+                         Rule("pruned", quant=QuantSpec(bits=8), prune=PruneSpec(sparsity=0.9))])
+    state = t.init(params)
+    served = jaxqp.prepare(jaxqp.export(params, state))
+    applied = t.apply(params, state)
+    for name in ("small", "affine", "conv"):
+        assert isinstance(served[name], jax.Array), name  # decoded once: the float path
+        assert np.asarray(served[name]).tobytes() == np.asarray(applied[name]).tobytes()
+    assert isinstance(served["pruned"], ServingKernel)  # sparse codes are densified for serving
+    assert np.asarray(served["pruned"].dequantize()).tobytes() == np.asarray(applied["pruned"]).tobytes()
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(512)(x))
+        x = nn.LayerNorm()(x)
+        return nn.Dense(10)(x)
+
+
+def test_linen_serving_matches_float_model_within_activation_rounding():
+    model = MLP()
+    x = jax.random.normal(jax.random.key(8), (4, 256))
+    params = model.init(jax.random.key(9), x)["params"]
+    t = jaxqp.transform([Rule(r".*/kernel", quant=QuantSpec(bits=8))])
+    state = t.init(params)
+    served = jaxqp.prepare(jaxqp.export(params, state), min_int_size=1)
+    assert isinstance(served["Dense_0"]["kernel"], ServingKernel)
+    serve = jax.jit(jaxqp.linen_serving_apply(model))
+    got = np.asarray(serve(served, x))
+    want = np.asarray(model.apply({"params": t.apply(params, state)}, x))
+    np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05)
+    assert np.argmax(got, -1).tolist() == np.argmax(want, -1).tolist()
+    # the first layer is exactly the integer kernel plus the bias
+    hidden = jax.jit(jaxqp.linen_serving_apply(nn.Dense(512)))(served["Dense_0"], x)
+    np.testing.assert_array_equal(np.asarray(hidden), reference_int8_matmul(x, served["Dense_0"]["kernel"])
+                                  + np.asarray(served["Dense_0"]["bias"]))
+    serve(served, x + 1.0)
+    assert serve._cache_size() == 1
+
+
+def test_serving_kernel_in_a_non_dense_module_is_refused():
+    model = nn.DenseGeneral(300)
+    params = model.init(jax.random.key(0), jnp.ones((1, 256)))["params"]
+    t = jaxqp.transform([Rule("kernel", quant=QuantSpec(bits=8))])
+    served = jaxqp.prepare(jaxqp.export(params, t.init(params)), min_int_size=1)
+    with pytest.raises(TypeError, match="only nn.Dense runs the integer path"):
+        jaxqp.linen_serving_apply(model)(served, jnp.ones((2, 256)))
