@@ -25,6 +25,21 @@ def test_demo_quick_writes_the_table(tmp_path):
     assert by["pruned+int8"]["bytes_compressed"] < by["int8"]["bytes_compressed"] < by["float32"]["bytes_float"]
     assert all(r["accuracy"] > 80 for r in rows), rows  # 150 steps already learn digits
     assert "pruned weights exactly 0.0" in proc.stdout
+    assert "export -> save -> load -> jit serve" in proc.stdout and "file size" in proc.stdout
+
+
+@pytest.mark.slow
+def test_serving_benchmark_quick_writes_rows(tmp_path):
+    out = tmp_path / "serving.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    latency = [r for r in rows if "latency_ratio" in r]
+    sizes = {r["config"]: r["bytes_ratio"] for r in rows if "bytes_ratio" in r}
+    assert {(r["model"], r["batch"]) for r in latency} == {(m, b) for m in ("mlp256", "transformer") for b in (1, 4)}
+    assert set(sizes) == {"int8", "int4", "sparse90+int8"}
+    assert sizes["sparse90+int8"] < sizes["int4"] < sizes["int8"] < 0.3
 
 
 @pytest.mark.slow

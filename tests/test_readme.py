@@ -12,10 +12,11 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.mark.standard_promotion  # the quickstart runs optax's adam
-def test_quickstart_runs_as_written(capsys):
-    code = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[0]
+def test_quickstart_and_export_run_as_written(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the export snippet writes model.jaxqp
+    quickstart, export_snippet = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     namespace: dict = {}
-    exec(compile(code, str(README), "exec"), namespace)
+    exec(compile(quickstart, str(README), "exec"), namespace)
     out = capsys.readouterr().out
     assert "Dense_0/kernel" in out and "total" in out
     state = jaxqp.state_of(namespace["opt_state"])
@@ -24,6 +25,9 @@ def test_quickstart_runs_as_written(capsys):
         kernel = np.asarray(namespace["params"][layer]["kernel"])
         assert np.count_nonzero(kernel == 0.0) == round(0.8 * kernel.size)
     assert float(namespace["loss"]) < 0.1
+    exec(compile(export_snippet, str(README), "exec"), namespace)
+    assert (tmp_path / "model.jaxqp").exists()
+    assert namespace["logits"].shape == (256, 10)
 
 
 def test_readme_starts_with_the_two_commands():
