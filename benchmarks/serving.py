@@ -16,7 +16,6 @@ saved float32 file.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -28,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxqp
+
+from _common import write_json
 
 
 class MLP(nn.Module):
@@ -145,10 +146,7 @@ def main(argv=None):
                          lambda b: jax.random.normal(jax.random.key(b), (b, 16, d_model)),
                          batches, exports(block_params), args.repeats, args.calls)
     rows += bytes_rows(mlp_params, configs)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-        print(f"wrote {args.json}")
+    write_json(args.json, rows)
     return rows
 
 

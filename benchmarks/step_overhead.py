@@ -13,7 +13,6 @@ each is divided by the float step's median. A second, identical float run
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 
@@ -24,6 +23,9 @@ import numpy as np
 import optax
 
 import jaxqp
+from jaxqp.demo import make_train_step
+
+from _common import write_json
 
 
 class MLP(nn.Module):
@@ -40,20 +42,7 @@ class MLP(nn.Module):
 def make_step(model, rules):
     t = jaxqp.transform(rules)
     tx = jaxqp.wrap(optax.adam(1e-3), t)
-
-    @jax.jit
-    def step(params, opt_state, x, y):
-        state = jaxqp.state_of(opt_state)
-
-        def loss_fn(p):
-            logits = model.apply({"params": t.apply(p, state)}, x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        grads = jax.grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    return tx, step
+    return tx, make_train_step(model, t, tx)
 
 
 def configs(total_steps: int):
@@ -91,7 +80,7 @@ def main(argv=None):
     for name, rules in configs(args.steps * args.repeats).items():
         tx, step = make_step(model, rules)
         params, opt_state = params0, tx.init(params0)
-        params, opt_state = jax.block_until_ready(step(params, opt_state, x, y))  # compile
+        params, opt_state, _ = jax.block_until_ready(step(params, opt_state, x, y))  # compile
         runs[name] = [step, params, opt_state, []]
 
     for _ in range(args.repeats):  # round-robin, so drift hits every config alike
@@ -99,7 +88,7 @@ def main(argv=None):
             step, params, opt_state, times = run
             start = time.perf_counter()
             for _ in range(args.steps):
-                params, opt_state = step(params, opt_state, x, y)
+                params, opt_state, _ = step(params, opt_state, x, y)
             jax.block_until_ready(params)
             times.append((time.perf_counter() - start) / args.steps)
             run[1], run[2] = params, opt_state
@@ -114,10 +103,7 @@ def main(argv=None):
         print(f"{name:<12} {ms * 1e3:8.2f} {ms / base:7.3f}x")
         if not name.startswith("float32"):
             rows.append({"config": name, "step_ratio": round(ms / base, 4), "step_ms": round(ms * 1e3, 3)})
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-        print(f"wrote {args.json}")
+    write_json(args.json, rows)
     return rows
 
 

@@ -84,14 +84,11 @@ def _progress(name: str, done: int, total: int, loss: float, start: float) -> No
     sys.stderr.flush()
 
 
-def train(rules, data, steps: int, seed: int = 0, name: str = ""):
-    """Trains the MLP under ``rules``; returns ``(params, transform, transform_state)``."""
-    (x_train, y_train), _ = data
-    model = MLP()
-    params = model.init(jax.random.key(seed), x_train[:1])["params"]
-    t = jaxqp.transform(rules)  # no rules: the float baseline, same code path
-    tx = jaxqp.wrap(optax.adam(2e-3), t)
-    opt_state = tx.init(params)
+def make_train_step(model: nn.Module, t: jaxqp.ParamTransform, tx):
+    """The jitted classification step ``(params, opt_state, x, y) -> (params, opt_state, loss)``.
+
+    One ``grad`` through ``t.apply`` and one ``tx.update`` (``tx = jaxqp.wrap(...)``).
+    """
 
     @jax.jit
     def step(params, opt_state, x, y):
@@ -104,6 +101,20 @@ def train(rules, data, steps: int, seed: int = 0, name: str = ""):
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def train(rules, data, steps: int, seed: int = 0, name: str = ""):
+    """Trains the MLP under ``rules``; returns ``(params, transform, transform_state)``."""
+    (x_train, y_train), _ = data
+    model = MLP()
+    params = model.init(jax.random.key(seed), x_train[:1])["params"]
+    t = jaxqp.transform(rules)  # no rules: the float baseline, same code path
+    tx = jaxqp.wrap(optax.adam(2e-3), t)
+    opt_state = tx.init(params)
+
+    step = make_train_step(model, t, tx)
 
     rng = np.random.default_rng(seed)
     start = time.time()
