@@ -16,7 +16,7 @@ from ._quant import affine_scale, fake_quant, int_range, symmetric_scale
 from ._quantizer import fake_quant_weight, weight_quantizer
 from ._rule import LeafPlan, Plan, Rule, resolve
 from ._serve_linen import linen_serving_apply
-from ._serving import ServingKernel, int8_matmul, prepare
+from ._serving import ServingKernel, export_serving, int8_matmul, load_serving, prepare
 from ._schedule import Schedule, constant, one_shot, polynomial
 from ._spec import PruneSpec, QuantSpec
 from ._summary import Summary, summary
@@ -44,12 +44,14 @@ __all__ = [
     "constant",
     "dequantize",
     "export",
+    "export_serving",
     "fake_quant",
     "fake_quant_weight",
     "int8_matmul",
     "int_range",
     "linen_serving_apply",
     "load",
+    "load_serving",
     "magnitude_mask",
     "one_shot",
     "polynomial",

@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +66,12 @@ class ServingKernel(Compressed):
 
 
 jax.tree_util.register_dataclass(ServingKernel, data_fields=["codes", "scale"], meta_fields=["dtype"])
+jax.export.register_pytree_node_serialization(  # so jax.export can carry prepared trees
+    ServingKernel,
+    serialized_name="jaxqp.ServingKernel",
+    serialize_auxdata=lambda aux: json.dumps(list(aux)).encode(),
+    deserialize_auxdata=lambda raw: tuple(json.loads(raw)),
+)
 
 
 def _servable(q: QArray, min_int_size: int) -> bool:
@@ -112,3 +119,23 @@ def int8_matmul(x: jax.Array, kernel: ServingKernel) -> jax.Array:
     acc = jax.lax.dot_general(codes, kernel.codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
     y = acc.astype(jnp.float32) * row_scale * kernel.scale
     return y[:n].reshape(*x.shape[:-1], kernel.codes.shape[0]).astype(x.dtype)
+
+
+def export_serving(apply_fn, *example_args) -> bytes:
+    """Serializes ``jax.jit(apply_fn)`` for these argument shapes as StableHLO (``jax.export``).
+
+    ``example_args`` may be arrays, prepared trees or ``jax.ShapeDtypeStruct``s; only
+    their shapes and dtypes are recorded. Run the result with :func:`load_serving`.
+
+    >>> import jax, jax.numpy as jnp, jaxqp
+    >>> blob = jaxqp.export_serving(lambda x: 2 * x, jnp.ones(3))
+    >>> jaxqp.load_serving(blob)(jnp.ones(3))
+    Array([2., 2., 2.], dtype=float32)
+    """
+    specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), example_args)
+    return bytes(jax.export.export(jax.jit(apply_fn))(*specs).serialize())
+
+
+def load_serving(blob: bytes):
+    """The function serialized by :func:`export_serving`, ready to call (it runs compiled)."""
+    return jax.export.deserialize(bytearray(blob)).call

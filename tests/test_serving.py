@@ -122,3 +122,16 @@ def test_serving_kernel_in_a_non_dense_module_is_refused():
     served = jaxqp.prepare(jaxqp.export(params, t.init(params)), min_int_size=1)
     with pytest.raises(TypeError, match="only nn.Dense runs the integer path"):
         jaxqp.linen_serving_apply(model)(served, jnp.ones((2, 256)))
+
+
+def test_jax_export_round_trip_of_the_serving_function():
+    model = MLP()
+    x = jax.random.normal(jax.random.key(10), (3, 256))
+    params = model.init(jax.random.key(11), x)["params"]
+    t = jaxqp.transform([Rule(r".*/kernel", quant=QuantSpec(bits=8))])
+    served = jaxqp.prepare(jaxqp.export(params, t.init(params)), min_int_size=1)
+    apply = jaxqp.linen_serving_apply(model)
+    blob = jaxqp.export_serving(apply, served, x)
+    assert isinstance(blob, bytes) and len(blob) > 0
+    restored = jaxqp.load_serving(blob)
+    np.testing.assert_array_equal(np.asarray(restored(served, x)), np.asarray(jax.jit(apply)(served, x)))
