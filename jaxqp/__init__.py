@@ -16,6 +16,7 @@ from ._quant import affine_scale, fake_quant, int_range, symmetric_scale
 from ._quantizer import fake_quant_weight, weight_quantizer
 from ._rule import LeafPlan, Plan, Rule, resolve
 from ._serve_linen import linen_serving_apply
+from ._serve_nnx import Int8Linear, nnx_serving_model
 from ._serving import ServingKernel, export_serving, int8_matmul, load_serving, prepare
 from ._schedule import Schedule, constant, one_shot, polynomial
 from ._spec import PruneSpec, QuantSpec
@@ -25,6 +26,7 @@ from ._transform import ParamTransform, TransformState, chain, transform
 __version__ = "0.1.0"
 
 __all__ = [
+    "Int8Linear",
     "LeafPlan",
     "ParamTransform",
     "Plan",
@@ -53,6 +55,7 @@ __all__ = [
     "load",
     "load_serving",
     "magnitude_mask",
+    "nnx_serving_model",
     "one_shot",
     "polynomial",
     "prepare",

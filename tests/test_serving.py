@@ -1,6 +1,7 @@
 """Serving: int8 matmul exactness, prepare, and the linen adapter."""
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,3 +136,35 @@ def test_jax_export_round_trip_of_the_serving_function():
     assert isinstance(blob, bytes) and len(blob) > 0
     restored = jaxqp.load_serving(blob)
     np.testing.assert_array_equal(np.asarray(restored(served, x)), np.asarray(jax.jit(apply)(served, x)))
+
+
+class NnxNet(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(256, 300, rngs=rngs)
+        self.blocks = nnx.List([nnx.Linear(300, 300, rngs=rngs), nnx.Linear(300, 10, use_bias=False, rngs=rngs)])
+        self.norm = nnx.LayerNorm(300, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.norm(jax.nn.relu(self.l1(x)))
+        return self.blocks[1](jax.nn.relu(self.blocks[0](x)))
+
+
+def test_nnx_serving_swaps_linears_and_matches_within_activation_rounding():
+    model = NnxNet(nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    t = jaxqp.transform([Rule(r".*/kernel", quant=QuantSpec(bits=8))])
+    state = t.init(params)
+    served = jaxqp.prepare(jaxqp.export(params, state), min_int_size=1)
+    serving = jaxqp.nnx_serving_model(graphdef, served, rest)
+    assert isinstance(serving.l1, jaxqp.Int8Linear) and isinstance(serving.blocks[1], jaxqp.Int8Linear)
+    assert serving.blocks[1].bias is None and isinstance(serving.norm, nnx.LayerNorm)
+    assert type(model.l1) is nnx.Linear  # the user's model is untouched
+    x = jax.random.normal(jax.random.key(12), (5, 256))
+    s_graphdef, s_state = nnx.split(serving)
+    serve = jax.jit(lambda s, x: nnx.merge(s_graphdef, s)(x))
+    got = np.asarray(serve(s_state, x))
+    want = np.asarray(nnx.merge(graphdef, t.apply(params, state), rest)(x))
+    np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05)
+    first = np.asarray(jax.jit(lambda s, x: nnx.merge(s_graphdef, s).l1(x))(s_state, x))
+    np.testing.assert_array_equal(first, reference_int8_matmul(x, served["l1"]["kernel"].get_value())
+                                  + np.asarray(served["l1"]["bias"].get_value()))
