@@ -9,7 +9,7 @@ Example:
 
 from ._export import export
 from ._io import load, save
-from ._mask import apply_mask, magnitude_mask, threshold_mask
+from ._mask import apply_mask, magnitude_mask, nm_mask, threshold_mask
 from ._optax import WrapState, state_of, wrap
 from ._qarray import QArray, SparseArray, dequantize
 from ._quant import affine_scale, fake_quant, int_range, symmetric_scale
@@ -19,7 +19,7 @@ from ._serve_linen import linen_serving_apply
 from ._serve_nnx import Int8Linear, nnx_serving_model
 from ._serving import ServingKernel, export_serving, int8_matmul, load_serving, prepare
 from ._schedule import Schedule, constant, one_shot, polynomial
-from ._spec import PruneSpec, QuantSpec
+from ._spec import NM, PruneSpec, QuantSpec
 from ._summary import Summary, summary
 from ._transform import ParamTransform, TransformState, chain, transform
 
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Int8Linear",
     "LeafPlan",
+    "NM",
     "ParamTransform",
     "Plan",
     "PruneSpec",
@@ -55,6 +56,7 @@ __all__ = [
     "load",
     "load_serving",
     "magnitude_mask",
+    "nm_mask",
     "nnx_serving_model",
     "one_shot",
     "polynomial",

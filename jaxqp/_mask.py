@@ -69,6 +69,30 @@ def magnitude_mask(x: jax.Array, sparsity, prev_mask: jax.Array | None = None) -
     return jnp.where(k > 0, ~prune, True).reshape(x.shape)
 
 
+def nm_mask(x: jax.Array, n: int, m: int, axis: int = -2, prev_mask: jax.Array | None = None) -> jax.Array:
+    """Keeps the ``n`` largest ``|x|`` in every group of ``m`` consecutive entries along ``axis``.
+
+    Ties: lower index pruned first; entries pruned by ``prev_mask`` go first; an
+    axis that is not a multiple of ``m`` is padded with entries that are pruned
+    before any real one, so its last group keeps ``min(n, its length)`` entries.
+
+    >>> import jax.numpy as jnp
+    >>> nm_mask(jnp.array([[1.0, -4.0, 3.0, 2.0, 5.0, 0.0]]), 2, 4, axis=-1)
+    Array([[False,  True,  True, False,  True,  True]], dtype=bool)
+    """
+    # real entries score bits + 2, entries pruned before 1, padding 0
+    scores = _sortable_scores(x, None).reshape(x.shape) + jnp.uint32(1)
+    if prev_mask is not None:
+        scores = jnp.where(prev_mask, scores, jnp.uint32(1))
+    moved = jnp.moveaxis(scores, axis, -1)
+    length = moved.shape[-1]
+    pad = -length % m
+    groups = jnp.pad(moved, [(0, 0)] * (moved.ndim - 1) + [(0, pad)]).reshape(*moved.shape[:-1], -1, m)
+    rank = jnp.argsort(jnp.argsort(groups, axis=-1, stable=True), axis=-1)
+    keep = (rank >= m - n).reshape(*moved.shape[:-1], length + pad)[..., :length]
+    return jnp.moveaxis(keep, -1, axis)
+
+
 def threshold_mask(x: jax.Array, threshold, prev_mask: jax.Array | None = None) -> jax.Array:
     """Keeps entries with ``|x| >= threshold`` (and, if given, inside ``prev_mask``)."""
     keep = jnp.abs(x) >= jnp.asarray(threshold, x.dtype)

@@ -139,7 +139,13 @@ def _as_rules(rules) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
-def _check_fits(path: str, shape: tuple[int, ...], quant: QuantSpec | None) -> None:
+def _check_fits(path: str, shape: tuple[int, ...], quant: QuantSpec | None, prune: PruneSpec | None) -> None:
+    structure = prune.structure if prune is not None else None
+    if structure is not None and not -len(shape) <= structure.axis < len(shape):
+        raise ValueError(
+            f"'{path}' has shape {shape}, so NM(axis={structure.axis}) is out of range. "
+            "Fix: pick an axis of this parameter, or a rule that does not match it."
+        )
     if quant is None or quant.axis is None:
         return
     axes = (quant.axis,) if isinstance(quant.axis, int) else quant.axis
@@ -172,7 +178,7 @@ def resolve(rules: Sequence[Rule] | Rule, params) -> Plan:
                 if rule.matches(path):
                     used[i] = True
                     quant, prune = rule.quant, rule.prune
-                    _check_fits(path, shape, quant)
+                    _check_fits(path, shape, quant, prune)
                     break
         leaves.append(LeafPlan(path, shape, str(dtype if dtype is not None else _safe_dtype(leaf)), quant, prune))
     unused = [i for i, u in enumerate(used) if not u]

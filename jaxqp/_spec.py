@@ -71,6 +71,42 @@ class QuantSpec:
             raise ValueError(f"QuantSpec(ste={self.ste!r}): use ste='clipped' or ste='identity'")
 
 
+def _check_int(value, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class NM:
+    """N:M structured sparsity: in every group of ``m`` consecutive entries along
+    ``axis``, keep the ``n`` largest magnitudes (ties: lower index pruned first).
+
+    The default axis -2 is the input (contraction) axis of Flax Dense ``(in, out)``
+    and Conv ``(..., in, out)`` kernels, the layout sparse tensor cores use. An
+    axis whose length is not a multiple of ``m`` is padded: the last, shorter group
+    keeps ``min(n, length)`` entries.
+
+    >>> NM(2, 4)
+    NM(n=2, m=4, axis=-2)
+    """
+
+    n: int
+    m: int
+    axis: int = -2
+
+    def __post_init__(self):
+        n = _check_int(self.n, "NM(n)", 1)
+        m = _check_int(self.m, "NM(m)", 2)
+        if n >= m:
+            raise ValueError(f"NM(n={n}, m={m}): n must be smaller than m (n = m would prune nothing); e.g. NM(2, 4)")
+        if isinstance(self.axis, bool) or not isinstance(self.axis, numbers.Integral):
+            raise TypeError(f"NM(axis={self.axis!r}): axis must be an int")
+        object.__setattr__(self, "n", n)
+        object.__setattr__(self, "m", m)
+        object.__setattr__(self, "axis", int(self.axis))
+
+
 @dataclasses.dataclass(frozen=True)
 class PruneSpec:
     """Mask-based pruning of a parameter. Give exactly one of:
@@ -81,17 +117,23 @@ class PruneSpec:
         :func:`jaxqp.polynomial`. The count pruned is ``round(sparsity * size)``.
       threshold: prune every entry with ``|w| < threshold`` (recomputed at each
         update; pruned entries stay pruned).
+      structure: :class:`NM` structured sparsity, applied from ``init`` on (its
+        sparsity is ``1 - n / m``).
     """
 
     sparsity: float | Schedule | None = None
     threshold: float | None = None
+    structure: NM | None = None
 
     def __post_init__(self):
-        if (self.sparsity is None) == (self.threshold is None):
+        given = sum(x is not None for x in (self.sparsity, self.threshold, self.structure))
+        if given != 1:
             raise ValueError(
-                "PruneSpec needs exactly one of sparsity= or threshold=; "
-                "e.g. PruneSpec(sparsity=0.8) or PruneSpec(threshold=1e-3)"
+                "PruneSpec needs exactly one of sparsity=, threshold= or structure=; "
+                "e.g. PruneSpec(sparsity=0.8), PruneSpec(threshold=1e-3) or PruneSpec(structure=NM(2, 4))"
             )
+        if self.structure is not None and not isinstance(self.structure, NM):
+            raise TypeError(f"PruneSpec(structure={self.structure!r}): use jaxqp.NM(n, m, axis=...)")
         if self.sparsity is not None and not isinstance(self.sparsity, Schedule):
             object.__setattr__(self, "sparsity", constant(check_sparsity(self.sparsity, "PruneSpec(sparsity)")))
         if self.threshold is not None:

@@ -30,7 +30,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from ._mask import apply_mask, magnitude_mask, threshold_mask
+from ._mask import apply_mask, magnitude_mask, nm_mask, threshold_mask
 from ._quantizer import fake_quant_weight
 from ._rule import LeafPlan, Plan, Rule, _as_rules, resolve
 from ._spec import PruneSpec
@@ -82,6 +82,8 @@ def _is_multi_device(leaf) -> bool:
 def _first_mask(leaf: jax.Array, spec: PruneSpec) -> jax.Array:
     if spec.threshold is not None:
         mask = threshold_mask(leaf, spec.threshold)
+    elif spec.structure is not None:
+        mask = nm_mask(leaf, spec.structure.n, spec.structure.m, spec.structure.axis)
     else:
         mask = magnitude_mask(leaf, spec.sparsity(0))
     if _is_multi_device(leaf):
@@ -92,6 +94,8 @@ def _first_mask(leaf: jax.Array, spec: PruneSpec) -> jax.Array:
 def _refresh_mask(leaf: jax.Array, spec: PruneSpec, prev: jax.Array, step: jax.Array) -> jax.Array:
     if spec.threshold is not None:
         return threshold_mask(leaf, spec.threshold, prev)
+    if spec.structure is not None:
+        return prev  # N:M masks are fixed from init on
     schedule = spec.sparsity
     if not schedule.refreshes:
         return prev

@@ -38,8 +38,8 @@ def test_serving_benchmark_quick_writes_rows(tmp_path):
     latency = [r for r in rows if "latency_ratio" in r]
     sizes = {r["config"]: r["bytes_ratio"] for r in rows if "bytes_ratio" in r}
     assert {(r["model"], r["batch"]) for r in latency} == {(m, b) for m in ("mlp256", "transformer") for b in (1, 4)}
-    assert set(sizes) == {"int8", "int4", "sparse90+int8"}
-    assert sizes["sparse90+int8"] < sizes["int4"] < sizes["int8"] < 0.3
+    assert set(sizes) == {"int8", "int4", "nm2:4+int8", "sparse90+int8"}
+    assert sizes["sparse90+int8"] < sizes["int4"] < sizes["nm2:4+int8"] < sizes["int8"] < 0.3
 
 
 @pytest.mark.slow

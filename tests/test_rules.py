@@ -30,7 +30,7 @@ def test_bad_sparsity(sparsity):
 
 
 def test_prune_spec_needs_exactly_one():
-    with pytest.raises(ValueError, match="exactly one of sparsity= or threshold="):
+    with pytest.raises(ValueError, match="exactly one of sparsity=, threshold= or structure="):
         PruneSpec()
     with pytest.raises(ValueError, match="exactly one"):
         PruneSpec(sparsity=0.5, threshold=0.1)

@@ -1,0 +1,104 @@
+"""N:M structured sparsity: every group holds exactly N, any axis, padding, export size."""
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxqp
+from jaxqp import NM, PruneSpec, QuantSpec, Rule, nm_mask
+
+jit_nm = jax.jit(nm_mask, static_argnums=(1, 2, 3))
+
+
+def reference_nm(x, n, m, axis):
+    """Loop over groups: keep the n largest |x| per group of m along axis (stable ties)."""
+    moved = np.moveaxis(np.abs(x.astype(np.float32)), axis, -1)
+    keep = np.zeros(moved.shape, bool)
+    for idx in np.ndindex(moved.shape[:-1]):
+        row = moved[idx]
+        for start in range(0, row.size, m):
+            group = row[start:start + m]
+            order = np.argsort(group, kind="stable")
+            kept = order[max(group.size - n, 0):] if group.size > n else order
+            keep[idx + (start + kept,)] = True
+    return np.moveaxis(keep, -1, axis)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    x=hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=11),
+                 elements=st.sampled_from([0.0, 1.0, -1.0, 2.5, -3.0, 0.5, 7.0])),
+    nm=st.sampled_from([(1, 2), (2, 4), (1, 4), (4, 8), (3, 5)]),
+    axis_pick=st.integers(0, 2),
+)
+def test_matches_reference_and_every_group_holds_n(x, nm, axis_pick):
+    n, m = nm
+    axis = axis_pick % x.ndim
+    got = np.asarray(jit_nm(jnp.asarray(x), n, m, axis))
+    np.testing.assert_array_equal(got, reference_nm(x, n, m, axis))
+    moved = np.moveaxis(got, axis, -1)
+    full = moved.shape[-1] // m * m
+    if full:
+        counts = moved[..., :full].reshape(*moved.shape[:-1], -1, m).sum(-1)
+        assert np.all(counts == n)
+    if moved.shape[-1] > full:  # the padded tail keeps min(n, its length)
+        assert np.all(moved[..., full:].sum(-1) == min(n, moved.shape[-1] - full))
+
+
+def test_two_four_on_a_dense_kernel_input_axis():
+    w = jax.random.normal(jax.random.key(0), (64, 10))
+    t = jaxqp.transform([Rule("w", prune=PruneSpec(structure=NM(2, 4)))])
+    state = t.init({"w": w})
+    out = np.asarray(t.apply({"w": w}, state)["w"])
+    groups = (out != 0).reshape(16, 4, 10)
+    assert np.all(groups.sum(axis=1) == 2)
+    assert np.count_nonzero(out == 0) == 320
+
+
+def test_nm_stays_fixed_through_training_and_zeros_stay_exact():
+    params = {"w": jax.random.normal(jax.random.key(1), (8, 6))}
+    t = jaxqp.transform([Rule("w", quant=QuantSpec(bits=8), prune=PruneSpec(structure=NM(1, 4, axis=0)))])
+    tx = jaxqp.wrap(optax.sgd(0.1), t)
+    opt_state = tx.init(params)
+    first = np.asarray(jaxqp.state_of(opt_state).masks["w"])
+    for _ in range(3):
+        updates, opt_state = tx.update({"w": jnp.ones((8, 6))}, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    mask = np.asarray(jaxqp.state_of(opt_state).masks["w"])
+    np.testing.assert_array_equal(mask, first)
+    assert np.all(np.asarray(params["w"])[~mask] == 0.0) and np.all(mask.reshape(2, 4, 6).sum(1) == 1)
+
+
+def test_export_size_of_two_four_int8():
+    params = {"w": jax.random.normal(jax.random.key(2), (256, 256))}
+    t = jaxqp.transform([Rule("w", quant=QuantSpec(bits=8), prune=PruneSpec(structure=NM(2, 4)))])
+    state = t.init(params)
+    q = jaxqp.export(params, state)["w"]
+    assert q.bitmask is not None and q.kept == 256 * 128
+    assert q.nbytes == 256 * 128 + 256 * 256 // 8 + 256 * 4  # kept codes + bitmask + scales
+    assert np.asarray(jaxqp.dequantize(q)).tobytes() == np.asarray(t.apply(params, state)["w"]).tobytes()
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: NM(4, 4), ValueError, r"NM\(n=4, m=4\): n must be smaller than m"),
+        (lambda: NM(5, 4), ValueError, "n must be smaller than m"),
+        (lambda: NM(0, 4), ValueError, r"NM\(n\)=0"),
+        (lambda: PruneSpec(sparsity=0.5, structure=NM(2, 4)), ValueError, "exactly one of"),
+        (lambda: PruneSpec(structure=(2, 4)), TypeError, "use jaxqp.NM"),
+    ],
+)
+def test_bad_nm_specs(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_nm_axis_out_of_range_names_the_path():
+    with pytest.raises(ValueError, match=r"'b' has shape \(4,\), so NM\(axis=-2\) is out of range"):
+        jaxqp.resolve([Rule(".*", prune=PruneSpec(structure=NM(2, 4)))], {"a": jnp.ones((4, 4)), "b": jnp.ones(4)})
