@@ -9,7 +9,7 @@ Example:
 
 from ._export import export
 from ._io import load, save
-from ._mask import apply_mask, magnitude_mask, nm_mask, threshold_mask
+from ._mask import apply_mask, channel_mask, magnitude_mask, nm_mask, threshold_mask
 from ._optax import WrapState, state_of, wrap
 from ._qarray import QArray, SparseArray, dequantize
 from ._quant import affine_scale, fake_quant, int_range, symmetric_scale
@@ -19,13 +19,14 @@ from ._serve_linen import linen_serving_apply
 from ._serve_nnx import Int8Linear, nnx_serving_model
 from ._serving import ServingKernel, export_serving, int8_matmul, load_serving, prepare
 from ._schedule import Schedule, constant, one_shot, polynomial
-from ._spec import NM, PruneSpec, QuantSpec
+from ._spec import NM, Channels, PruneSpec, QuantSpec
 from ._summary import Summary, summary
 from ._transform import ParamTransform, TransformState, chain, transform
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Channels",
     "Int8Linear",
     "LeafPlan",
     "NM",
@@ -44,6 +45,7 @@ __all__ = [
     "affine_scale",
     "apply_mask",
     "chain",
+    "channel_mask",
     "constant",
     "dequantize",
     "export",

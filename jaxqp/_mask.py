@@ -93,6 +93,25 @@ def nm_mask(x: jax.Array, n: int, m: int, axis: int = -2, prev_mask: jax.Array |
     return jnp.moveaxis(keep, -1, axis)
 
 
+def channel_mask(x: jax.Array, sparsity, axis: int = -1, prev_mask: jax.Array | None = None) -> jax.Array:
+    """Prunes the ``round(sparsity * channels)`` slices along ``axis`` with the smallest L2 norm.
+
+    Returns a mask of ``x``'s shape, constant along every axis but ``axis``; channels
+    pruned by ``prev_mask`` go first; ties: lower channel index first.
+
+    >>> import jax.numpy as jnp
+    >>> channel_mask(jnp.array([[3.0, 0.1, -2.0], [4.0, 0.2, 0.0]]), 0.34, axis=-1)
+    Array([[ True, False,  True],
+           [ True, False,  True]], dtype=bool)
+    """
+    axis = axis % x.ndim
+    others = tuple(a for a in range(x.ndim) if a != axis)
+    norms = jnp.sqrt(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32)), axis=others))
+    prev = None if prev_mask is None else jnp.any(prev_mask, axis=others)
+    keep = magnitude_mask(norms, sparsity, prev)
+    return jnp.broadcast_to(jnp.expand_dims(keep, others), x.shape)
+
+
 def threshold_mask(x: jax.Array, threshold, prev_mask: jax.Array | None = None) -> jax.Array:
     """Keeps entries with ``|x| >= threshold`` (and, if given, inside ``prev_mask``)."""
     keep = jnp.abs(x) >= jnp.asarray(threshold, x.dtype)

@@ -143,8 +143,8 @@ def _check_fits(path: str, shape: tuple[int, ...], quant: QuantSpec | None, prun
     structure = prune.structure if prune is not None else None
     if structure is not None and not -len(shape) <= structure.axis < len(shape):
         raise ValueError(
-            f"'{path}' has shape {shape}, so NM(axis={structure.axis}) is out of range. "
-            "Fix: pick an axis of this parameter, or a rule that does not match it."
+            f"'{path}' has shape {shape}, so {type(structure).__name__}(axis={structure.axis}) is out "
+            "of range. Fix: pick an axis of this parameter, or a rule that does not match it."
         )
     if quant is None or quant.axis is None:
         return

@@ -108,6 +108,32 @@ class NM:
 
 
 @dataclasses.dataclass(frozen=True)
+class Channels:
+    """Structured pruning of whole channels: slices along ``axis`` with the smallest L2 norm.
+
+    The default axis -1 is the output axis of Flax Dense (neurons) and Conv (filters)
+    kernels. With ``bias=True`` the sibling ``.../bias`` of a ``.../kernel`` (if it has
+    one entry per channel) is masked with the same channels, so a pruned neuron
+    outputs exactly 0 before its activation. The fraction of channels pruned comes
+    from ``PruneSpec(sparsity=...)`` (a float or a schedule); the count is
+    ``round(sparsity * channels)``, ties broken by lower channel index first.
+
+    >>> Channels()
+    Channels(axis=-1, bias=True)
+    """
+
+    axis: int = -1
+    bias: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.axis, bool) or not isinstance(self.axis, numbers.Integral):
+            raise TypeError(f"Channels(axis={self.axis!r}): axis must be an int")
+        if not isinstance(self.bias, bool):
+            raise TypeError(f"Channels(bias={self.bias!r}): use True or False")
+        object.__setattr__(self, "axis", int(self.axis))
+
+
+@dataclasses.dataclass(frozen=True)
 class PruneSpec:
     """Mask-based pruning of a parameter. Give exactly one of:
 
@@ -118,22 +144,28 @@ class PruneSpec:
       threshold: prune every entry with ``|w| < threshold`` (recomputed at each
         update; pruned entries stay pruned).
       structure: :class:`NM` structured sparsity, applied from ``init`` on (its
-        sparsity is ``1 - n / m``).
+        sparsity is ``1 - n / m``; give no ``sparsity``), or :class:`Channels`
+        (whole channels; ``sparsity`` is the fraction of channels pruned).
     """
 
     sparsity: float | Schedule | None = None
     threshold: float | None = None
-    structure: NM | None = None
+    structure: NM | Channels | None = None
 
     def __post_init__(self):
-        given = sum(x is not None for x in (self.sparsity, self.threshold, self.structure))
-        if given != 1:
+        if self.structure is not None and not isinstance(self.structure, (NM, Channels)):
+            raise TypeError(f"PruneSpec(structure={self.structure!r}): use jaxqp.NM(n, m) or jaxqp.Channels()")
+        if isinstance(self.structure, Channels):
+            if self.sparsity is None or self.threshold is not None:
+                raise ValueError(
+                    "PruneSpec(structure=Channels(...)) needs sparsity= (the fraction of channels "
+                    "pruned) and no threshold=; e.g. PruneSpec(sparsity=0.5, structure=Channels())"
+                )
+        elif sum(x is not None for x in (self.sparsity, self.threshold, self.structure)) != 1:
             raise ValueError(
-                "PruneSpec needs exactly one of sparsity=, threshold= or structure=; "
+                "PruneSpec needs exactly one of sparsity=, threshold= or structure=NM(...); "
                 "e.g. PruneSpec(sparsity=0.8), PruneSpec(threshold=1e-3) or PruneSpec(structure=NM(2, 4))"
             )
-        if self.structure is not None and not isinstance(self.structure, NM):
-            raise TypeError(f"PruneSpec(structure={self.structure!r}): use jaxqp.NM(n, m, axis=...)")
         if self.sparsity is not None and not isinstance(self.sparsity, Schedule):
             object.__setattr__(self, "sparsity", constant(check_sparsity(self.sparsity, "PruneSpec(sparsity)")))
         if self.threshold is not None:

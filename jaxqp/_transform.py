@@ -30,10 +30,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from ._mask import apply_mask, magnitude_mask, nm_mask, threshold_mask
+from ._mask import apply_mask, channel_mask, magnitude_mask, nm_mask, threshold_mask
 from ._quantizer import fake_quant_weight
 from ._rule import LeafPlan, Plan, Rule, _as_rules, resolve
-from ._spec import PruneSpec
+from ._spec import NM, Channels, PruneSpec
 
 Params = Any
 Masks = dict[str, jax.Array]
@@ -79,13 +79,19 @@ def _is_multi_device(leaf) -> bool:
             and len(leaf.sharding.device_set) > 1)
 
 
+def _scheduled_mask(leaf, spec: PruneSpec, sparsity, prev):
+    if isinstance(spec.structure, Channels):
+        return channel_mask(leaf, sparsity, spec.structure.axis, prev)
+    return magnitude_mask(leaf, sparsity, prev)
+
+
 def _first_mask(leaf: jax.Array, spec: PruneSpec) -> jax.Array:
     if spec.threshold is not None:
         mask = threshold_mask(leaf, spec.threshold)
-    elif spec.structure is not None:
+    elif isinstance(spec.structure, NM):
         mask = nm_mask(leaf, spec.structure.n, spec.structure.m, spec.structure.axis)
     else:
-        mask = magnitude_mask(leaf, spec.sparsity(0))
+        mask = _scheduled_mask(leaf, spec, spec.sparsity(0), None)
     if _is_multi_device(leaf):
         mask = jax.device_put(mask, leaf.sharding)  # a mask follows its parameter's sharding
     return mask
@@ -94,16 +100,44 @@ def _first_mask(leaf: jax.Array, spec: PruneSpec) -> jax.Array:
 def _refresh_mask(leaf: jax.Array, spec: PruneSpec, prev: jax.Array, step: jax.Array) -> jax.Array:
     if spec.threshold is not None:
         return threshold_mask(leaf, spec.threshold, prev)
-    if spec.structure is not None:
+    if isinstance(spec.structure, NM):
         return prev  # N:M masks are fixed from init on
     schedule = spec.sparsity
     if not schedule.refreshes:
         return prev
     return jax.lax.cond(
         schedule.update_at(step),
-        lambda: magnitude_mask(leaf, schedule(step), prev),
+        lambda: _scheduled_mask(leaf, spec, schedule(step), prev),
         lambda: prev,
     )
+
+
+def _bias_path(entry: LeafPlan) -> str | None:
+    structure = entry.prune.structure if entry.prune is not None else None
+    if not (isinstance(structure, Channels) and structure.bias and entry.path.endswith("kernel")):
+        return None
+    return entry.path[: -len("kernel")] + "bias"
+
+
+def _with_bias_masks(plan: Plan, masks: Masks) -> Masks:
+    """Adds, for Channels(bias=True) kernels, the mask of their sibling bias."""
+    entries = plan.by_path()
+    out = dict(masks)
+    for entry in plan.leaves:
+        bias = _bias_path(entry)
+        if bias is None or bias not in entries:
+            continue
+        axis = entry.prune.structure.axis % len(entry.shape)
+        if entries[bias].shape != (entry.shape[axis],):
+            continue
+        if entries[bias].prune is not None:
+            raise ValueError(
+                f"'{bias}' is pruned by its own rule and, as the bias of '{entry.path}', by "
+                "Channels(bias=True). Fix: drop one (e.g. Channels(bias=False))."
+            )
+        others = tuple(a for a in range(len(entry.shape)) if a != axis)
+        out[bias] = jnp.any(masks[entry.path], axis=others)
+    return out
 
 
 def _describe_difference(want: Plan, got: Plan) -> str:
@@ -146,7 +180,7 @@ def transform(rules: Sequence[Rule] | Rule) -> ParamTransform:
             for path, leaf in flat
             if entries[path].prune is not None
         }
-        return TransformState(jnp.zeros((), jnp.int32), masks, plan)
+        return TransformState(jnp.zeros((), jnp.int32), _with_bias_masks(plan, masks), plan)
 
     def apply(params, state: TransformState):
         flat, treedef, plan = _checked(rules, params, state, "t.apply")
@@ -161,7 +195,7 @@ def transform(rules: Sequence[Rule] | Rule) -> ParamTransform:
             for (_, leaf), entry in zip(flat, plan.leaves)
             if entry.prune is not None
         }
-        return TransformState(step, masks, plan)
+        return TransformState(step, _with_bias_masks(plan, masks), plan)
 
     def masks(state: TransformState) -> Masks:
         return dict(state.masks)
@@ -170,7 +204,7 @@ def transform(rules: Sequence[Rule] | Rule) -> ParamTransform:
 
 
 def _apply_leaf(leaf, entry: LeafPlan, masks: Masks):
-    if entry.prune is not None:
+    if entry.path in masks:  # a pruned leaf, or the bias of a Channels-pruned kernel
         leaf = apply_mask(leaf, masks[entry.path])
     if entry.quant is not None:
         leaf = fake_quant_weight(leaf, entry.quant)

@@ -26,3 +26,16 @@ def test_nnx_quickstart_quick(capsys):
     assert (~mask).sum() == round(0.9 * mask.size) and np.all(kernel[~mask] == 0.0)
     assert "l2/kernel" not in state.masks
     assert "l1/kernel" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.standard_promotion
+def test_prune_cnn_quick(capsys):
+    accuracy, params, state = load("prune_cnn").main(["--quick"])
+    assert accuracy > 0.5
+    filters = np.asarray(state.masks["Conv_0/kernel"]).any(axis=(0, 1, 2))
+    neurons = np.asarray(state.masks["Dense_0/kernel"]).any(axis=0)
+    assert filters.sum() == 16 and neurons.sum() == 40
+    assert np.all(np.asarray(params["Conv_0"]["kernel"])[..., ~filters] == 0.0)
+    assert np.all(np.asarray(params["Dense_0"]["bias"])[~neurons] == 0.0)
+    assert "Conv_0/kernel" in capsys.readouterr().out

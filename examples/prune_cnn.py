@@ -1,0 +1,77 @@
+"""Prune conv filters and dense neurons of a linen CNN on sklearn's digits.
+
+Half of the convolution filters and 60% of the hidden neurons are removed on a
+polynomial schedule (whole channels, with their bias entries), the rest is
+quantized to int8, and the per-layer summary shows what is left.
+
+    python examples/prune_cnn.py            # 800 steps
+    python examples/prune_cnn.py --quick    # 80 steps, for CI
+"""
+
+import argparse
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from sklearn.datasets import load_digits
+
+import jaxqp
+from jaxqp.demo import make_train_step
+
+
+class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(32, (3, 3))(x))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = nn.relu(nn.Dense(100)(x.reshape(x.shape[0], -1)))
+        return nn.Dense(10)(x)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    steps = 80 if parser.parse_args(argv).quick else 800
+
+    digits = load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.data))
+    x = jnp.asarray(digits.data[order].reshape(-1, 8, 8, 1) / 16.0, jnp.float32)
+    y = jnp.asarray(digits.target[order], jnp.int32)
+    x_train, y_train, x_test, y_test = x[:1400], y[:1400], x[1400:], y[1400:]
+
+    model = CNN()
+    params = model.init(jax.random.key(0), x_train[:1])["params"]
+    schedule = lambda final: jaxqp.polynomial(0.0, final, begin=steps // 8, end=steps // 2, every=max(steps // 40, 1))  # noqa: E731
+    int8 = jaxqp.QuantSpec(bits=8)
+    rules = [
+        jaxqp.Rule(r"Conv_0/kernel", quant=int8,
+                   prune=jaxqp.PruneSpec(sparsity=schedule(0.5), structure=jaxqp.Channels())),  # filters
+        jaxqp.Rule(r"Dense_0/kernel", quant=int8,
+                   prune=jaxqp.PruneSpec(sparsity=schedule(0.6), structure=jaxqp.Channels())),  # neurons
+        jaxqp.Rule(r"Dense_1/kernel", quant=int8),
+    ]
+    t = jaxqp.transform(rules)
+    tx = jaxqp.wrap(optax.adam(2e-3), t)
+    opt_state = tx.init(params)
+    step = make_train_step(model, t, tx)
+
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        batch = rng.integers(0, len(x_train), 64)
+        params, opt_state, loss = step(params, opt_state, x_train[batch], y_train[batch])
+
+    state = jaxqp.state_of(opt_state)
+    logits = model.apply({"params": t.apply(params, state)}, x_test)
+    accuracy = float(jnp.mean(jnp.argmax(logits, -1) == y_test))
+    filters = int(np.asarray(state.masks["Conv_0/kernel"]).any(axis=(0, 1, 2)).sum())
+    neurons = int(np.asarray(state.masks["Dense_0/kernel"]).any(axis=0).sum())
+    print(f"{steps} steps, loss {float(loss):.4f}, test accuracy {100 * accuracy:.1f}%, "
+          f"{filters}/32 filters and {neurons}/100 neurons left")
+    print(jaxqp.summary(params, state))
+    return accuracy, params, state
+
+
+if __name__ == "__main__":
+    main()
