@@ -9,7 +9,7 @@ Example:
 
 from ._export import export
 from ._io import load, save
-from ._mask import apply_mask, channel_mask, magnitude_mask, nm_mask, threshold_mask
+from ._mask import apply_mask, channel_mask, global_magnitude_masks, magnitude_mask, nm_mask, threshold_mask
 from ._optax import WrapState, state_of, wrap
 from ._qarray import QArray, SparseArray, dequantize
 from ._quant import affine_scale, fake_quant, int_range, symmetric_scale
@@ -52,6 +52,7 @@ __all__ = [
     "export_serving",
     "fake_quant",
     "fake_quant_weight",
+    "global_magnitude_masks",
     "int8_matmul",
     "int_range",
     "linen_serving_apply",

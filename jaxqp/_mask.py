@@ -8,6 +8,9 @@ A mask is a boolean array of the weight's shape: True keeps, False prunes.
   ``prev_mask`` rank below every survivor, so masks only grow sparser while the
   target sparsity does not fall. The count is computed in float32, exact for
   arrays of up to 2**24 entries.
+* :func:`global_magnitude_masks` does the same across several arrays with one
+  threshold (ties: earlier array first), without concatenating them.
+* :func:`nm_mask` and :func:`channel_mask` are the structured variants.
 * :func:`threshold_mask` prunes every entry with ``|x| < threshold``.
 
 Example:
@@ -37,21 +40,50 @@ def _sortable_scores(x: jax.Array, prev_mask: jax.Array | None) -> jax.Array:
     return bits.ravel()
 
 
-def _kth_smallest(scores: jax.Array, k: jax.Array) -> jax.Array:
-    """Smallest ``t`` with ``count(scores <= t) >= k`` (k >= 1), by bisection on uint32.
+def _kth_smallest(scores: list[jax.Array], k: jax.Array) -> jax.Array:
+    """Smallest ``t`` with ``count(scores <= t) >= k`` (k >= 1) over several arrays.
 
-    32 counting passes over the array instead of a sort: fast on every backend
-    and a building block for pruning that never concatenates the whole model.
+    Bisection on uint32: 32 counting passes, each summing per-array counts, instead
+    of a sort. Fast on every backend, and it never concatenates the arrays (so a
+    global threshold over a sharded model stays sharded).
     """
 
     def body(_, bounds):
         lo, hi = bounds
         mid = lo + (hi - lo) // jnp.uint32(2)
-        enough = jnp.sum(scores <= mid, dtype=jnp.int32) >= k
+        count = sum(jnp.sum(s <= mid, dtype=jnp.int32) for s in scores)
+        enough = count >= k
         return jnp.where(enough, lo, mid + jnp.uint32(1)), jnp.where(enough, mid, hi)
 
     lo, hi = jax.lax.fori_loop(0, 32, body, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
     return hi
+
+
+def global_magnitude_masks(xs: list[jax.Array], sparsity, prev_masks: list | None = None) -> list[jax.Array]:
+    """Prunes ``round(sparsity * total size)`` smallest ``|x|`` across all of ``xs`` at once.
+
+    One threshold for every array, found without concatenating them. Ties are
+    broken in order: earlier arrays first, then lower flat index. Returns one mask
+    per array.
+
+    >>> import jax.numpy as jnp
+    >>> a, b = global_magnitude_masks([jnp.array([5.0, 1.0]), jnp.array([2.0, 0.5, 3.0])], 0.4)
+    >>> a, b
+    (Array([ True, False], dtype=bool), Array([ True, False,  True], dtype=bool))
+    """
+    prev_masks = prev_masks if prev_masks is not None else [None] * len(xs)
+    scores = [_sortable_scores(x, p) for x, p in zip(xs, prev_masks, strict=True)]
+    k = prune_count(sparsity, sum(s.size for s in scores))
+    threshold = _kth_smallest(scores, jnp.maximum(k, 1))
+    need = k - sum(jnp.sum(s < threshold, dtype=jnp.int32) for s in scores)  # ties still to prune
+    masks, ties_before = [], jnp.zeros((), jnp.int32)
+    for x, s in zip(xs, scores):
+        ties = s == threshold
+        rank = ties_before + jnp.cumsum(ties, dtype=jnp.int32)
+        prune = (s < threshold) | (ties & (rank <= need))
+        masks.append(jnp.where(k > 0, ~prune, True).reshape(x.shape))
+        ties_before = ties_before + jnp.sum(ties, dtype=jnp.int32)
+    return masks
 
 
 def magnitude_mask(x: jax.Array, sparsity, prev_mask: jax.Array | None = None) -> jax.Array:
@@ -59,14 +91,7 @@ def magnitude_mask(x: jax.Array, sparsity, prev_mask: jax.Array | None = None) -
 
     ``sparsity`` may be a traced scalar (it comes from a schedule under jit).
     """
-    scores = _sortable_scores(x, prev_mask)
-    k = prune_count(sparsity, scores.size)
-    threshold = _kth_smallest(scores, jnp.maximum(k, 1))
-    below = scores < threshold
-    ties = scores == threshold
-    need = k - jnp.sum(below, dtype=jnp.int32)  # ties to prune, lowest index first
-    prune = below | (ties & (jnp.cumsum(ties, dtype=jnp.int32) <= need))
-    return jnp.where(k > 0, ~prune, True).reshape(x.shape)
+    return global_magnitude_masks([x], sparsity, [prev_mask])[0]
 
 
 def nm_mask(x: jax.Array, n: int, m: int, axis: int = -2, prev_mask: jax.Array | None = None) -> jax.Array:

@@ -146,13 +146,25 @@ class PruneSpec:
       structure: :class:`NM` structured sparsity, applied from ``init`` on (its
         sparsity is ``1 - n / m``; give no ``sparsity``), or :class:`Channels`
         (whole channels; ``sparsity`` is the fraction of channels pruned).
+      scope: "layer" (default): each parameter meets ``sparsity`` on its own.
+        "global": every parameter matched with an equal global spec shares one
+        magnitude threshold, so ``sparsity`` holds over them together (found by
+        counting, never by concatenating the parameters).
     """
 
     sparsity: float | Schedule | None = None
     threshold: float | None = None
     structure: NM | Channels | None = None
+    scope: str = "layer"
 
     def __post_init__(self):
+        if self.scope not in ("layer", "global"):
+            raise ValueError(f"PruneSpec(scope={self.scope!r}): use scope='layer' or scope='global'")
+        if self.scope == "global" and (self.sparsity is None or self.structure is not None):
+            raise ValueError(
+                "PruneSpec(scope='global') is unstructured magnitude pruning: give sparsity= and no "
+                "structure= or threshold=; e.g. PruneSpec(sparsity=0.9, scope='global')"
+            )
         if self.structure is not None and not isinstance(self.structure, (NM, Channels)):
             raise TypeError(f"PruneSpec(structure={self.structure!r}): use jaxqp.NM(n, m) or jaxqp.Channels()")
         if isinstance(self.structure, Channels):

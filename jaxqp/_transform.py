@@ -30,7 +30,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from ._mask import apply_mask, channel_mask, magnitude_mask, nm_mask, threshold_mask
+from ._mask import apply_mask, channel_mask, global_magnitude_masks, magnitude_mask, nm_mask, threshold_mask
 from ._quantizer import fake_quant_weight
 from ._rule import LeafPlan, Plan, Rule, _as_rules, resolve
 from ._spec import NM, Channels, PruneSpec
@@ -92,8 +92,12 @@ def _first_mask(leaf: jax.Array, spec: PruneSpec) -> jax.Array:
         mask = nm_mask(leaf, spec.structure.n, spec.structure.m, spec.structure.axis)
     else:
         mask = _scheduled_mask(leaf, spec, spec.sparsity(0), None)
+    return _follow_sharding(mask, leaf)
+
+
+def _follow_sharding(mask: jax.Array, leaf) -> jax.Array:
     if _is_multi_device(leaf):
-        mask = jax.device_put(mask, leaf.sharding)  # a mask follows its parameter's sharding
+        return jax.device_put(mask, leaf.sharding)  # a mask follows its parameter's sharding
     return mask
 
 
@@ -110,6 +114,43 @@ def _refresh_mask(leaf: jax.Array, spec: PruneSpec, prev: jax.Array, step: jax.A
         lambda: _scheduled_mask(leaf, spec, schedule(step), prev),
         lambda: prev,
     )
+
+
+def _global_groups(plan: Plan) -> dict[PruneSpec, list[LeafPlan]]:
+    """Leaves pruned with scope='global', grouped by (equal) spec, in tree order."""
+    groups: dict[PruneSpec, list[LeafPlan]] = {}
+    for entry in plan.leaves:
+        if entry.prune is not None and entry.prune.scope == "global":
+            groups.setdefault(entry.prune, []).append(entry)
+    return groups
+
+
+def _masks_for(plan: Plan, flat: list, prev: Masks | None, step) -> Masks:
+    """Every pruning mask of ``plan``: the first ones (``prev`` None) or refreshed at ``step``."""
+    leaves = {path: leaf for path, leaf in flat}
+    masks: Masks = {}
+    for entry in plan.leaves:
+        if entry.prune is not None and entry.prune.scope == "layer":
+            leaf = leaves[entry.path]
+            if prev is None:
+                leaf = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
+                masks[entry.path] = _first_mask(leaf, entry.prune)
+            else:
+                masks[entry.path] = _refresh_mask(leaf, entry.prune, prev[entry.path], step)
+    for spec, entries in _global_groups(plan).items():
+        xs = [jnp.asarray(leaves[e.path]) for e in entries]
+        schedule = spec.sparsity
+        if prev is None:
+            group = [_follow_sharding(m, leaves[e.path])
+                     for m, e in zip(global_magnitude_masks(xs, schedule(0)), entries)]
+        elif not schedule.refreshes:
+            group = [prev[e.path] for e in entries]
+        else:
+            old = [prev[e.path] for e in entries]
+            group = jax.lax.cond(schedule.update_at(step),
+                                 lambda: global_magnitude_masks(xs, schedule(step), old), lambda: old)
+        masks.update({e.path: m for e, m in zip(entries, group)})
+    return _with_bias_masks(plan, masks)
 
 
 def _bias_path(entry: LeafPlan) -> str | None:
@@ -174,13 +215,7 @@ def transform(rules: Sequence[Rule] | Rule) -> ParamTransform:
     def init(params) -> TransformState:
         plan = resolve(rules, params)
         flat, _ = plan.check(params)
-        entries = plan.by_path()
-        masks = {
-            path: _first_mask(leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf), entries[path].prune)
-            for path, leaf in flat
-            if entries[path].prune is not None
-        }
-        return TransformState(jnp.zeros((), jnp.int32), _with_bias_masks(plan, masks), plan)
+        return TransformState(jnp.zeros((), jnp.int32), _masks_for(plan, flat, None, 0), plan)
 
     def apply(params, state: TransformState):
         flat, treedef, plan = _checked(rules, params, state, "t.apply")
@@ -190,12 +225,7 @@ def transform(rules: Sequence[Rule] | Rule) -> ParamTransform:
     def update(params, state: TransformState) -> TransformState:
         flat, _, plan = _checked(rules, params, state, "t.update")
         step = state.step + 1
-        masks = {
-            entry.path: _refresh_mask(leaf, entry.prune, state.masks[entry.path], step)
-            for (_, leaf), entry in zip(flat, plan.leaves)
-            if entry.prune is not None
-        }
-        return TransformState(step, _with_bias_masks(plan, masks), plan)
+        return TransformState(step, _masks_for(plan, flat, state.masks, step), plan)
 
     def masks(state: TransformState) -> Masks:
         return dict(state.masks)
