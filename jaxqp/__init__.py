@@ -9,6 +9,7 @@ Example:
 
 from ._export import export
 from ._io import load, save
+from ._lottery import rewind
 from ._mask import apply_mask, channel_mask, global_magnitude_masks, magnitude_mask, nm_mask, threshold_mask
 from ._optax import WrapState, state_of, wrap
 from ._qarray import QArray, SparseArray, dequantize
@@ -65,6 +66,7 @@ __all__ = [
     "polynomial",
     "prepare",
     "resolve",
+    "rewind",
     "save",
     "state_of",
     "summary",
