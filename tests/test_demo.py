@@ -1,4 +1,4 @@
-"""The main job and the step benchmark run end to end in quick mode."""
+"""The main job and the benchmarks run end to end in quick mode."""
 
 import json
 import pathlib
@@ -10,13 +10,17 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_demo_quick_writes_the_table(tmp_path):
-    out = tmp_path / "demo.json"
-    proc = subprocess.run([sys.executable, "-m", "jaxqp.demo", "--quick", "--json", str(out)],
+def run_quick(command: list[str], out: pathlib.Path):
+    """Runs ``command --quick --json out``; returns (stdout, the JSON rows)."""
+    proc = subprocess.run([sys.executable, *command, "--quick", "--json", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(out.read_text())
+    return proc.stdout, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_the_table(tmp_path):
+    stdout, rows = run_quick(["-m", "jaxqp.demo"], tmp_path / "demo.json")
     assert [r["config"] for r in rows] == ["float32", "int8", "pruned", "pruned+int8"]
     assert set(rows[0]) == {"config", "accuracy", "nll", "sparsity", "bytes_float", "bytes_compressed"}
     by = {r["config"]: r for r in rows}
@@ -24,17 +28,13 @@ def test_demo_quick_writes_the_table(tmp_path):
     assert by["float32"]["sparsity"] == 0.0 and by["float32"]["bytes_compressed"] == by["float32"]["bytes_float"]
     assert by["pruned+int8"]["bytes_compressed"] < by["int8"]["bytes_compressed"] < by["float32"]["bytes_float"]
     assert all(r["accuracy"] > 80 for r in rows), rows  # 150 steps already learn digits
-    assert "pruned weights exactly 0.0" in proc.stdout
-    assert "export -> save -> load -> jit serve" in proc.stdout and "file size" in proc.stdout
+    assert "pruned weights exactly 0.0" in stdout
+    assert "export -> save -> load -> jit serve" in stdout and "file size" in stdout
 
 
 @pytest.mark.slow
 def test_serving_benchmark_quick_writes_rows(tmp_path):
-    out = tmp_path / "serving.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(out.read_text())
+    _, rows = run_quick([str(ROOT / "benchmarks" / "serving.py")], tmp_path / "serving.json")
     latency = [r for r in rows if "latency_ratio" in r]
     sizes = {r["config"]: r["bytes_ratio"] for r in rows if "bytes_ratio" in r}
     assert {(r["model"], r["batch"]) for r in latency} == {(m, b) for m in ("mlp256", "transformer") for b in (1, 4)}
@@ -44,10 +44,6 @@ def test_serving_benchmark_quick_writes_rows(tmp_path):
 
 @pytest.mark.slow
 def test_step_overhead_quick_writes_rows(tmp_path):
-    out = tmp_path / "steps.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_overhead.py"), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(out.read_text())
+    _, rows = run_quick([str(ROOT / "benchmarks" / "step_overhead.py")], tmp_path / "steps.json")
     assert [r["config"] for r in rows] == ["int8", "pruned", "pruned+int8"]
     assert all(r["step_ratio"] > 0 for r in rows)
