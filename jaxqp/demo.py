@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     print(format_table(rows))
     print("pruned weights exactly 0.0 in params and in t.apply(params, state): yes")
     d = deployed
-    print(f"\ndeployed pruned+int8: export -> save -> load -> jit serve")
+    print("\ndeployed pruned+int8: export -> save -> load -> jit serve")
     print(f"  file size      {d['file_bytes']} bytes vs float32 {d['file_bytes_float']} "
           f"({d['file_bytes'] / d['file_bytes_float']:.3f}x)")
     print(f"  test accuracy  {d['accuracy']:.2f}% served from the loaded file")
