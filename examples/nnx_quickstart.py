@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from sklearn.datasets import load_digits
 
 import jaxqp
+from jaxqp.demo import load_digits
 
 
 class MLP(nnx.Module):
@@ -34,11 +34,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     steps = 60 if parser.parse_args(argv).quick else 600
 
-    digits = load_digits()
-    order = np.random.default_rng(0).permutation(len(digits.data))
-    x = jnp.asarray(digits.data[order] / 16.0, jnp.float32)
-    y = jnp.asarray(digits.target[order], jnp.int32)
-    x_train, y_train, x_test, y_test = x[:1400], y[:1400], x[1400:], y[1400:]
+    (x_train, y_train), (x_test, y_test) = load_digits()  # 80/20 split, fixed permutation
 
     graphdef, params = nnx.split(MLP(nnx.Rngs(0)), nnx.Param)
     rules = [
