@@ -7,14 +7,20 @@ Example:
     >>> t = jaxqp.transform(rules)
 """
 
+from ._act_spec import ActSpec
+from ._calib import expand_groups, group_view, int_bounds, mse_range, observe_range, scale_from_range
 from ._export import export
+from ._flax_inputs import QuantizedInput, linen_apply, nnx_apply
+from ._formats import binary, fp8_round, pow2_ceil, pow2_values, stochastic_round, straight_through
+from ._inputs import calibrate, quantize_input
+from ._learned import lsq, lsq_grad_scale, pact
 from ._io import load, save
 from ._lottery import rewind
 from ._mask import apply_mask, channel_mask, global_magnitude_masks, magnitude_mask, nm_mask, threshold_mask
 from ._optax import WrapState, state_of, wrap
 from ._qarray import QArray, SparseArray, dequantize
 from ._quant import affine_scale, fake_quant, int_range, symmetric_scale
-from ._quantizer import fake_quant_weight, weight_quantizer
+from ._quantizer import fake_quant_weight, init_step, weight_codes, weight_quantizer
 from ._rule import LeafPlan, Plan, Rule, resolve
 from ._serve_linen import linen_serving_apply
 from ._serve_nnx import Int8Linear, nnx_serving_model
@@ -27,6 +33,7 @@ from ._transform import ParamTransform, TransformState, chain, transform
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActSpec",
     "Channels",
     "Int8Linear",
     "LeafPlan",
@@ -36,6 +43,7 @@ __all__ = [
     "PruneSpec",
     "QArray",
     "QuantSpec",
+    "QuantizedInput",
     "Rule",
     "Schedule",
     "ServingKernel",
@@ -45,34 +53,55 @@ __all__ = [
     "WrapState",
     "affine_scale",
     "apply_mask",
+    "binary",
+    "calibrate",
     "chain",
     "channel_mask",
     "constant",
     "dequantize",
+    "expand_groups",
     "export",
     "export_serving",
     "fake_quant",
     "fake_quant_weight",
+    "fp8_round",
     "global_magnitude_masks",
+    "group_view",
+    "init_step",
     "int8_matmul",
+    "int_bounds",
     "int_range",
+    "linen_apply",
     "linen_serving_apply",
     "load",
     "load_serving",
+    "lsq",
+    "lsq_grad_scale",
     "magnitude_mask",
+    "mse_range",
     "nm_mask",
+    "nnx_apply",
     "nnx_serving_model",
+    "observe_range",
     "one_shot",
+    "pact",
     "polynomial",
+    "pow2_ceil",
+    "pow2_values",
     "prepare",
+    "quantize_input",
     "resolve",
     "rewind",
     "save",
+    "scale_from_range",
     "state_of",
+    "stochastic_round",
+    "straight_through",
     "summary",
     "symmetric_scale",
     "threshold_mask",
     "transform",
+    "weight_codes",
     "weight_quantizer",
     "wrap",
 ]

@@ -7,6 +7,8 @@ Each leaf becomes what stores it in the fewest bytes while decoding, with
   sparse (bitmask + kept codes) when pruned and that is smaller;
 * pruned float leaves: a :class:`SparseArray` (bitmask + kept values) when that is
   smaller than the dense array, else the dense array with exact zeros;
+* ``pow2`` and fp8 formats: the dense fake-quantized float array (exact, not
+  yet smaller: a value container for them is future work);
 * other leaves: unchanged.
 
 Export runs eagerly (the sizes of sparse leaves depend on the data), once, after
@@ -32,9 +34,8 @@ import numpy as np
 
 from ._mask import apply_mask
 from ._qarray import QArray, SparseArray
-from ._quant import quantize
-from ._quantizer import weight_quantizer
-from ._transform import LeafView, leaf_views
+from ._quantizer import fake_quant_weight, weight_codes
+from ._views import LeafView, leaf_views
 
 
 def _export_leaf(leaf, view: LeafView):
@@ -46,10 +47,14 @@ def _export_leaf(leaf, view: LeafView):
     if view.quant is None:
         sparse = SparseArray.from_dense(w, view.mask)
         return sparse if sparse.nbytes < w.nbytes else w
-    q = weight_quantizer(w, view.quant)
-    codes = quantize(w, q.scale, q.zero_point, q.qmin, q.qmax).astype(jnp.int32)
+    spec = view.quant
+    if spec.format in ("pow2", "e4m3", "e5m2"):
+        return fake_quant_weight(w, spec)
+    codes, q = weight_codes(w, spec, view.learned)
+    codes = codes.astype(jnp.int32)
+    bits = max(spec.bits, 2)  # binary codes are -1, 0, 1
     build = lambda mask=None: QArray.from_codes(  # noqa: E731
-        codes, q.scale, q.zero_point, view.quant.bits, q.qmin, q.qmax, w.dtype, mask=mask)
+        codes, q.scale, q.zero_point, bits, q.qmin, q.qmax, w.dtype, mask=mask, group=q.group)
     dense = build()
     if view.mask is None:
         return dense

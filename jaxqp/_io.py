@@ -75,6 +75,7 @@ def _describe(node, path: str, writer: _Writer):
     if isinstance(node, QArray):
         fields = {k: getattr(node, k) for k in _QARRAY_STATIC}
         fields["shape"] = list(fields["shape"])
+        fields["group"] = None if node.group is None else list(node.group)
         for k in ("codes", "scale", "zero_point", "bitmask"):
             fields[k] = writer.add(f"{where}:{k}", getattr(node, k))
         return {"qarray": fields}
@@ -228,6 +229,8 @@ def _build(node, tensors: dict, path):
     if kind == "qarray":
         static = {k: value[k] for k in _QARRAY_STATIC}
         static["shape"] = tuple(static["shape"])
+        group = value.get("group")
+        static["group"] = None if group is None else (int(group[0]), int(group[1]))
         q = QArray(get(value["codes"]), get(value["scale"]), get(value["zero_point"]), get(value["bitmask"]), **static)
         return _validated(q, path)
     if kind == "sparse":

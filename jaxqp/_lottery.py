@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 
 from ._mask import apply_mask
-from ._transform import leaf_views
+from ._views import leaf_views
 
 
 def rewind(early_params, state):

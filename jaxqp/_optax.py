@@ -9,7 +9,15 @@
    schedule;
 3. masks the updates so that every pruned parameter becomes exactly 0:
    kept entries get ``tx``'s update unchanged, pruned entries get ``-params``
-   (``p + (-p)`` is exactly 0 in IEEE arithmetic).
+   (``p + (-p)`` is exactly 0 in IEEE arithmetic);
+4. if the transform has learned quantizer values (LSQ steps, PACT clips), the
+   gradients must be ``(param_grads, state_grads)`` from
+   ``jax.grad(loss, argnums=(0, 1), allow_int=True)(params, state)``; the state
+   part is updated by ``learned_tx`` (default: ``tx``) with its own state.
+
+``update`` also takes ``observed=``: the input statistics returned by
+:func:`jaxqp.linen_apply` / :func:`jaxqp.nnx_apply` / :func:`jaxqp.quantize_input`,
+folded into static activation ranges.
 
 Example:
     >>> import jax.numpy as jnp, optax, jaxqp
@@ -33,14 +41,26 @@ import jax.numpy as jnp
 import optax
 
 from ._path import paths_and_leaves
-from ._transform import ParamTransform
+from ._transform import ParamTransform, learned_of, transform_states, with_learned
 
 
 class WrapState(NamedTuple):
-    """Optimizer state of :func:`wrap`: the inner optimizer's and the transform's."""
+    """Optimizer state of :func:`wrap`: the inner optimizer's, the transform's and ``learned_tx``'s."""
 
     inner: Any
     transform: Any
+    learned: Any = None
+
+
+def _has_learned(state) -> bool:
+    return any(bool(d) for d in learned_of(state))
+
+
+def _split_grads(updates):
+    """``(param_grads, state_grads)`` if ``updates`` is such a pair, else ``(updates, None)``."""
+    if isinstance(updates, tuple) and len(updates) == 2 and transform_states(updates[1]):
+        return updates
+    return updates, None
 
 
 def _mask_updates(updates, params, masks):
@@ -54,34 +74,54 @@ def _mask_updates(updates, params, masks):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def wrap(tx: optax.GradientTransformation, t: ParamTransform) -> optax.GradientTransformationExtraArgs:
+def wrap(tx: optax.GradientTransformation, t: ParamTransform,
+         learned_tx: optax.GradientTransformation | None = None) -> optax.GradientTransformationExtraArgs:
     """``tx`` plus the transform ``t``: masked updates, advanced schedules, fresh masks.
 
     Works with any optax transformation (``optax.chain``, ``inject_hyperparams``,
     ``MultiSteps``). ``tx.update`` must be given ``params``. Read the transform
-    state back with :func:`state_of`.
+    state back with :func:`state_of`. ``learned_tx`` updates learned quantizer
+    values (default ``tx``; pass e.g. ``optax.adam(1e-3)`` to keep ``tx``'s
+    weight decay off step sizes).
     """
     if not isinstance(t, ParamTransform):
         raise TypeError(f"jaxqp.wrap(tx, t): t must be a jaxqp.ParamTransform (from jaxqp.transform), got {type(t).__name__}")
     if not hasattr(tx, "init") or not hasattr(tx, "update"):
         raise TypeError(f"jaxqp.wrap(tx, t): tx must be an optax GradientTransformation, got {type(tx).__name__}")
     inner = optax.with_extra_args_support(tx)
+    inner_learned = optax.with_extra_args_support(tx if learned_tx is None else learned_tx)
 
     def init(params):
-        return WrapState(inner.init(params), t.init(params))
+        t_state = t.init(params)
+        learned = inner_learned.init(learned_of(t_state)) if _has_learned(t_state) else None
+        return WrapState(inner.init(params), t_state, learned)
 
-    def update(updates, state: WrapState, params=None, **extra_args):
+    def update(updates, state: WrapState, params=None, observed=None, **extra_args):
         if params is None:
             raise ValueError(
                 "jaxqp.wrap needs the current params to keep pruned weights at 0: "
                 "call tx.update(grads, opt_state, params)"
             )
+        updates, state_grads = _split_grads(updates)
+        learns = _has_learned(state.transform)
+        if learns and state_grads is None:
+            raise ValueError(
+                "this transform learns quantizer values (LSQ steps / PACT clips) held in its state: "
+                "differentiate w.r.t. (params, state), e.g. grads = jax.grad(loss_fn, argnums=(0, 1), "
+                "allow_int=True)(params, state), and pass that pair to tx.update(grads, opt_state, params)"
+            )
         updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
-        new_state = t.update(params, state.transform)
+        extra = () if observed is None else (observed,)
+        new_state = t.update(params, state.transform, *extra)
+        learned_state = state.learned
+        if learns:
+            values = learned_of(state.transform)
+            steps, learned_state = inner_learned.update(learned_of(state_grads), state.learned, values)
+            new_state = with_learned(new_state, optax.apply_updates(values, steps))
         masks = t.masks(new_state)
         if masks:
             updates = _mask_updates(updates, params, masks)
-        return updates, WrapState(inner_state, new_state)
+        return updates, WrapState(inner_state, new_state, learned_state)
 
     return optax.GradientTransformationExtraArgs(init, update)
 

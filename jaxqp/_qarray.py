@@ -82,7 +82,9 @@ class QArray(Compressed):
       packed bits and ``codes`` holds only the kept entries, in row-major order;
       pruned entries decode to ``zero_point``, i.e. to exactly 0.0;
     * ``scale`` is float32, finite and positive, with ``shape``'s rank and size 1
-      on every axis that shares a scale;
+      on every axis that shares a scale; with ``group = (axis, size)`` it holds
+      ``ceil(shape[axis] / size)`` entries along ``axis``, one per block of ``size``
+      (the last block may be shorter), repeated over the block to dequantize;
     * ``zero_point`` is None (symmetric) or int32 of ``scale``'s shape, in range;
     * ``kept`` (static) is the number of stored codes: the size, unless sparse;
     * ``dtype`` is the float dtype :func:`dequantize` returns.
@@ -98,9 +100,10 @@ class QArray(Compressed):
     qmin: int
     qmax: int
     kept: int
+    group: tuple[int, int] | None = None
 
     @classmethod
-    def from_codes(cls, codes, scale, zero_point, bits, qmin, qmax, dtype, mask=None) -> "QArray":
+    def from_codes(cls, codes, scale, zero_point, bits, qmin, qmax, dtype, mask=None, group=None) -> "QArray":
         """Builds a QArray from dense integer ``codes``; with ``mask``, stores only kept codes."""
         codes = jnp.asarray(codes)
         shape = tuple(codes.shape)
@@ -110,8 +113,15 @@ class QArray(Compressed):
             codes = jnp.asarray(np.asarray(codes).reshape(-1)[mask.reshape(-1)])
             bitmask, kept = pack_mask(jnp.asarray(mask)), int(mask.sum())
         zp = None if zero_point is None else jnp.asarray(zero_point).astype(jnp.int32)
+        group = None if group is None else (int(group[0]), int(group[1]))
         return cls(_store_codes(codes, bits, qmin), jnp.asarray(scale, jnp.float32), zp, bitmask,
-                   shape, str(jnp.dtype(dtype)), int(bits), int(qmin), int(qmax), kept)
+                   shape, str(jnp.dtype(dtype)), int(bits), int(qmin), int(qmax), kept, group)
+
+    def _expanded(self, a):
+        if self.group is None or a is None:
+            return a
+        axis, size = self.group
+        return jax.lax.slice_in_dim(jnp.repeat(a, size, axis=axis), 0, self.shape[axis], axis=axis)
 
     def int_codes(self) -> jax.Array:
         """The dense integer codes, int32 of ``shape``."""
@@ -120,15 +130,15 @@ class QArray(Compressed):
         mask = unpack_mask(self.bitmask, self.shape)
         kept = _load_codes(self.codes, self.bits, self.qmin, self.kept)
         zp = jnp.zeros(self.shape, jnp.int32) if self.zero_point is None else jnp.broadcast_to(
-            self.zero_point, self.shape)
+            self._expanded(self.zero_point), self.shape)
         return _scatter(mask, kept, zp.reshape(-1)).reshape(self.shape)
 
     def dequantize(self) -> jax.Array:
         """``(codes - zero_point) * scale`` in float32, cast to ``dtype``."""
         q = self.int_codes().astype(jnp.float32)
         if self.zero_point is not None:
-            q = q - self.zero_point.astype(jnp.float32)
-        return (q * self.scale).astype(self.dtype)
+            q = q - self._expanded(self.zero_point).astype(jnp.float32)
+        return (q * self._expanded(self.scale)).astype(self.dtype)
 
     def validate(self) -> "QArray":
         """Checks the invariants above; raises ValueError naming the broken one."""
@@ -138,7 +148,9 @@ class QArray(Compressed):
             raise ValueError(f"QArray: {self.bits}-bit codes must be stored as {jnp.dtype(want)}, got {self.codes.dtype}")
         if self.scale.dtype != jnp.float32 or self.scale.ndim != len(self.shape):
             raise ValueError(f"QArray: scale must be float32 of rank {len(self.shape)}, got {self.scale.dtype}{self.scale.shape}")
-        for s, d in zip(self.scale.shape, self.shape):
+        for axis, (s, d) in enumerate(zip(self.scale.shape, self.shape)):
+            if self.group is not None and axis == self.group[0]:
+                d = -(-d // self.group[1])
             if s not in (1, d):
                 raise ValueError(f"QArray: scale shape {self.scale.shape} does not broadcast to {self.shape}")
         scale = np.asarray(self.scale)
@@ -197,7 +209,7 @@ class SparseArray(Compressed):
 
 jax.tree_util.register_dataclass(
     QArray, data_fields=["codes", "scale", "zero_point", "bitmask"],
-    meta_fields=["shape", "dtype", "bits", "qmin", "qmax", "kept"])
+    meta_fields=["shape", "dtype", "bits", "qmin", "qmax", "kept", "group"])
 jax.tree_util.register_dataclass(SparseArray, data_fields=["values", "bitmask"], meta_fields=["shape"])
 
 

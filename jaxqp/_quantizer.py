@@ -1,7 +1,9 @@
-"""From a :class:`QuantSpec` to the numerics: scales, ranges, fake-quant (specs layer).
+"""From a :class:`QuantSpec` to the numerics: scales, codes, fake-quant (specs layer).
 
 The one place that decides how a spec quantizes a weight, shared by the
-training forward and by export, so the two agree bit for bit.
+training forward and by export, so the two agree bit for bit. Linear formats
+(integers of 2-16 bits) and binary/ternary are integer codes times a scale;
+``pow2`` and fp8 formats are computed as values.
 
 Example:
     >>> import jax.numpy as jnp
@@ -12,40 +14,142 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from . import _quant
+from ._calib import calibrated_scale, expand_groups, group_view, int_bounds
+from ._formats import binary_codes, fp8_round, fp8_scale, pow2_ceil, pow2_values, stochastic_round, straight_through, ternary_codes
+from ._learned import MIN_STEP, lsq, lsq_grad_scale
 from ._spec import QuantSpec
+
+Learned = dict  # {"step": array} for learned="lsq"
 
 
 class WeightQuantizer(NamedTuple):
-    """Scale, zero point (None if symmetric) and integer range for one weight."""
+    """Scale and zero point (None if symmetric), per channel or per group, and the range.
+
+    ``group`` is ``(axis, size)`` when the scale holds one entry per block of
+    ``size`` along ``axis`` (see :meth:`expanded`), else None.
+    """
 
     scale: jax.Array
     zero_point: jax.Array | None
     qmin: int
     qmax: int
+    group: tuple[int, int] | None = None
+
+    def expanded(self, shape) -> tuple[jax.Array, jax.Array | None]:
+        """Scale and zero point broadcastable to a weight of ``shape``."""
+        if self.group is None:
+            return self.scale, self.zero_point
+        axis, size = self.group
+        grow = lambda a: None if a is None else expand_groups(a, axis, size, shape[axis])  # noqa: E731
+        return grow(self.scale), grow(self.zero_point)
 
 
-def weight_quantizer(w: jax.Array, spec: QuantSpec) -> WeightQuantizer:
-    """Calibrates ``spec`` on ``w`` (absmax if symmetric, min/max if affine)."""
-    if spec.symmetric:
-        qmin, qmax = _quant.int_range(spec.bits, narrow=True)
-        return WeightQuantizer(_quant.symmetric_scale(w, spec.bits, spec.axis), None, qmin, qmax)
-    qmin, qmax = _quant.int_range(spec.bits)
-    scale, zero_point = _quant.affine_scale(w, spec.bits, spec.axis)
-    return WeightQuantizer(scale, zero_point, qmin, qmax)
+def _group(spec: QuantSpec, ndim: int) -> tuple[int, int] | None:
+    return None if spec.group_size is None else (spec.group_axis % ndim, spec.group_size)
 
 
-def fake_quant_weight(w: jax.Array, spec: QuantSpec) -> jax.Array:
+def init_step(w: jax.Array, spec: QuantSpec) -> jax.Array:
+    """LSQ's initial step ``2 mean|w| / sqrt(qmax)`` per channel or group (Esser et al. 2020)."""
+    w = jnp.asarray(w, _quant.compute_dtype(w.dtype))
+    _, qmax = int_bounds(spec.bits, signed=spec.signed)
+    group = _group(spec, w.ndim)
+    if group is None:
+        x, axes = w, _quant.reduce_axes(w.ndim, spec.axis)
+        mean = jnp.mean(jnp.abs(x), axis=axes, keepdims=True)
+    else:
+        x, axes = group_view(jnp.abs(w), spec.axis, *group, pad=jnp.nan)
+        mean = jnp.squeeze(jnp.nanmean(x, axis=axes, keepdims=True), group[0] + 1)
+    return jnp.maximum(2.0 * mean / math.sqrt(qmax), MIN_STEP)
+
+
+def weight_quantizer(w: jax.Array, spec: QuantSpec, learned: Learned | None = None) -> WeightQuantizer:
+    """Calibrates a linear or binary/ternary ``spec`` on ``w`` (or reads its learned step)."""
+    if spec.format == "ternary" or spec.bits == 1:
+        _, scale = (ternary_codes if spec.format == "ternary" else binary_codes)(w, spec.axis)
+        return WeightQuantizer(scale, None, -1, 1)
+    if not spec.linear:
+        raise ValueError(f"{spec} has no integer codes; use fake_quant_weight")
+    qmin, qmax = int_bounds(spec.bits, signed=spec.signed, symmetric=spec.symmetric)
+    group = _group(spec, w.ndim)
+    if spec.learned == "lsq":
+        if learned is None:
+            raise ValueError(f"{spec} learns its step size: pass the state's learned values")
+        return WeightQuantizer(jnp.maximum(learned["step"], MIN_STEP), None, qmin, qmax, group)
+    if group is None:
+        x, axes = w, _quant.reduce_axes(w.ndim, spec.axis)
+    else:
+        pad = jnp.nan if spec.calibration == "percentile" else 0.0
+        x, axes = group_view(w, spec.axis, *group, pad=pad)
+    scale, zp = calibrated_scale(x, axes, qmin, qmax, symmetric=spec.symmetric,
+                                 method=spec.calibration, percentile=spec.percentile)
+    if group is not None:
+        scale = jnp.squeeze(scale, group[0] + 1)
+        zp = None if zp is None else jnp.squeeze(zp, group[0] + 1)
+    if spec.scale_pow2:
+        scale = pow2_ceil(scale)
+    return WeightQuantizer(scale, zp, qmin, qmax, group)
+
+
+def weight_codes(w: jax.Array, spec: QuantSpec, learned: Learned | None = None) -> tuple[jax.Array, WeightQuantizer]:
+    """Integer codes (as floats, round to nearest) of ``w`` and their quantizer."""
+    q = weight_quantizer(w, spec, learned)
+    if spec.format == "ternary" or spec.bits == 1:
+        codes, _ = (ternary_codes if spec.format == "ternary" else binary_codes)(w, spec.axis)
+        return codes, q
+    scale, zp = q.expanded(w.shape)
+    return _quant.quantize(w, scale, zp, q.qmin, q.qmax), q
+
+
+def fake_quant_weight(w: jax.Array, spec: QuantSpec, learned: Learned | None = None,
+                      key: jax.Array | None = None) -> jax.Array:
     """``w`` fake-quantized as ``spec`` says, with its straight-through gradient.
 
-    Absmax and min/max calibration put every entry of ``w`` inside the clipping
-    range, so the clipped STE is 1 everywhere: it is evaluated as the identity,
-    which is exact (the comparison ``|w| / scale <= qmax`` could misfire by one ulp
-    at the largest entry) and saves a pass over the weight in the backward pass.
+    Where the calibration cannot clip (absmax, min/max, binary, ternary, pow2,
+    fp8) the clipped STE is 1 everywhere and is evaluated as the identity, which
+    is exact (the comparison ``|w| / scale <= qmax`` could misfire by one ulp at
+    the largest entry). ``learned`` holds LSQ's step; ``key`` drives stochastic
+    rounding.
     """
-    q = weight_quantizer(w, spec)
-    return _quant.fake_quant(w, q.scale, q.zero_point, q.qmin, q.qmax, "identity")
+    if spec.format == "pow2":
+        return straight_through(w, pow2_values(w, spec.bits, spec.axis))
+    if spec.format in ("e4m3", "e5m2"):
+        x = jnp.asarray(w, _quant.compute_dtype(w.dtype))
+        scale = fp8_scale(x, spec.format, spec.axis)
+        scale = pow2_ceil(scale) if spec.scale_pow2 else scale
+        return straight_through(w, (fp8_round(x / scale, spec.format) * scale).astype(w.dtype))
+    if spec.format == "ternary" or spec.bits == 1:
+        codes, q = weight_codes(w, spec)
+        return straight_through(w, (codes * q.scale).astype(w.dtype))
+    q = weight_quantizer(w, spec, learned)
+    scale, zp = q.expanded(w.shape)
+    if spec.learned == "lsq":
+        count = math.prod(w.shape) // max(math.prod(learned["step"].shape), 1)
+        x = jnp.asarray(w, _quant.compute_dtype(w.dtype))
+        return lsq(x, scale, q.qmin, q.qmax, lsq_grad_scale(count, q.qmax)).astype(w.dtype)
+    ste = "identity" if spec.calibration == "max" else spec.ste
+    if spec.rounding == "stochastic":
+        if key is None:
+            raise ValueError(f"{spec}: stochastic rounding needs a key; build the transform with "
+                             "jaxqp.transform(rules, seed=0)")
+        return _stochastic(w, scale, zp, q.qmin, q.qmax, key, ste)
+    return _quant.fake_quant(w, scale, zp, q.qmin, q.qmax, ste)
+
+
+def _stochastic(w, scale, zp, qmin, qmax, key, ste):
+    x = jnp.asarray(w, _quant.compute_dtype(w.dtype))
+    scale = jax.lax.stop_gradient(scale)
+    v = x / scale + (0.0 if zp is None else zp)
+    codes = jnp.clip(stochastic_round(jax.lax.stop_gradient(v), key), qmin, qmax)
+    y = _quant.dequantize(codes, scale, zp).astype(w.dtype)
+    through = straight_through(w, y)
+    if ste == "identity":
+        return through
+    inside = (v >= qmin) & (v <= qmax)
+    return jnp.where(inside, through, jax.lax.stop_gradient(y))

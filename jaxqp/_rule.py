@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from ._act_spec import ActSpec
 from ._path import paths_and_leaves
 from ._spec import PruneSpec, QuantSpec
 
@@ -32,15 +33,18 @@ _EXAMPLES = 6
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """``Rule(pattern, quant=None, prune=None)``: specs for the paths ``pattern`` fully matches.
+    """``Rule(pattern, quant=None, prune=None, act=None)``: specs for the paths ``pattern`` fully matches.
 
-    A rule with neither spec excludes what it matches from later rules (first
-    match wins), e.g. ``Rule(r"head/.*")`` before a catch-all rule.
+    ``act`` fake-quantizes the *input* of the layer that owns a matched kernel
+    (see :class:`jaxqp.ActSpec`). A rule with no spec excludes what it matches
+    from later rules (first match wins), e.g. ``Rule(r"head/.*")`` before a
+    catch-all rule.
     """
 
     pattern: str
     quant: QuantSpec | None = None
     prune: PruneSpec | None = None
+    act: ActSpec | None = None
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
@@ -53,6 +57,8 @@ class Rule:
             raise TypeError(f"Rule({self.pattern!r}, quant={self.quant!r}): quant must be a jaxqp.QuantSpec or None")
         if self.prune is not None and not isinstance(self.prune, PruneSpec):
             raise TypeError(f"Rule({self.pattern!r}, prune={self.prune!r}): prune must be a jaxqp.PruneSpec or None")
+        if self.act is not None and not isinstance(self.act, ActSpec):
+            raise TypeError(f"Rule({self.pattern!r}, act={self.act!r}): act must be a jaxqp.ActSpec or None")
 
     def matches(self, path: str) -> bool:
         return re.fullmatch(self.pattern, path) is not None
@@ -67,6 +73,7 @@ class LeafPlan:
     dtype: str
     quant: QuantSpec | None = None
     prune: PruneSpec | None = None
+    act: ActSpec | None = None
 
     @property
     def size(self) -> int:
@@ -139,22 +146,30 @@ def _as_rules(rules) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
-def _check_fits(path: str, shape: tuple[int, ...], quant: QuantSpec | None, prune: PruneSpec | None) -> None:
-    structure = prune.structure if prune is not None else None
-    if structure is not None and not -len(shape) <= structure.axis < len(shape):
-        raise ValueError(
-            f"'{path}' has shape {shape}, so {type(structure).__name__}(axis={structure.axis}) is out "
-            "of range. Fix: pick an axis of this parameter, or a rule that does not match it."
-        )
-    if quant is None or quant.axis is None:
+def _check_fits(path: str, shape: tuple[int, ...], rule: Rule, index: int) -> None:
+    where = f"rules[{index}] (pattern {rule.pattern!r}) matches '{path}' of shape {shape}, but"
+    fix = "Fix: pick an axis of this parameter, or a rule that does not match it."
+
+    def in_range(axis) -> bool:
+        return -len(shape) <= axis < len(shape)
+
+    structure = rule.prune.structure if rule.prune is not None else None
+    if structure is not None and not in_range(structure.axis):
+        raise ValueError(f"{where} {type(structure).__name__}(axis={structure.axis}) is out of range. {fix}")
+    quant = rule.quant
+    if quant is None:
         return
-    axes = (quant.axis,) if isinstance(quant.axis, int) else quant.axis
+    axes = () if quant.axis is None else (quant.axis,) if isinstance(quant.axis, int) else quant.axis
     for a in axes:
-        if not -len(shape) <= a < len(shape):
-            raise ValueError(
-                f"'{path}' has shape {shape}, so QuantSpec(axis={quant.axis}) is out of range. "
-                "Fix: use axis=None (per tensor) for it, or a rule that does not match it."
-            )
+        if not in_range(a):
+            raise ValueError(f"{where} QuantSpec(axis={quant.axis}) is out of range. "
+                             "Fix: use axis=None (per tensor) for it, or a rule that does not match it.")
+    if quant.group_size is not None:
+        if not in_range(quant.group_axis):
+            raise ValueError(f"{where} QuantSpec(group_axis={quant.group_axis}) is out of range. {fix}")
+        if quant.group_axis % len(shape) in {a % len(shape) for a in axes}:
+            raise ValueError(f"{where} QuantSpec(group_axis={quant.group_axis}) is also its channel axis "
+                             f"(axis={quant.axis}). Fix: group along another axis, e.g. group_axis=-2, axis=-1.")
 
 
 def resolve(rules: Sequence[Rule] | Rule, params) -> Plan:
@@ -172,15 +187,16 @@ def resolve(rules: Sequence[Rule] | Rule, params) -> Plan:
             raise ValueError(f"two leaves share the path '{path}'; jaxqp needs distinct paths")
         seen.add(path)
         shape, dtype = leaf_shape(leaf), _dtype(leaf) if is_float(leaf) else None
-        quant = prune = None
+        quant = prune = act = None
         if dtype is not None:
             for i, rule in enumerate(rules):
                 if rule.matches(path):
                     used[i] = True
-                    quant, prune = rule.quant, rule.prune
-                    _check_fits(path, shape, quant, prune)
+                    quant, prune, act = rule.quant, rule.prune, rule.act
+                    _check_fits(path, shape, rule, i)
                     break
-        leaves.append(LeafPlan(path, shape, str(dtype if dtype is not None else _safe_dtype(leaf)), quant, prune))
+        dtype_name = str(dtype if dtype is not None else _safe_dtype(leaf))
+        leaves.append(LeafPlan(path, shape, dtype_name, quant, prune, act))
     unused = [i for i, u in enumerate(used) if not u]
     if unused:
         i = unused[0]

@@ -23,7 +23,7 @@ import numpy as np
 
 from ._export import _export_leaf
 from ._qarray import nbytes
-from ._transform import LeafView, leaf_views
+from ._views import LeafView, leaf_views
 
 COLUMNS = ("path", "shape", "bits", "sparsity", "bytes_float", "bytes_compressed")
 

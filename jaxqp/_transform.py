@@ -30,10 +30,11 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from ._mask import apply_mask, channel_mask, global_magnitude_masks, magnitude_mask, nm_mask, threshold_mask
-from ._quantizer import fake_quant_weight
+from . import _activation
+from ._mask import apply_mask
+from ._masking import masks_for
+from ._quantizer import fake_quant_weight, init_step
 from ._rule import LeafPlan, Plan, Rule, _as_rules, resolve
-from ._spec import NM, Channels, PruneSpec
 
 Params = Any
 Masks = dict[str, jax.Array]
@@ -41,21 +42,34 @@ Masks = dict[str, jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class TransformState:
-    """State of :func:`transform`: a pytree whose leaves are ``step`` and ``masks``.
+    """State of :func:`transform`: a pytree (a registered dataclass).
 
     Attributes:
       step: int32 scalar, optimizer updates applied so far.
       masks: ``{path: bool array}`` for every pruned parameter (True keeps).
       plan: static metadata (not a leaf): the resolved :class:`Plan`, so tools
         such as :func:`jaxqp.summary` need no rules.
+      learned: trainable quantizer values, ``{"weights": {path: {"step": ...}},
+        "inputs": {kernel_path: {"alpha" | "step" | "offset": ...}}}``; gradients
+        reach them through ``jax.grad(..., argnums=(0, 1), allow_int=True)`` and
+        :func:`jaxqp.wrap` (see docs/design.md).
+      ranges: ``{kernel_path: {"lo", "hi", "count"}}`` of static input ranges.
+      key: uint32[2] PRNG key for stochastic rounding (None without a seed).
+      calibrating: static flag set by :func:`jaxqp.calibrate`: inputs pass through
+        unquantized and their statistics are recorded.
     """
 
     step: jax.Array
     masks: Masks
     plan: Plan = dataclasses.field(repr=False)
+    learned: dict = dataclasses.field(default_factory=dict)
+    ranges: dict = dataclasses.field(default_factory=dict)
+    key: jax.Array | None = None
+    calibrating: bool = False
 
 
-jax.tree_util.register_dataclass(TransformState, data_fields=["step", "masks"], meta_fields=["plan"])
+jax.tree_util.register_dataclass(TransformState, data_fields=["step", "masks", "learned", "ranges", "key"],
+                                 meta_fields=["plan", "calibrating"])
 
 
 def _no_masks(state) -> Masks:
@@ -70,115 +84,6 @@ class ParamTransform(NamedTuple):
     apply: Callable[[Params, Any], Params]
     update: Callable[[Params, Any], Any]
     masks: Callable[[Any], Masks] = _no_masks
-
-
-def _is_multi_device(leaf) -> bool:
-    # Concrete arrays spread over several devices; single-device arrays are left as they
-    # are, so that committing them does not change the jit cache key of the first step.
-    return (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
-            and len(leaf.sharding.device_set) > 1)
-
-
-def _scheduled_mask(leaf, spec: PruneSpec, sparsity, prev):
-    if isinstance(spec.structure, Channels):
-        return channel_mask(leaf, sparsity, spec.structure.axis, prev)
-    return magnitude_mask(leaf, sparsity, prev)
-
-
-def _first_mask(leaf: jax.Array, spec: PruneSpec) -> jax.Array:
-    if spec.threshold is not None:
-        mask = threshold_mask(leaf, spec.threshold)
-    elif isinstance(spec.structure, NM):
-        mask = nm_mask(leaf, spec.structure.n, spec.structure.m, spec.structure.axis)
-    else:
-        mask = _scheduled_mask(leaf, spec, spec.sparsity(0), None)
-    return _follow_sharding(mask, leaf)
-
-
-def _follow_sharding(mask: jax.Array, leaf) -> jax.Array:
-    if _is_multi_device(leaf):
-        return jax.device_put(mask, leaf.sharding)  # a mask follows its parameter's sharding
-    return mask
-
-
-def _refresh_mask(leaf: jax.Array, spec: PruneSpec, prev: jax.Array, step: jax.Array) -> jax.Array:
-    if spec.threshold is not None:
-        return threshold_mask(leaf, spec.threshold, prev)
-    if isinstance(spec.structure, NM):
-        return prev  # N:M masks are fixed from init on
-    schedule = spec.sparsity
-    if not schedule.refreshes:
-        return prev
-    return jax.lax.cond(
-        schedule.update_at(step),
-        lambda: _scheduled_mask(leaf, spec, schedule(step), prev),
-        lambda: prev,
-    )
-
-
-def _global_groups(plan: Plan) -> dict[PruneSpec, list[LeafPlan]]:
-    """Leaves pruned with scope='global', grouped by (equal) spec, in tree order."""
-    groups: dict[PruneSpec, list[LeafPlan]] = {}
-    for entry in plan.leaves:
-        if entry.prune is not None and entry.prune.scope == "global":
-            groups.setdefault(entry.prune, []).append(entry)
-    return groups
-
-
-def _masks_for(plan: Plan, flat: list, prev: Masks | None, step) -> Masks:
-    """Every pruning mask of ``plan``: the first ones (``prev`` None) or refreshed at ``step``."""
-    leaves = {path: leaf for path, leaf in flat}
-    masks: Masks = {}
-    for entry in plan.leaves:
-        if entry.prune is not None and entry.prune.scope == "layer":
-            leaf = leaves[entry.path]
-            if prev is None:
-                leaf = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
-                masks[entry.path] = _first_mask(leaf, entry.prune)
-            else:
-                masks[entry.path] = _refresh_mask(leaf, entry.prune, prev[entry.path], step)
-    for spec, entries in _global_groups(plan).items():
-        xs = [jnp.asarray(leaves[e.path]) for e in entries]
-        schedule = spec.sparsity
-        if prev is None:
-            group = [_follow_sharding(m, leaves[e.path])
-                     for m, e in zip(global_magnitude_masks(xs, schedule(0)), entries)]
-        elif not schedule.refreshes:
-            group = [prev[e.path] for e in entries]
-        else:
-            old = [prev[e.path] for e in entries]
-            group = jax.lax.cond(schedule.update_at(step),
-                                 lambda: global_magnitude_masks(xs, schedule(step), old), lambda: old)
-        masks.update({e.path: m for e, m in zip(entries, group)})
-    return _with_bias_masks(plan, masks)
-
-
-def _bias_path(entry: LeafPlan) -> str | None:
-    structure = entry.prune.structure if entry.prune is not None else None
-    if not (isinstance(structure, Channels) and structure.bias and entry.path.endswith("kernel")):
-        return None
-    return entry.path[: -len("kernel")] + "bias"
-
-
-def _with_bias_masks(plan: Plan, masks: Masks) -> Masks:
-    """Adds, for Channels(bias=True) kernels, the mask of their sibling bias."""
-    entries = plan.by_path()
-    out = dict(masks)
-    for entry in plan.leaves:
-        bias = _bias_path(entry)
-        if bias is None or bias not in entries:
-            continue
-        axis = entry.prune.structure.axis % len(entry.shape)
-        if entries[bias].shape != (entry.shape[axis],):
-            continue
-        if entries[bias].prune is not None:
-            raise ValueError(
-                f"'{bias}' is pruned by its own rule and, as the bias of '{entry.path}', by "
-                "Channels(bias=True). Fix: drop one (e.g. Channels(bias=False))."
-            )
-        others = tuple(a for a in range(len(entry.shape)) if a != axis)
-        out[bias] = jnp.any(masks[entry.path], axis=others)
-    return out
 
 
 def _describe_difference(want: Plan, got: Plan) -> str:
@@ -204,28 +109,61 @@ def _checked(rules: tuple[Rule, ...], params, state, what: str) -> tuple[list, A
     return flat, treedef, plan
 
 
-def transform(rules: Sequence[Rule] | Rule) -> ParamTransform:
+def _needs_key(plan: Plan) -> bool:
+    return any(e.quant is not None and e.quant.rounding == "stochastic" for e in plan.leaves)
+
+
+def _initial_learned(plan: Plan, flat, masks: Masks) -> dict:
+    leaves = dict(flat)
+    weights, inputs = {}, {}
+    for entry in plan.leaves:
+        if entry.quant is not None and entry.quant.learned == "lsq":
+            w = jnp.asarray(leaves[entry.path])
+            if entry.path in masks:
+                w = apply_mask(w, masks[entry.path])
+            weights[entry.path] = {"step": init_step(w, entry.quant)}
+        if entry.act is not None and _activation.init_learned(entry.act) is not None:
+            inputs[entry.path] = _activation.init_learned(entry.act)
+    return {"weights": weights, "inputs": inputs} if weights or inputs else {}
+
+
+def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> ParamTransform:
     """The quantize-and-prune transform of ``rules`` (first matching rule wins per leaf).
 
     For a leaf with both specs, the mask is applied first and the quantizer is
-    calibrated on the survivors, so pruned weights stay exactly 0.
+    calibrated on the survivors, so pruned weights stay exactly 0. ``seed``
+    makes the PRNG key that stochastic rounding draws from (stored in the state;
+    step ``s`` of leaf ``i`` uses ``fold_in(fold_in(key, s), i)``).
     """
     rules = _as_rules(rules)
 
     def init(params) -> TransformState:
         plan = resolve(rules, params)
         flat, _ = plan.check(params)
-        return TransformState(jnp.zeros((), jnp.int32), _masks_for(plan, flat, None, 0), plan)
+        if _needs_key(plan) and seed is None:
+            raise ValueError("a rule asks for QuantSpec(rounding='stochastic'): give the transform a seed, "
+                             "e.g. jaxqp.transform(rules, seed=0)")
+        masks = masks_for(plan, flat, None, 0)
+        ranges = {e.path: _activation.init_ranges(e.act) for e in plan.leaves
+                  if e.act is not None and e.act.range == "static"}
+        key = None if seed is None else jax.random.key_data(jax.random.key(seed))
+        return TransformState(jnp.zeros((), jnp.int32), masks, plan, _initial_learned(plan, flat, masks),
+                              ranges, key)
 
     def apply(params, state: TransformState):
         flat, treedef, plan = _checked(rules, params, state, "t.apply")
-        out = [_apply_leaf(leaf, entry, state.masks) for (_, leaf), entry in zip(flat, plan.leaves)]
+        out = [_apply_leaf(leaf, entry, state, i) for i, ((_, leaf), entry) in enumerate(zip(flat, plan.leaves))]
         return jax.tree_util.tree_unflatten(treedef, out)
 
-    def update(params, state: TransformState) -> TransformState:
+    def update(params, state: TransformState, observed: dict | None = None) -> TransformState:
         flat, _, plan = _checked(rules, params, state, "t.update")
         step = state.step + 1
-        return TransformState(step, _masks_for(plan, flat, state.masks, step), plan)
+        ranges = dict(state.ranges)
+        for path, seen in (observed or {}).items():
+            entry = plan.by_path().get(path)
+            if entry is not None and path in ranges and "lo" in seen:
+                ranges[path] = _activation.update_ranges(entry.act, ranges[path], seen)
+        return dataclasses.replace(state, step=step, masks=masks_for(plan, flat, state.masks, step), ranges=ranges)
 
     def masks(state: TransformState) -> Masks:
         return dict(state.masks)
@@ -233,11 +171,15 @@ def transform(rules: Sequence[Rule] | Rule) -> ParamTransform:
     return ParamTransform(init, apply, update, masks)
 
 
-def _apply_leaf(leaf, entry: LeafPlan, masks: Masks):
-    if entry.path in masks:  # a pruned leaf, or the bias of a Channels-pruned kernel
-        leaf = apply_mask(leaf, masks[entry.path])
+def _apply_leaf(leaf, entry: LeafPlan, state: TransformState, index: int):
+    if entry.path in state.masks:  # a pruned leaf, or the bias of a Channels-pruned kernel
+        leaf = apply_mask(leaf, state.masks[entry.path])
     if entry.quant is not None:
-        leaf = fake_quant_weight(leaf, entry.quant)
+        learned = state.learned.get("weights", {}).get(entry.path)
+        key = None
+        if entry.quant.rounding == "stochastic":
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step), index)
+        leaf = fake_quant_weight(leaf, entry.quant, learned, key)
     return leaf
 
 
@@ -262,8 +204,9 @@ def chain(*transforms: ParamTransform) -> ParamTransform:
             params = t.apply(params, s)
         return params
 
-    def update(params, state):
-        return tuple(t.update(params, s) for t, s in zip(transforms, state, strict=True))
+    def update(params, state, observed=None):
+        extra = () if observed is None else (observed,)
+        return tuple(t.update(params, s, *extra) for t, s in zip(transforms, state, strict=True))
 
     def masks(state) -> Masks:
         merged: Masks = {}
@@ -275,36 +218,24 @@ def chain(*transforms: ParamTransform) -> ParamTransform:
     return ParamTransform(init, apply, update, masks)
 
 
-class LeafView(NamedTuple):
-    """What every transform in a (possibly chained) state does to one leaf."""
-
-    entry: LeafPlan
-    quant: Any  # QuantSpec | None: the first transform's that quantizes the leaf
-    mask: jax.Array | None  # AND of every transform's mask of the leaf
 
 
-def leaf_views(params, state) -> tuple[list, Any, list[LeafView]]:
-    """Flattens ``params`` and merges every :class:`TransformState` found in ``state``.
+def _is_state(x) -> bool:
+    return isinstance(x, TransformState)
 
-    ``state`` may be a transform state, a tuple of them (``chain``) or an optimizer
-    state holding one (``wrap``). Returns ``(flat, treedef, views)`` in leaf order.
-    """
-    nodes = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, TransformState))
-    states = [n for n in nodes if isinstance(n, TransformState)]
-    if not states:
-        raise ValueError(
-            "no jaxqp state found: pass t.init(params)'s result or jaxqp.state_of(opt_state)"
-        )
-    flat, treedef = states[0].plan.check(params)
-    for s in states[1:]:
-        s.plan.check(params)
-    views = []
-    for i, entry in enumerate(states[0].plan.leaves):
-        quant, mask = None, None
-        for s in states:
-            leaf = s.plan.leaves[i]
-            quant = quant if quant is not None else leaf.quant
-            if leaf.path in s.masks:
-                mask = s.masks[leaf.path] if mask is None else mask & s.masks[leaf.path]
-        views.append(LeafView(entry, quant, mask))
-    return flat, treedef, views
+
+def transform_states(tree) -> list[TransformState]:
+    """Every :class:`TransformState` in ``tree`` (a state, a chain's tuple, gradients of one), in order."""
+    return [n for n in jax.tree_util.tree_leaves(tree, is_leaf=_is_state) if _is_state(n)]
+
+
+def learned_of(tree) -> tuple[dict, ...]:
+    """The ``learned`` dicts of every transform state in ``tree``, in order."""
+    return tuple(s.learned for s in transform_states(tree))
+
+
+def with_learned(tree, values: tuple[dict, ...]):
+    """``tree`` with the ``learned`` dicts of its transform states replaced, in order."""
+    values = iter(values)
+    return jax.tree_util.tree_map(
+        lambda n: dataclasses.replace(n, learned=next(values)) if _is_state(n) else n, tree, is_leaf=_is_state)

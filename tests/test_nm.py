@@ -100,5 +100,5 @@ def test_bad_nm_specs(make, error, match):
 
 
 def test_nm_axis_out_of_range_names_the_path():
-    with pytest.raises(ValueError, match=r"'b' has shape \(4,\), so NM\(axis=-2\) is out of range"):
+    with pytest.raises(ValueError, match=r"rules\[0\] \(pattern '.*'\) matches 'b' of shape \(4,\), but NM\(axis=-2\) is out of range"):
         jaxqp.resolve([Rule(".*", prune=PruneSpec(structure=NM(2, 4)))], {"a": jnp.ones((4, 4)), "b": jnp.ones(4)})

@@ -11,9 +11,9 @@ from jaxqp import PruneSpec, QuantSpec, Rule, resolve
 from jaxqp._path import paths_and_leaves
 
 
-@pytest.mark.parametrize("bits", [0, 1, 17, 33, -8])
+@pytest.mark.parametrize("bits", [0, 17, 33, -8])
 def test_bad_bits(bits):
-    with pytest.raises(ValueError, match=rf"QuantSpec\(bits={bits}\): bits must lie in \[2, 16\]"):
+    with pytest.raises(ValueError, match=rf"QuantSpec\(bits={bits}\): bits must lie in \[1, 16\]"):
         QuantSpec(bits=bits)
 
 
@@ -39,7 +39,7 @@ def test_prune_spec_needs_exactly_one():
 
 
 def test_other_bad_specs():
-    with pytest.raises(ValueError, match="ste='clipped' or ste='identity'"):
+    with pytest.raises(ValueError, match="unknown ste; use one of 'clipped', 'identity'"):
         QuantSpec(ste="round")
     with pytest.raises(TypeError, match="axis must be an int"):
         QuantSpec(axis="last")
@@ -109,7 +109,7 @@ def test_rule_matching_nothing_lists_paths():
 
 
 def test_axis_out_of_range_names_path():
-    with pytest.raises(ValueError, match=r"'b' has shape \(\), so QuantSpec\(axis=-1\) is out of range"):
+    with pytest.raises(ValueError, match=r"matches 'b' of shape \(\), but QuantSpec\(axis=-1\) is out of range"):
         resolve([Rule(".*", quant=QuantSpec())], {"a": jnp.ones((2, 2)), "b": jnp.ones(())})
 
 

@@ -1,0 +1,137 @@
+"""Pruning masks of a whole plan: first masks, scheduled refreshes, global groups, biases.
+
+Transforms layer: :func:`masks_for` computes every mask a :class:`Plan` asks for,
+at ``init`` (``prev`` None) or refreshed at ``step`` under ``lax.cond``, so one
+compiled training step serves every step.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxqp._rule import Rule, resolve
+    >>> from jaxqp._spec import PruneSpec
+    >>> params = {"w": jnp.array([0.1, -0.4, 0.3, 0.2])}
+    >>> plan = resolve([Rule("w", prune=PruneSpec(sparsity=0.5))], params)
+    >>> masks_for(plan, [("w", params["w"])], None, 0)["w"]
+    Array([False,  True,  True, False], dtype=bool)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ._mask import channel_mask, global_magnitude_masks, magnitude_mask, nm_mask, threshold_mask
+from ._rule import LeafPlan, Plan
+from ._spec import NM, Channels, PruneSpec
+
+Masks = dict[str, jax.Array]
+
+
+def _is_multi_device(leaf) -> bool:
+    # Concrete arrays spread over several devices; single-device arrays are left as they
+    # are, so that committing them does not change the jit cache key of the first step.
+    return (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+            and len(leaf.sharding.device_set) > 1)
+
+
+def _scheduled_mask(leaf, spec: PruneSpec, sparsity, prev):
+    if isinstance(spec.structure, Channels):
+        return channel_mask(leaf, sparsity, spec.structure.axis, prev)
+    return magnitude_mask(leaf, sparsity, prev)
+
+
+def _first_mask(leaf: jax.Array, spec: PruneSpec) -> jax.Array:
+    if spec.threshold is not None:
+        mask = threshold_mask(leaf, spec.threshold)
+    elif isinstance(spec.structure, NM):
+        mask = nm_mask(leaf, spec.structure.n, spec.structure.m, spec.structure.axis)
+    else:
+        mask = _scheduled_mask(leaf, spec, spec.sparsity(0), None)
+    return _follow_sharding(mask, leaf)
+
+
+def _follow_sharding(mask: jax.Array, leaf) -> jax.Array:
+    if _is_multi_device(leaf):
+        return jax.device_put(mask, leaf.sharding)  # a mask follows its parameter's sharding
+    return mask
+
+
+def _refresh_mask(leaf: jax.Array, spec: PruneSpec, prev: jax.Array, step: jax.Array) -> jax.Array:
+    if spec.threshold is not None:
+        return threshold_mask(leaf, spec.threshold, prev)
+    if isinstance(spec.structure, NM):
+        return prev  # N:M masks are fixed from init on
+    schedule = spec.sparsity
+    if not schedule.refreshes:
+        return prev
+    return jax.lax.cond(
+        schedule.update_at(step),
+        lambda: _scheduled_mask(leaf, spec, schedule(step), prev),
+        lambda: prev,
+    )
+
+
+def _global_groups(plan: Plan) -> dict[PruneSpec, list[LeafPlan]]:
+    """Leaves pruned with scope='global', grouped by (equal) spec, in tree order."""
+    groups: dict[PruneSpec, list[LeafPlan]] = {}
+    for entry in plan.leaves:
+        if entry.prune is not None and entry.prune.scope == "global":
+            groups.setdefault(entry.prune, []).append(entry)
+    return groups
+
+
+def masks_for(plan: Plan, flat: list, prev: Masks | None, step) -> Masks:
+    """Every pruning mask of ``plan``: the first ones (``prev`` None) or refreshed at ``step``."""
+    leaves = {path: leaf for path, leaf in flat}
+    masks: Masks = {}
+    for entry in plan.leaves:
+        if entry.prune is not None and entry.prune.scope == "layer":
+            leaf = leaves[entry.path]
+            if prev is None:
+                leaf = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
+                masks[entry.path] = _first_mask(leaf, entry.prune)
+            else:
+                masks[entry.path] = _refresh_mask(leaf, entry.prune, prev[entry.path], step)
+    for spec, entries in _global_groups(plan).items():
+        xs = [jnp.asarray(leaves[e.path]) for e in entries]
+        schedule = spec.sparsity
+        if prev is None:
+            group = [_follow_sharding(m, leaves[e.path])
+                     for m, e in zip(global_magnitude_masks(xs, schedule(0)), entries)]
+        elif not schedule.refreshes:
+            group = [prev[e.path] for e in entries]
+        else:
+            old = [prev[e.path] for e in entries]
+            group = jax.lax.cond(schedule.update_at(step),
+                                 lambda: global_magnitude_masks(xs, schedule(step), old), lambda: old)
+        masks.update({e.path: m for e, m in zip(entries, group)})
+    return _with_bias_masks(plan, masks)
+
+
+def _bias_path(entry: LeafPlan) -> str | None:
+    structure = entry.prune.structure if entry.prune is not None else None
+    if not (isinstance(structure, Channels) and structure.bias and entry.path.endswith("kernel")):
+        return None
+    return entry.path[: -len("kernel")] + "bias"
+
+
+def _with_bias_masks(plan: Plan, masks: Masks) -> Masks:
+    """Adds, for Channels(bias=True) kernels, the mask of their sibling bias."""
+    entries = plan.by_path()
+    out = dict(masks)
+    for entry in plan.leaves:
+        bias = _bias_path(entry)
+        if bias is None or bias not in entries:
+            continue
+        axis = entry.prune.structure.axis % len(entry.shape)
+        if entries[bias].shape != (entry.shape[axis],):
+            continue
+        if entries[bias].prune is not None:
+            raise ValueError(
+                f"'{bias}' is pruned by its own rule and, as the bias of '{entry.path}', by "
+                "Channels(bias=True). Fix: drop one (e.g. Channels(bias=False))."
+            )
+        others = tuple(a for a in range(len(entry.shape)) if a != axis)
+        out[bias] = jnp.any(masks[entry.path], axis=others)
+    return out
+
+
