@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._quant import Axis, _finite_positive, compute_dtype, dequantize, quantize, reciprocal, reduce_axes
+from ._quant import Axis, _finite_positive, compute_dtype, dequantize, quantize, reciprocal
 
 MSE_RATIOS = np.float32(1.0) - np.float32(0.025) * np.arange(25, dtype=np.float32)
 CALIBRATIONS = ("max", "percentile", "mse")
@@ -137,8 +137,3 @@ def calibrated_scale(x, axes, qmin: int, qmax: int, *, symmetric: bool, method: 
     else:
         lo, hi = observe_range(x, axes, method, symmetric=symmetric, percentile=percentile)
     return scale_from_range(lo, hi, qmin, qmax, symmetric=symmetric)
-
-
-def default_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
-    """The reduced axes without groups (all but the channel ``axis``)."""
-    return reduce_axes(ndim, axis)

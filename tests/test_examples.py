@@ -39,3 +39,22 @@ def test_prune_cnn_quick(capsys):
     assert np.all(np.asarray(params["Conv_0"]["kernel"])[..., ~filters] == 0.0)
     assert np.all(np.asarray(params["Dense_0"]["bias"])[~neurons] == 0.0)
     assert "Conv_0/kernel" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.standard_promotion
+def test_qat_cnn_mnist1d_quick(capsys):
+    accuracy = load("qat_cnn_mnist1d").main(["--quick"])
+    assert accuracy > 0.2  # 10 classes; 60 steps of 4-bit QAT
+    out = capsys.readouterr().out
+    assert "input of Conv_0/kernel" in out and "Dense_1/kernel" in out
+
+
+@pytest.mark.slow
+@pytest.mark.standard_promotion
+def test_nnx_transformer_text_quick(capsys):
+    module = load("nnx_transformer_text")
+    _, _, vocab = module.load_text()
+    test_loss = module.main(["--quick"])
+    assert test_loss < 0.8 * np.log(vocab)  # learned something beyond the uniform guess
+    assert "bits/char" in capsys.readouterr().out

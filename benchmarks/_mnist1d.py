@@ -1,0 +1,96 @@
+"""A 1-D CNN on MNIST-1D, trained with any jaxqp rules: shared by the quality benchmarks.
+
+Every config trains the same model from the same initialisation on the same
+batches; ``time_steps`` then times the configs' compiled steps round-robin so
+that machine drift hits them alike.
+"""
+
+from __future__ import annotations
+
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxqp
+from jaxqp.datasets import load_mnist1d
+
+
+class CNN1D(nn.Module):
+    """Three convolutions (32 filters, width 5, strides 1, 2, 2) and two Dense layers."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = x[..., None]
+        x = nn.relu(nn.Conv(32, (5,), name="conv1")(x))
+        x = nn.relu(nn.Conv(32, (5,), strides=(2,), name="conv2")(x))
+        x = nn.relu(nn.Conv(32, (5,), strides=(2,), name="conv3")(x))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(128, name="fc")(x))
+        return nn.Dense(10, name="head")(x)
+
+
+class Run:
+    """One config: its transform, optimizer, jitted step and training state."""
+
+    def __init__(self, model, rules, params, lr: float, steps: int, learned_lr: float | None = None):
+        self.model = model
+        self.t = jaxqp.transform(rules)
+        schedule = optax.cosine_decay_schedule(lr, steps)
+        learned_tx = None if learned_lr is None else optax.adam(learned_lr)
+        self.tx = jaxqp.wrap(optax.adam(schedule), self.t, learned_tx=learned_tx)
+        self.params, self.opt_state = params, self.tx.init(params)
+        self.step = jax.jit(self._step)
+
+    def forward(self, params, state, x):
+        return jaxqp.linen_apply(self.model, state, {"params": self.t.apply(params, state)}, x)
+
+    def _step(self, params, opt_state, x, y):
+        def loss_fn(p, s):
+            logits, observed = self.forward(p, s, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), observed
+
+        state = jaxqp.state_of(opt_state)
+        (loss, observed), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True, allow_int=True)(
+            params, state)
+        updates, opt_state = self.tx.update(grads, opt_state, params, observed=observed)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    def train(self, batches) -> None:
+        for x, y in batches:
+            self.params, self.opt_state, _ = self.step(self.params, self.opt_state, x, y)
+        jax.block_until_ready(self.params)
+
+    def evaluate(self, x, y) -> dict:
+        logits, _ = jax.jit(self.forward)(self.params, jaxqp.state_of(self.opt_state), x)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return {"accuracy": float(jnp.mean(jnp.argmax(logits, -1) == y)), "nll": float(nll)}
+
+
+def batches(x, y, steps: int, batch: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        idx = rng.integers(0, len(x), batch)
+        yield jnp.asarray(x[idx]), jnp.asarray(y[idx])
+
+
+def time_steps(runs: dict, x, y, steps: int, repeats: int) -> dict[str, float]:
+    """Median seconds per step of each run, timed in round-robin blocks (params keep training)."""
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            params, opt_state = run.params, run.opt_state
+            start = time.perf_counter()
+            for _ in range(steps):
+                params, opt_state, _ = run.step(params, opt_state, x, y)
+            jax.block_until_ready(params)
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def data():
+    (x, y), (x_test, y_test) = load_mnist1d()
+    return (x, y), (jnp.asarray(x_test), jnp.asarray(y_test))
