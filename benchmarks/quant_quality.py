@@ -1,14 +1,18 @@
 """Quantization-aware training quality and step time on MNIST-1D, every config in one run.
 
-Trains the same 1-D CNN (3 convolutions, 2 Dense layers; same init, same batches)
-float and with jaxqp QAT of weights and activations, then evaluates test
-accuracy and NLL with the quantized forward, and times the train steps
-round-robin against float:
+The 1-D CNN (3 convolutions, 2 Dense layers) is first trained in float32
+(``--pretrain`` steps); every config then fine-tunes that same model for ``--steps``
+more steps with jaxqp QAT of weights and activations (float32 fine-tunes too, so
+all rows saw the same number of steps), once per seed (``--seeds``: batch order),
+and reports the mean and spread of test accuracy and NLL measured with the
+quantized forward. ``--protocol scratch`` trains every config from the random
+init instead (``--pretrain + --steps`` steps). Train steps are timed round-robin
+against float:
 
 * ``w8a8``: int8 per-channel weights, int8 dynamic affine inputs of every layer;
-* ``w4a8`` / ``w4a4``: 4-bit weights, 8- or 4-bit inputs;
-* ``w4g32``: 4-bit weights, one scale per group of 32 inputs (weights only);
-* ``w4g32-lsq``: the same with LSQ-learned step sizes.
+* ``w4a8`` / ``w4a4``: 4-bit per-channel weights, 8- or 4-bit inputs;
+* ``w4g32``: 4-bit weights, one absmax scale per group of 32 inputs (weights only);
+* ``w4g32-lsq``: the same with LSQ-learned steps, initialised at the MSE-optimal clip.
 
     python benchmarks/quant_quality.py --json quant_quality.json
     python benchmarks/quant_quality.py --quick       # a few steps, to check it runs
@@ -20,6 +24,7 @@ import argparse
 import platform
 
 import jax
+import numpy as np
 
 import jaxqp
 from jaxqp import ActSpec, QuantSpec, Rule
@@ -38,43 +43,58 @@ def configs() -> dict[str, list[Rule]]:
         "w4a8": wa(QuantSpec(bits=4), ActSpec(bits=8)),
         "w4a4": wa(QuantSpec(bits=4), ActSpec(bits=4)),
         "w4g32": wa(QuantSpec(bits=4, group_size=32)),
-        "w4g32-lsq": wa(QuantSpec(bits=4, group_size=32, learned="lsq")),
+        "w4g32-lsq": wa(QuantSpec(bits=4, group_size=32, learned="lsq", calibration="mse")),
     }
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--pretrain", type=int, default=2000, help="float32 steps before QAT")
+    parser.add_argument("--steps", type=int, default=1000, help="QAT steps per config and seed")
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--protocol", choices=["finetune", "scratch"], default="finetune")
     parser.add_argument("--quick", action="store_true", help="a few steps, to check the script runs")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps = 20
+        args.pretrain, args.steps, args.seeds = 10, 10, 1
     (x, y), (x_test, y_test) = data()
     model = CNN1D()
     params = model.init(jax.random.key(0), x[:1])["params"]
+    if args.protocol == "finetune":
+        base = Run(model, [], params, 3e-3, args.pretrain)
+        base.train(batches(x, y, args.pretrain, args.batch, seed=1000))
+        start, lr, steps = base.params, 1e-3, args.steps
+    else:
+        start, lr, steps = params, 3e-3, args.pretrain + args.steps
 
-    runs = {}
-    for name, rules in configs().items():
-        runs[name] = run = Run(model, rules, params, args.lr, args.steps, learned_lr=1e-3)
-        run.train(batches(x, y, args.steps, args.batch))
-    xb, yb = next(batches(x, y, 1, args.batch, seed=1))
+    metrics: dict[str, list[dict]] = {name: [] for name in configs()}
+    for seed in range(args.seeds):
+        runs = {}
+        for name, rules in configs().items():
+            runs[name] = run = Run(model, rules, start, lr, steps, learned_lr=1e-5)
+            run.train(batches(x, y, steps, args.batch, seed=seed))
+            metrics[name].append(run.evaluate(x_test, y_test))
+    xb, yb = next(batches(x, y, 1, args.batch, seed=999))
     timed = time_steps(runs, xb, yb, steps=5 if args.quick else 50, repeats=2 if args.quick else 15)
 
-    print(f"1-D CNN on MNIST-1D, {args.steps} adam steps of {args.batch}, {jax.default_backend()} "
-          f"({platform.processor() or platform.machine()}); jaxqp {jaxqp.__version__}")
-    print(f"{'config':<11} {'accuracy':>9} {'test NLL':>9} {'NLL vs float':>13} {'step ratio':>11}")
-    rows, base = [], None
-    for name, run in runs.items():
-        metrics = run.evaluate(x_test, y_test)
-        base = base or metrics
+    print(f"1-D CNN on MNIST-1D ({len(x)} train / {len(x_test)} test), {args.protocol}: "
+          + (f"{args.pretrain} float steps, then " if args.protocol == "finetune" else "")
+          + f"{steps} adam steps of {args.batch} per config, mean (std) over {args.seeds} seeds; "
+          f"{jax.default_backend()} ({platform.processor() or platform.machine()}), jaxqp {jaxqp.__version__}")
+    print(f"{'config':<11} {'accuracy %':>15} {'test NLL':>17} {'NLL vs float':>13} {'step ratio':>11}")
+    rows, base_nll = [], None
+    for name, ms in metrics.items():
+        acc = np.array([m["accuracy"] for m in ms]) * 100
+        nll = np.array([m["nll"] for m in ms])
+        base_nll = base_nll or nll.mean()
         ratio = timed[name] / timed["float32"]
-        rows.append({"config": name, **{k: round(v, 4) for k, v in metrics.items()},
-                     "step_ratio": round(ratio, 4), "step_ms": round(timed[name] * 1e3, 3)})
-        print(f"{name:<11} {100 * metrics['accuracy']:8.2f}% {metrics['nll']:9.4f} "
-              f"{metrics['nll'] / base['nll'] - 1:+12.1%} {ratio:10.3f}x")
+        rows.append({"config": name, "accuracy": round(float(acc.mean()), 3), "nll": round(float(nll.mean()), 4),
+                     "accuracy_std": round(float(acc.std()), 3), "nll_std": round(float(nll.std()), 4),
+                     "step_ratio": round(ratio, 4), "step_ms": round(timed[name] * 1e3, 3), "seeds": args.seeds})
+        print(f"{name:<11} {acc.mean():8.2f} ({acc.std():4.2f}) {nll.mean():9.4f} ({nll.std():.4f}) "
+              f"{nll.mean() / base_nll - 1:+12.1%} {ratio:10.3f}x")
     write_json(args.json, rows)
     return rows
 

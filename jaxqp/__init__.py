@@ -26,7 +26,7 @@ from ._serve_linen import linen_serving_apply
 from ._serve_nnx import Int8Linear, nnx_serving_model
 from ._serving import ServingKernel, export_serving, int8_matmul, load_serving, prepare
 from ._schedule import Schedule, constant, one_shot, polynomial
-from ._spec import NM, Channels, PruneSpec, QuantSpec
+from ._spec import NM, Channels, PruneSpec, QuantSpec, RigL
 from ._summary import Summary, summary
 from ._transform import ParamTransform, TransformState, chain, transform
 
@@ -43,6 +43,7 @@ __all__ = [
     "PruneSpec",
     "QArray",
     "QuantSpec",
+    "RigL",
     "QuantizedInput",
     "Rule",
     "Schedule",

@@ -19,11 +19,42 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+import zlib
+from typing import NamedTuple
+
+from ._dynamic import rigl_mask
 from ._mask import channel_mask, global_magnitude_masks, magnitude_mask, nm_mask, threshold_mask
 from ._rule import LeafPlan, Plan
 from ._spec import NM, Channels, PruneSpec
 
 Masks = dict[str, jax.Array]
+
+
+class MaskInputs(NamedTuple):
+    """What gradient and random criteria need at a refresh (all optional)."""
+
+    grads: dict | None = None  # {path: gradient} of this step
+    scores: dict | None = None  # {path: movement score}
+    key: jax.Array | None = None  # uint32[2] key data of the transform state
+
+
+def leaf_key(key_data, path: str, step) -> jax.Array:
+    """A PRNG key for ``path`` at ``step``: ``fold_in(fold_in(key, crc32(path)), step)``."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(key_data), zlib.crc32(path.encode()) & 0x7FFFFFFF)
+    return jax.random.fold_in(key, step)
+
+
+def criterion_scores(leaf, entry: LeafPlan, inputs: MaskInputs, step):
+    """What ``entry``'s criterion ranks (larger ``|score|`` keeps); gradient criteria fall back to ``|w|``."""
+    criterion = entry.prune.criterion
+    if criterion == "random":
+        return jax.random.uniform(leaf_key(inputs.key, entry.path, step), jnp.shape(leaf))
+    if criterion == "saliency" and inputs.grads is not None:
+        return leaf * inputs.grads[entry.path]
+    if criterion == "movement" and inputs.scores is not None:
+        score = inputs.scores[entry.path]
+        return score - jnp.min(score)  # order-preserving shift to >= 0: largest movement keeps
+    return leaf
 
 
 def _is_multi_device(leaf) -> bool:
@@ -39,13 +70,14 @@ def _scheduled_mask(leaf, spec: PruneSpec, sparsity, prev):
     return magnitude_mask(leaf, sparsity, prev)
 
 
-def _first_mask(leaf: jax.Array, spec: PruneSpec) -> jax.Array:
+def _first_mask(leaf: jax.Array, entry: LeafPlan, inputs: MaskInputs) -> jax.Array:
+    spec = entry.prune
     if spec.threshold is not None:
         mask = threshold_mask(leaf, spec.threshold)
     elif isinstance(spec.structure, NM):
         mask = nm_mask(leaf, spec.structure.n, spec.structure.m, spec.structure.axis)
     else:
-        mask = _scheduled_mask(leaf, spec, spec.sparsity(0), None)
+        mask = _scheduled_mask(criterion_scores(leaf, entry, inputs, 0), spec, spec.sparsity(0), None)
     return _follow_sharding(mask, leaf)
 
 
@@ -55,19 +87,28 @@ def _follow_sharding(mask: jax.Array, leaf) -> jax.Array:
     return mask
 
 
-def _refresh_mask(leaf: jax.Array, spec: PruneSpec, prev: jax.Array, step: jax.Array) -> jax.Array:
+def _refresh_mask(leaf: jax.Array, entry: LeafPlan, prev: jax.Array, step, inputs: MaskInputs) -> jax.Array:
+    spec = entry.prune
     if spec.threshold is not None:
         return threshold_mask(leaf, spec.threshold, prev)
     if isinstance(spec.structure, NM):
         return prev  # N:M masks are fixed from init on
     schedule = spec.sparsity
-    if not schedule.refreshes:
-        return prev
-    return jax.lax.cond(
-        schedule.update_at(step),
-        lambda: _scheduled_mask(leaf, spec, schedule(step), prev),
-        lambda: prev,
-    )
+    mask = prev
+    if schedule.refreshes:
+        mask = jax.lax.cond(
+            schedule.update_at(step),
+            lambda: _scheduled_mask(criterion_scores(leaf, entry, inputs, step), spec, schedule(step), prev),
+            lambda: prev,
+        )
+    if spec.regrow is not None:
+        grad = None if inputs.grads is None else inputs.grads[entry.path]
+        if grad is None and spec.regrow.grow == "gradient":
+            raise ValueError(f"'{entry.path}': RigL grows by gradient; t.update needs grads= "
+                             "(jaxqp.wrap passes them)")
+        key = None if inputs.key is None else leaf_key(inputs.key, entry.path, step)
+        mask = rigl_mask(leaf, mask, grad, spec.regrow, step, key)
+    return mask
 
 
 def _global_groups(plan: Plan) -> dict[PruneSpec, list[LeafPlan]]:
@@ -79,7 +120,7 @@ def _global_groups(plan: Plan) -> dict[PruneSpec, list[LeafPlan]]:
     return groups
 
 
-def masks_for(plan: Plan, flat: list, prev: Masks | None, step) -> Masks:
+def masks_for(plan: Plan, flat: list, prev: Masks | None, step, inputs: MaskInputs = MaskInputs()) -> Masks:
     """Every pruning mask of ``plan``: the first ones (``prev`` None) or refreshed at ``step``."""
     leaves = {path: leaf for path, leaf in flat}
     masks: Masks = {}
@@ -88,9 +129,9 @@ def masks_for(plan: Plan, flat: list, prev: Masks | None, step) -> Masks:
             leaf = leaves[entry.path]
             if prev is None:
                 leaf = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
-                masks[entry.path] = _first_mask(leaf, entry.prune)
+                masks[entry.path] = _first_mask(leaf, entry, inputs)
             else:
-                masks[entry.path] = _refresh_mask(leaf, entry.prune, prev[entry.path], step)
+                masks[entry.path] = _refresh_mask(leaf, entry, prev[entry.path], step, inputs)
     for spec, entries in _global_groups(plan).items():
         xs = [jnp.asarray(leaves[e.path]) for e in entries]
         schedule = spec.sparsity

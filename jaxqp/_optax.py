@@ -40,8 +40,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ._dynamic import reset_moments
 from ._path import paths_and_leaves
-from ._transform import ParamTransform, learned_of, transform_states, with_learned
+from ._transform import ParamTransform, learned_of, needs_grads, transform_states, with_learned
 
 
 class WrapState(NamedTuple):
@@ -54,6 +55,28 @@ class WrapState(NamedTuple):
 
 def _has_learned(state) -> bool:
     return any(bool(d) for d in learned_of(state))
+
+
+def _regrown_paths(state) -> set[str]:
+    return {e.path for s in transform_states(state) for e in s.plan.leaves
+            if e.prune is not None and e.prune.regrow is not None}
+
+
+def _srste_decay(grads, params, state):
+    """SR-STE: adds ``decay * w`` to the gradients of pruned entries of straight-through leaves."""
+    decays = {e.path: (e.prune.decay, s.masks[e.path]) for s in transform_states(state) for e in s.plan.leaves
+              if e.prune is not None and e.prune.decay > 0}
+    if not decays:
+        return grads
+    flat_g, treedef = paths_and_leaves(grads)
+    flat_p, _ = paths_and_leaves(params)
+    out = []
+    for (path, g), (_, p) in zip(flat_g, flat_p, strict=True):
+        if path in decays:
+            decay, mask = decays[path]
+            g = g + jnp.where(mask, jnp.zeros_like(g), decay * jnp.asarray(p, g.dtype))
+        out.append(g)
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _split_grads(updates):
@@ -110,9 +133,18 @@ def wrap(tx: optax.GradientTransformation, t: ParamTransform,
                 "differentiate w.r.t. (params, state), e.g. grads = jax.grad(loss_fn, argnums=(0, 1), "
                 "allow_int=True)(params, state), and pass that pair to tx.update(grads, opt_state, params)"
             )
-        updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
+        grads = updates
+        updates, inner_state = inner.update(_srste_decay(grads, params, state.transform), state.inner, params,
+                                            **extra_args)
         extra = () if observed is None else (observed,)
-        new_state = t.update(params, state.transform, *extra)
+        kw = {"grads": grads} if needs_grads(state.transform) else {}
+        new_state = t.update(params, state.transform, *extra, **kw)
+        regrown = _regrown_paths(state.transform)
+        if regrown:  # RigL/SET: grown weights start at 0 with zero moments, and get no update now
+            old, new = t.masks(state.transform), t.masks(new_state)
+            grown = {path: new[path] & ~old[path] for path in regrown}
+            inner_state = reset_moments(inner_state, params, grown)
+            updates = _mask_updates(updates, params, {path: ~g for path, g in grown.items()})
         learned_state = state.learned
         if learns:
             values = learned_of(state.transform)

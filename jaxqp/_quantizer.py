@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -56,7 +57,14 @@ def _group(spec: QuantSpec, ndim: int) -> tuple[int, int] | None:
 
 
 def init_step(w: jax.Array, spec: QuantSpec) -> jax.Array:
-    """LSQ's initial step ``2 mean|w| / sqrt(qmax)`` per channel or group (Esser et al. 2020)."""
+    """LSQ's initial step per channel or group.
+
+    ``calibration="max"`` (default): Esser et al.'s ``2 mean|w| / sqrt(qmax)``;
+    ``"mse"`` or ``"percentile"``: the scale that calibration gives (e.g. to start a
+    fine-tuning from the MSE-optimal clip).
+    """
+    if spec.calibration != "max":
+        return weight_quantizer(w, dataclasses.replace(spec, learned=None)).scale
     w = jnp.asarray(w, _quant.compute_dtype(w.dtype))
     _, qmax = int_bounds(spec.bits, signed=spec.signed)
     group = _group(spec, w.ndim)

@@ -85,7 +85,8 @@ class QuantSpec:
       rounding: "nearest" (half to even) or "stochastic" (needs
         ``jaxqp.transform(rules, seed=...)``; export still rounds to nearest).
       learned: None or "lsq": the step size is a trainable leaf of the state,
-        initialised to ``2 mean|w| / sqrt(qmax)`` (Esser et al. 2020).
+        initialised to ``2 mean|w| / sqrt(qmax)`` (Esser et al. 2020), or with
+        ``calibration="mse"``/``"percentile"`` to that calibration's scale.
     """
 
     bits: int = 8
@@ -145,9 +146,9 @@ class QuantSpec:
                                      f"leave {field}={default!r} or use an integer format with bits >= 2")
         if self.scale_pow2 and (not self.symmetric or fmt in ("ternary", "pow2") or bits == 1):
             raise ValueError("QuantSpec(scale_pow2=True) needs a symmetric integer or fp8 format with bits >= 2")
-        if self.learned == "lsq" and (not self.symmetric or self.calibration != "max" or self.scale_pow2):
-            raise ValueError("QuantSpec(learned='lsq') learns a symmetric step size from its own initial value: "
-                             "give symmetric=True, calibration='max' and scale_pow2=False")
+        if self.learned == "lsq" and (not self.symmetric or self.scale_pow2):
+            raise ValueError("QuantSpec(learned='lsq') learns a symmetric step size: "
+                             "give symmetric=True and scale_pow2=False")
 
     def __repr__(self):
         fields = [f"bits={self.bits}"]
@@ -221,6 +222,35 @@ class Channels:
 
 
 @dataclasses.dataclass(frozen=True)
+class RigL:
+    """Dynamic sparse training: every ``every`` steps until ``end``, drop and regrow weights.
+
+    At such a step a fraction ``f = drop_fraction * (1 + cos(pi * step / end)) / 2`` of the
+    active weights with the smallest ``|w|`` is dropped and as many inactive weights are
+    grown, by largest ``|gradient|`` (``grow="gradient"``: RigL, Evci et al. 2020) or at
+    random (``grow="random"``: SET, Mocanu et al. 2018), so the sparsity never changes.
+    Grown weights start at 0 and :func:`jaxqp.wrap` zeroes their optimizer moments.
+
+    >>> RigL(every=100, end=1000)
+    RigL(every=100, drop_fraction=0.3, end=1000, grow='gradient')
+    """
+
+    every: int = 100
+    drop_fraction: float = 0.3
+    end: int = 10_000
+    grow: str = "gradient"
+
+    def __post_init__(self):
+        object.__setattr__(self, "every", _check_int(self.every, "RigL(every)", 1))
+        object.__setattr__(self, "end", _check_int(self.end, "RigL(end)", 1))
+        f = self.drop_fraction
+        if isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0 < f < 1:
+            raise ValueError(f"RigL(drop_fraction={f!r}): must lie in (0, 1), e.g. 0.3")
+        object.__setattr__(self, "drop_fraction", float(f))
+        _choice(self.grow, ("gradient", "random"), "grow", "RigL")
+
+
+@dataclasses.dataclass(frozen=True)
 class PruneSpec:
     """Mask-based pruning of a parameter. Give exactly one of:
 
@@ -233,6 +263,15 @@ class PruneSpec:
       structure: :class:`NM` structured sparsity, applied from ``init`` on (its
         sparsity is ``1 - n / m``; give no ``sparsity``), or :class:`Channels`
         (whole channels; ``sparsity`` is the fraction of channels pruned).
+      criterion: what ranks weights for ``sparsity``: "magnitude" (default) ``|w|``,
+        "random" (needs ``jaxqp.transform(rules, seed=...)``), "saliency" ``|w * g|``
+        or "movement" (scores ``-sum_t w * g`` accumulated every step, Sanh et al.
+        2020); gradient criteria use magnitude for the first mask at ``init``.
+      regrow: a :class:`RigL` for dynamic sparse training (RigL or SET).
+      straight_through: the forward uses the masked weight, but the dense weight
+        keeps training (its gradient passes the mask, updates are not masked);
+        with ``decay > 0``, SR-STE's ``decay * w`` is added to pruned weights'
+        gradients (Zhou et al. 2021).
       scope: "layer" (default): each parameter meets ``sparsity`` on its own.
         "global": every parameter matched with an equal global spec shares one
         magnitude threshold, so ``sparsity`` holds over them together (found by
@@ -243,8 +282,13 @@ class PruneSpec:
     threshold: float | None = None
     structure: NM | Channels | None = None
     scope: str = "layer"
+    criterion: str = "magnitude"
+    regrow: RigL | None = None
+    straight_through: bool = False
+    decay: float = 0.0
 
     def __post_init__(self):
+        self._check_dynamic()
         if self.scope not in ("layer", "global"):
             raise ValueError(f"PruneSpec(scope={self.scope!r}): use scope='layer' or scope='global'")
         if self.scope == "global" and (self.sparsity is None or self.structure is not None):
@@ -272,3 +316,31 @@ class PruneSpec:
             if isinstance(t, bool) or not isinstance(t, numbers.Real) or not t >= 0:
                 raise ValueError(f"PruneSpec(threshold={t!r}): threshold must be a float >= 0")
             object.__setattr__(self, "threshold", float(t))
+
+    def _check_dynamic(self):
+        _choice(self.criterion, ("magnitude", "random", "saliency", "movement"), "criterion", "PruneSpec")
+        if self.regrow is not None and not isinstance(self.regrow, RigL):
+            raise TypeError(f"PruneSpec(regrow={self.regrow!r}): use jaxqp.RigL(...)")
+        unstructured = self.sparsity is not None and self.structure is None and self.scope == "layer"
+        for field, active in (("criterion", self.criterion != "magnitude"), ("regrow", self.regrow is not None)):
+            if active and not unstructured:
+                raise ValueError(f"PruneSpec({field}={getattr(self, field)!r}) is for unstructured layer-wise "
+                                 "pruning: give sparsity= and no structure=/threshold=/scope='global'")
+        if not isinstance(self.straight_through, bool):
+            raise TypeError(f"PruneSpec(straight_through={self.straight_through!r}): use True or False")
+        d = self.decay
+        if isinstance(d, bool) or not isinstance(d, numbers.Real) or d < 0:
+            raise ValueError(f"PruneSpec(decay={d!r}): decay must be a float >= 0 (SR-STE uses 2e-4 or so)")
+        if d > 0 and not self.straight_through:
+            raise ValueError("PruneSpec(decay=...) is SR-STE's decay of pruned dense weights: "
+                             "it needs straight_through=True")
+        object.__setattr__(self, "decay", float(d))
+
+    @property
+    def needs_grads(self) -> bool:
+        return self.criterion in ("saliency", "movement") or (
+            self.regrow is not None and self.regrow.grow == "gradient")
+
+    @property
+    def needs_key(self) -> bool:
+        return self.criterion == "random" or (self.regrow is not None and self.regrow.grow == "random")

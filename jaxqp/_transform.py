@@ -32,7 +32,8 @@ import jax.numpy as jnp
 
 from . import _activation
 from ._mask import apply_mask
-from ._masking import masks_for
+from ._formats import straight_through
+from ._masking import MaskInputs, masks_for
 from ._quantizer import fake_quant_weight, init_step
 from ._rule import LeafPlan, Plan, Rule, _as_rules, resolve
 
@@ -54,7 +55,8 @@ class TransformState:
         reach them through ``jax.grad(..., argnums=(0, 1), allow_int=True)`` and
         :func:`jaxqp.wrap` (see docs/design.md).
       ranges: ``{kernel_path: {"lo", "hi", "count"}}`` of static input ranges.
-      key: uint32[2] PRNG key for stochastic rounding (None without a seed).
+      scores: ``{path: float array}`` movement-pruning scores ``-sum_t w * g``.
+      key: uint32[2] PRNG key for stochastic rounding and random criteria (None without a seed).
       calibrating: static flag set by :func:`jaxqp.calibrate`: inputs pass through
         unquantized and their statistics are recorded.
     """
@@ -66,9 +68,10 @@ class TransformState:
     ranges: dict = dataclasses.field(default_factory=dict)
     key: jax.Array | None = None
     calibrating: bool = False
+    scores: dict = dataclasses.field(default_factory=dict)
 
 
-jax.tree_util.register_dataclass(TransformState, data_fields=["step", "masks", "learned", "ranges", "key"],
+jax.tree_util.register_dataclass(TransformState, data_fields=["step", "masks", "learned", "ranges", "key", "scores"],
                                  meta_fields=["plan", "calibrating"])
 
 
@@ -110,7 +113,21 @@ def _checked(rules: tuple[Rule, ...], params, state, what: str) -> tuple[list, A
 
 
 def _needs_key(plan: Plan) -> bool:
-    return any(e.quant is not None and e.quant.rounding == "stochastic" for e in plan.leaves)
+    return any((e.quant is not None and e.quant.rounding == "stochastic") or (e.prune is not None and e.prune.needs_key)
+               for e in plan.leaves)
+
+
+def needs_grads(state) -> bool:
+    """True if some transform state in ``state`` prunes by gradients (saliency, movement, RigL)."""
+    return any(e.prune is not None and e.prune.needs_grads for s in transform_states(state) for e in s.plan.leaves)
+
+
+def _movement_scores(plan: Plan, flat, scores: dict, grads: dict | None) -> dict:
+    if grads is None:
+        return scores
+    leaves = dict(flat)
+    return {path: score - jnp.asarray(leaves[path], score.dtype) * jnp.asarray(grads[path], score.dtype)
+            for path, score in scores.items()}
 
 
 def _initial_learned(plan: Plan, flat, masks: Masks) -> dict:
@@ -141,39 +158,51 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> Param
         plan = resolve(rules, params)
         flat, _ = plan.check(params)
         if _needs_key(plan) and seed is None:
-            raise ValueError("a rule asks for QuantSpec(rounding='stochastic'): give the transform a seed, "
+            raise ValueError("a rule asks for randomness (QuantSpec(rounding='stochastic'), PruneSpec("
+                             "criterion='random') or RigL(grow='random')): give the transform a seed, "
                              "e.g. jaxqp.transform(rules, seed=0)")
-        masks = masks_for(plan, flat, None, 0)
+        key = None if seed is None else jax.random.key_data(jax.random.key(seed))
+        masks = masks_for(plan, flat, None, 0, MaskInputs(key=key))
         ranges = {e.path: _activation.init_ranges(e.act) for e in plan.leaves
                   if e.act is not None and e.act.range == "static"}
-        key = None if seed is None else jax.random.key_data(jax.random.key(seed))
+        scores = {e.path: jnp.zeros(e.shape, jnp.float32) for e in plan.leaves
+                  if e.prune is not None and e.prune.criterion == "movement"}
         return TransformState(jnp.zeros((), jnp.int32), masks, plan, _initial_learned(plan, flat, masks),
-                              ranges, key)
+                              ranges, key, scores=scores)
 
     def apply(params, state: TransformState):
         flat, treedef, plan = _checked(rules, params, state, "t.apply")
         out = [_apply_leaf(leaf, entry, state, i) for i, ((_, leaf), entry) in enumerate(zip(flat, plan.leaves))]
         return jax.tree_util.tree_unflatten(treedef, out)
 
-    def update(params, state: TransformState, observed: dict | None = None) -> TransformState:
+    def update(params, state: TransformState, observed: dict | None = None, grads=None) -> TransformState:
+        """``grads`` (a tree like ``params``) feeds saliency, movement and RigL criteria."""
         flat, _, plan = _checked(rules, params, state, "t.update")
         step = state.step + 1
+        grads = None if grads is None else dict(plan.check(grads, "grads")[0])
+        scores = _movement_scores(plan, flat, state.scores, grads)
+        inputs = MaskInputs(grads, scores, state.key)
         ranges = dict(state.ranges)
         for path, seen in (observed or {}).items():
             entry = plan.by_path().get(path)
             if entry is not None and path in ranges and "lo" in seen:
                 ranges[path] = _activation.update_ranges(entry.act, ranges[path], seen)
-        return dataclasses.replace(state, step=step, masks=masks_for(plan, flat, state.masks, step), ranges=ranges)
+        return dataclasses.replace(state, step=step, masks=masks_for(plan, flat, state.masks, step, inputs),
+                                   ranges=ranges, scores=scores)
 
     def masks(state: TransformState) -> Masks:
-        return dict(state.masks)
+        """The masks :func:`jaxqp.wrap` enforces on params (straight-through leaves train dense)."""
+        soft = {e.path for e in state.plan.leaves if e.prune is not None and e.prune.straight_through}
+        return {path: m for path, m in state.masks.items() if path not in soft}
 
     return ParamTransform(init, apply, update, masks)
 
 
 def _apply_leaf(leaf, entry: LeafPlan, state: TransformState, index: int):
     if entry.path in state.masks:  # a pruned leaf, or the bias of a Channels-pruned kernel
-        leaf = apply_mask(leaf, state.masks[entry.path])
+        masked = apply_mask(leaf, state.masks[entry.path])
+        dense_grad = entry.prune is not None and (entry.prune.straight_through or entry.prune.regrow is not None)
+        leaf = straight_through(leaf, masked) if dense_grad else masked
     if entry.quant is not None:
         learned = state.learned.get("weights", {}).get(entry.path)
         key = None
@@ -204,9 +233,10 @@ def chain(*transforms: ParamTransform) -> ParamTransform:
             params = t.apply(params, s)
         return params
 
-    def update(params, state, observed=None):
+    def update(params, state, observed=None, grads=None):
         extra = () if observed is None else (observed,)
-        return tuple(t.update(params, s, *extra) for t, s in zip(transforms, state, strict=True))
+        kw = {} if grads is None else {"grads": grads}
+        return tuple(t.update(params, s, *extra, **kw) for t, s in zip(transforms, state, strict=True))
 
     def masks(state) -> Masks:
         merged: Masks = {}
