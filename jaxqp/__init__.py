@@ -16,7 +16,7 @@ from ._inputs import calibrate, quantize_input
 from ._learned import lsq, lsq_grad_scale, pact
 from ._io import load, save
 from ._lottery import rewind
-from ._mask import apply_mask, channel_mask, global_magnitude_masks, magnitude_mask, nm_mask, threshold_mask
+from ._mask import apply_mask, block_mask, channel_mask, global_magnitude_masks, magnitude_mask, nm_mask, threshold_mask
 from ._optax import WrapState, state_of, wrap
 from ._qarray import QArray, SparseArray, dequantize
 from ._quant import affine_scale, fake_quant, int_range, symmetric_scale
@@ -25,15 +25,16 @@ from ._rule import LeafPlan, Plan, Rule, resolve
 from ._serve_linen import linen_serving_apply
 from ._serve_nnx import Int8Linear, nnx_serving_model
 from ._serving import ServingKernel, export_serving, int8_matmul, load_serving, prepare
-from ._schedule import Schedule, constant, one_shot, polynomial
-from ._spec import NM, Channels, PruneSpec, QuantSpec, RigL
+from ._schedule import Schedule, constant, iterative, one_shot, polynomial
+from ._spec import NM, Blocks, Channels, PruneSpec, QuantSpec, RigL
 from ._summary import Summary, summary
-from ._transform import ParamTransform, TransformState, chain, transform
+from ._transform import ParamTransform, TransformState, chain, freeze_masks, transform
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActSpec",
+    "Blocks",
     "Channels",
     "Int8Linear",
     "LeafPlan",
@@ -55,6 +56,7 @@ __all__ = [
     "affine_scale",
     "apply_mask",
     "binary",
+    "block_mask",
     "calibrate",
     "chain",
     "channel_mask",
@@ -66,6 +68,7 @@ __all__ = [
     "fake_quant",
     "fake_quant_weight",
     "fp8_round",
+    "freeze_masks",
     "global_magnitude_masks",
     "group_view",
     "init_step",
@@ -85,6 +88,7 @@ __all__ = [
     "nnx_serving_model",
     "observe_range",
     "one_shot",
+    "iterative",
     "pact",
     "polynomial",
     "pow2_ceil",

@@ -25,16 +25,18 @@ import dataclasses
 from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from . import _activation
 from ._act_spec import ActSpec
+from ._masking import MaskInputs, masks_for
 from ._transform import TransformState, transform_states
 
 
 class InputEntry(NamedTuple):
-    """The spec and state of one quantized input."""
+    """The spec and state of one quantized (or, for Wanda, observed) input."""
 
-    spec: ActSpec
+    spec: ActSpec | None  # None: a Wanda-pruned kernel whose input is only observed
     ranges: dict | None
     learned: dict | None
     calibrating: bool
@@ -45,10 +47,16 @@ def input_entries(state) -> dict[str, InputEntry]:
     out: dict[str, InputEntry] = {}
     for s in transform_states(state):
         for entry in s.plan.leaves:
-            if entry.act is not None and entry.path not in out:
+            wanda = entry.prune is not None and entry.prune.criterion == "wanda"
+            if (entry.act is not None or wanda) and entry.path not in out:
                 learned = s.learned.get("inputs", {}).get(entry.path)
                 out[entry.path] = InputEntry(entry.act, s.ranges.get(entry.path), learned, s.calibrating)
     return out
+
+
+def _feature_sumsq(x: jax.Array) -> jax.Array:
+    x = jnp.asarray(x, jnp.float32)
+    return jnp.sum(jnp.square(x), axis=tuple(range(x.ndim - 1)))
 
 
 def _entry(state, path: str) -> InputEntry:
@@ -66,7 +74,12 @@ def quantize_input(x: jax.Array, state, path: str) -> tuple[jax.Array, dict]:
     of a step to ``tx.update(..., observed=...)``) and ``{}`` otherwise.
     """
     e = _entry(state, path)
+    if e.spec is None:  # Wanda only: observed while calibrating, never quantized
+        return x, ({path: {"sumsq": _feature_sumsq(x)}} if e.calibrating else {})
     y, seen = _activation.fake_quant_input(x, e.spec, e.ranges, e.learned, e.calibrating)
+    if e.calibrating and any(p.prune is not None and p.prune.criterion == "wanda" and p.path == path
+                             for s in transform_states(state) for p in s.plan.leaves):
+        seen = {**seen, "sumsq": _feature_sumsq(x)}
     return y, ({path: seen} if seen else {})
 
 
@@ -76,7 +89,7 @@ def _set_calibrating(state, flag: bool):
         state, is_leaf=lambda n: isinstance(n, TransformState))
 
 
-def calibrate(state, forward: Callable[[Any, Any], tuple[Any, dict]], batches: Iterable) -> Any:
+def calibrate(state, forward: Callable[[Any, Any], tuple[Any, dict]], batches: Iterable, params=None) -> Any:
     """Post-training calibration of every quantized input (PTQ).
 
     ``forward(state, batch) -> (output, observed)`` is the same quantized forward
@@ -87,6 +100,10 @@ def calibrate(state, forward: Callable[[Any, Any], tuple[Any, dict]], batches: I
     them (alpha = the range's top; LSQ step = ``2 mean|x| / sqrt(qmax)``; LSQ+ step and
     offset map the range onto ``[qmin, qmax]``). Weights need no calibration:
     their scales are computed from the weights by their specs.
+
+    Kernels pruned with ``criterion="wanda"`` get the L2 norm of each input feature
+    over all batches as their scores; given ``params``, their masks are recomputed
+    from ``|w| * ||x||`` (one-shot Wanda pruning at the schedule's step-0 sparsity).
     """
     calibrating = _set_calibrating(state, True)
     run = jax.jit(forward)
@@ -103,8 +120,10 @@ def calibrate(state, forward: Callable[[Any, Any], tuple[Any, dict]], batches: I
                          "jaxqp.linen_apply / jaxqp.nnx_apply / jaxqp.quantize_input and pass batches.")
 
     def calibrated(s: TransformState) -> TransformState:
-        ranges, inputs = dict(s.ranges), dict(s.learned.get("inputs", {}))
+        ranges, inputs, scores = dict(s.ranges), dict(s.learned.get("inputs", {})), dict(s.scores)
         for entry in s.plan.leaves:
+            if entry.prune is not None and entry.prune.criterion == "wanda":
+                scores[entry.path] = jnp.sqrt(sum(b["sumsq"] for b in seen[entry.path]))
             if entry.act is None:
                 continue
             r, learned = _activation.from_calibration(entry.act, seen[entry.path])
@@ -113,7 +132,14 @@ def calibrate(state, forward: Callable[[Any, Any], tuple[Any, dict]], batches: I
             if learned is not None:
                 inputs[entry.path] = learned
         learned_all = {**s.learned, "inputs": inputs} if inputs else s.learned
-        return dataclasses.replace(s, ranges=ranges, learned=learned_all, calibrating=False)
+        masks = s.masks
+        if params is not None and any(e.prune is not None and e.prune.criterion == "wanda" for e in s.plan.leaves):
+            flat, _ = s.plan.check(params)
+            fresh = masks_for(s.plan, flat, None, 0, MaskInputs(scores=scores, key=s.key))
+            wanda = {e.path for e in s.plan.leaves if e.prune is not None and e.prune.criterion == "wanda"}
+            masks = {path: fresh[path] if path in wanda else m for path, m in s.masks.items()}
+        return dataclasses.replace(s, ranges=ranges, learned=learned_all, scores=scores, masks=masks,
+                                   calibrating=False)
 
     return jax.tree_util.tree_map(lambda n: calibrated(n) if isinstance(n, TransformState) else n,
                                   state, is_leaf=lambda n: isinstance(n, TransformState))

@@ -10,7 +10,7 @@ A mask is a boolean array of the weight's shape: True keeps, False prunes.
   arrays of up to 2**24 entries.
 * :func:`global_magnitude_masks` does the same across several arrays with one
   threshold (ties: earlier array first), without concatenating them.
-* :func:`nm_mask` and :func:`channel_mask` are the structured variants.
+* :func:`nm_mask`, :func:`channel_mask` and :func:`block_mask` are the structured variants.
 * :func:`threshold_mask` prunes every entry with ``|x| < threshold``.
 
 Example:
@@ -135,6 +135,37 @@ def channel_mask(x: jax.Array, sparsity, axis: int = -1, prev_mask: jax.Array | 
     prev = None if prev_mask is None else jnp.any(prev_mask, axis=others)
     keep = magnitude_mask(norms, sparsity, prev)
     return jnp.broadcast_to(jnp.expand_dims(keep, others), x.shape)
+
+
+def block_mask(x: jax.Array, sparsity, block: tuple[int, int], axes: tuple[int, int] = (-2, -1),
+               prev_mask: jax.Array | None = None) -> jax.Array:
+    """Prunes the ``round(sparsity * blocks)`` blocks with the smallest L2 norm.
+
+    Blocks are ``block[0] x block[1]`` tiles of the two ``axes``, spanning every other
+    axis (a conv kernel's taps share the block); edges that are not a multiple of the
+    block form smaller blocks (never an error). Blocks pruned by ``prev_mask`` go
+    first; ties: lower block index (row-major) first.
+
+    >>> import jax.numpy as jnp
+    >>> block_mask(jnp.array([[1.0, 1.0, 0.1], [1.0, 1.0, 0.1]]), 0.5, (2, 2), axes=(0, 1))
+    Array([[ True,  True, False],
+           [ True,  True, False]], dtype=bool)
+    """
+    a0, a1 = (a % x.ndim for a in axes)
+    moved = jnp.moveaxis(jnp.asarray(x, jnp.float32), (a0, a1), (-2, -1))
+    rows, cols = moved.shape[-2:]
+    (br, bc), (nr, nc) = block, (-(-moved.shape[-2] // block[0]), -(-moved.shape[-1] // block[1]))
+    widths = [(0, 0)] * (moved.ndim - 2) + [(0, nr * br - rows), (0, nc * bc - cols)]
+    tiles = jnp.pad(jnp.square(moved), widths).reshape(*moved.shape[:-2], nr, br, nc, bc)
+    lead = tuple(range(moved.ndim - 2))
+    norms = jnp.sqrt(jnp.sum(tiles, axis=lead + (moved.ndim - 1, moved.ndim + 1)))  # (nr, nc)
+    prev = None
+    if prev_mask is not None:
+        kept = jnp.pad(jnp.moveaxis(prev_mask, (a0, a1), (-2, -1)), widths)
+        prev = jnp.any(kept.reshape(*moved.shape[:-2], nr, br, nc, bc), axis=lead + (moved.ndim - 1, moved.ndim + 1))
+    keep = magnitude_mask(norms, sparsity, prev)
+    full = jnp.repeat(jnp.repeat(keep, br, axis=0), bc, axis=1)[:rows, :cols]
+    return jnp.moveaxis(jnp.broadcast_to(full, moved.shape), (-2, -1), (a0, a1))
 
 
 def threshold_mask(x: jax.Array, threshold, prev_mask: jax.Array | None = None) -> jax.Array:

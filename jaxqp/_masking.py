@@ -19,13 +19,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+import math
 import zlib
 from typing import NamedTuple
 
 from ._dynamic import rigl_mask
-from ._mask import channel_mask, global_magnitude_masks, magnitude_mask, nm_mask, threshold_mask
+from ._mask import block_mask, channel_mask, global_magnitude_masks, magnitude_mask, nm_mask, threshold_mask
 from ._rule import LeafPlan, Plan
-from ._spec import NM, Channels, PruneSpec
+from ._schedule import final_sparsity
+from ._spec import NM, Blocks, Channels, PruneSpec
 
 Masks = dict[str, jax.Array]
 
@@ -51,6 +53,8 @@ def criterion_scores(leaf, entry: LeafPlan, inputs: MaskInputs, step):
         return jax.random.uniform(leaf_key(inputs.key, entry.path, step), jnp.shape(leaf))
     if criterion == "saliency" and inputs.grads is not None:
         return leaf * inputs.grads[entry.path]
+    if criterion == "wanda" and inputs.scores is not None:
+        return leaf * jnp.expand_dims(inputs.scores[entry.path], -1)  # |w_ij| * ||x_i||
     if criterion == "movement" and inputs.scores is not None:
         score = inputs.scores[entry.path]
         return score - jnp.min(score)  # order-preserving shift to >= 0: largest movement keeps
@@ -67,6 +71,9 @@ def _is_multi_device(leaf) -> bool:
 def _scheduled_mask(leaf, spec: PruneSpec, sparsity, prev):
     if isinstance(spec.structure, Channels):
         return channel_mask(leaf, sparsity, spec.structure.axis, prev)
+    if isinstance(spec.structure, Blocks):
+        b = spec.structure
+        return block_mask(leaf, sparsity, (b.rows, b.cols), b.axes, prev)
     return magnitude_mask(leaf, sparsity, prev)
 
 
@@ -111,13 +118,34 @@ def _refresh_mask(leaf: jax.Array, entry: LeafPlan, prev: jax.Array, step, input
     return mask
 
 
-def _global_groups(plan: Plan) -> dict[PruneSpec, list[LeafPlan]]:
-    """Leaves pruned with scope='global', grouped by (equal) spec, in tree order."""
+def _groups(plan: Plan, scope: str) -> dict[PruneSpec, list[LeafPlan]]:
+    """Leaves pruned with ``scope`` ("global", "erk"), grouped by (equal) spec, in tree order."""
     groups: dict[PruneSpec, list[LeafPlan]] = {}
     for entry in plan.leaves:
-        if entry.prune is not None and entry.prune.scope == "global":
+        if entry.prune is not None and entry.prune.scope == scope:
             groups.setdefault(entry.prune, []).append(entry)
     return groups
+
+
+def erk_sparsities(shapes: list[tuple[int, ...]], sparsity: float) -> list[float]:
+    """Per-layer sparsities of the Erdos-Renyi-Kernel distribution for an overall ``sparsity``.
+
+    Densities ``eps * sum(shape) / prod(shape)``, capped at 1: layers that would exceed
+    it are made dense and ``eps`` is solved again over the rest, until none does.
+
+    >>> [round(s, 3) for s in erk_sparsities([(3, 3, 1, 16), (3, 3, 16, 32), (512, 10)], 0.9)]
+    [0.737, 0.981, 0.832]
+    """
+    sizes = [math.prod(s) for s in shapes]
+    raw = [sum(s) / n for s, n in zip(shapes, sizes)]
+    dense: set[int] = set()
+    while True:
+        budget = (1 - sparsity) * sum(sizes) - sum(sizes[i] for i in dense)
+        eps = budget / sum(raw[i] * sizes[i] for i in range(len(shapes)) if i not in dense)
+        over = {i for i in range(len(shapes)) if i not in dense and eps * raw[i] > 1}
+        if not over:
+            return [0.0 if i in dense else 1 - eps * raw[i] for i in range(len(shapes))]
+        dense |= over
 
 
 def masks_for(plan: Plan, flat: list, prev: Masks | None, step, inputs: MaskInputs = MaskInputs()) -> Masks:
@@ -132,7 +160,22 @@ def masks_for(plan: Plan, flat: list, prev: Masks | None, step, inputs: MaskInpu
                 masks[entry.path] = _first_mask(leaf, entry, inputs)
             else:
                 masks[entry.path] = _refresh_mask(leaf, entry, prev[entry.path], step, inputs)
-    for spec, entries in _global_groups(plan).items():
+    for spec, entries in _groups(plan, "erk").items():
+        final = final_sparsity(spec.sparsity)
+        shares = erk_sparsities([e.shape for e in entries], final)
+        for entry, share in zip(entries, shares):
+            scale = share / final if final > 0 else 0.0
+            leaf = jnp.asarray(leaves[entry.path])
+            if prev is None:
+                masks[entry.path] = _follow_sharding(magnitude_mask(leaf, spec.sparsity(0) * scale), leaves[entry.path])
+            elif spec.sparsity.refreshes:
+                old = prev[entry.path]
+                masks[entry.path] = jax.lax.cond(spec.sparsity.update_at(step),
+                                                 lambda: magnitude_mask(leaf, spec.sparsity(step) * scale, old),
+                                                 lambda: old)
+            else:
+                masks[entry.path] = prev[entry.path]
+    for spec, entries in _groups(plan, "global").items():
         xs = [jnp.asarray(leaves[e.path]) for e in entries]
         schedule = spec.sparsity
         if prev is None:
@@ -173,6 +216,32 @@ def _with_bias_masks(plan: Plan, masks: Masks) -> Masks:
             )
         others = tuple(a for a in range(len(entry.shape)) if a != axis)
         out[bias] = jnp.any(masks[entry.path], axis=others)
+    return _with_next_rows(plan, out)
+
+
+def _with_next_rows(plan: Plan, masks: Masks) -> Masks:
+    """ANDs, for Channels(next=path) kernels, the channel mask into the next kernel's input rows."""
+    entries = plan.by_path()
+    out = dict(masks)
+    for entry in plan.leaves:
+        structure = entry.prune.structure if entry.prune is not None else None
+        if not (isinstance(structure, Channels) and structure.next is not None):
+            continue
+        axis = structure.axis % len(entry.shape)
+        nxt = entries.get(structure.next)
+        channels = entry.shape[axis]
+        if nxt is None or len(nxt.shape) < 2 or nxt.shape[-2] != channels:
+            found = "no such parameter" if nxt is None else f"shape {nxt.shape}"
+            raise ValueError(
+                f"'{entry.path}': Channels(next={structure.next!r}) names the next layer's kernel, whose "
+                f"axis -2 must have {channels} entries (one per channel), but it has {found}. "
+                "Fix: give the exact path of the kernel that consumes these channels."
+            )
+        others = tuple(a for a in range(len(entry.shape)) if a != axis)
+        keep = jnp.any(masks[entry.path], axis=others)
+        rows = jnp.broadcast_to(keep[:, None], nxt.shape[-2:])
+        rows = jnp.broadcast_to(rows, nxt.shape)
+        out[nxt.path] = out[nxt.path] & rows if nxt.path in out else rows
     return out
 
 

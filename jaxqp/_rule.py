@@ -154,8 +154,11 @@ def _check_fits(path: str, shape: tuple[int, ...], rule: Rule, index: int) -> No
         return -len(shape) <= axis < len(shape)
 
     structure = rule.prune.structure if rule.prune is not None else None
-    if structure is not None and not in_range(structure.axis):
-        raise ValueError(f"{where} {type(structure).__name__}(axis={structure.axis}) is out of range. {fix}")
+    axes = getattr(structure, "axes", None) or ((structure.axis,) if structure is not None else ())
+    for a in axes:
+        if not in_range(a):
+            field = f"axes={structure.axes}" if hasattr(structure, "axes") else f"axis={structure.axis}"
+            raise ValueError(f"{where} {type(structure).__name__}({field}) is out of range. {fix}")
     quant = rule.quant
     if quant is None:
         return

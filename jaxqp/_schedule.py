@@ -18,6 +18,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._quant import reciprocal
 
@@ -163,3 +164,60 @@ def polynomial(
     them it holds its last value; it is 0 before ``begin`` and ``final`` from ``end`` on.
     """
     return Polynomial(initial, final, begin, end, every, power)
+
+
+@dataclasses.dataclass(frozen=True)
+class Iterative(Schedule):
+    """Iterative pruning in ``rounds``; see :func:`iterative`."""
+
+    final: float
+    rounds: int
+    every: int
+    begin: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "final", check_sparsity(self.final, "iterative(final)"))
+        for name in ("rounds", "every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"iterative({name}={value!r}): must be an integer >= 1")
+        object.__setattr__(self, "begin", _check_step(self.begin, "iterative(begin)"))
+
+    def levels(self) -> tuple[float, ...]:
+        """Sparsity after round ``r = 0..rounds``: ``1 - (1 - final)^(r / rounds)`` (float32)."""
+        keep = 1.0 - self.final
+        return tuple(float(np.float32(1.0 - keep ** (r / self.rounds))) for r in range(self.rounds + 1))
+
+    def _round(self, step):
+        t = jnp.asarray(step, jnp.int32) - self.begin
+        return jnp.where(t >= 0, jnp.minimum(t // self.every + 1, self.rounds), 0)
+
+    def __call__(self, step):
+        return jnp.asarray(self.levels(), jnp.float32)[self._round(step)]
+
+    def update_at(self, step):
+        t = jnp.asarray(step) - self.begin
+        return (t >= 0) & (t % self.every == 0) & (t // self.every < self.rounds)
+
+
+def iterative(final: float, rounds: int, every: int, begin: int = 0) -> Iterative:
+    """Iterative prune-retrain: ``rounds`` prunings ``every`` steps apart from ``begin``.
+
+    Each round removes the same fraction of the surviving weights, so after round ``r``
+    the sparsity is ``1 - (1 - final)^(r / rounds)``, ``final`` after the last; the
+    steps in between retrain the survivors. Combine with :func:`jaxqp.rewind` for
+    lottery tickets (rewind the survivors to early weights after each round).
+
+    >>> s = iterative(0.875, rounds=3, every=100)
+    >>> [round(float(s(t)), 3) for t in (0, 99, 100, 200, 500)]
+    [0.5, 0.5, 0.75, 0.875, 0.875]
+    """
+    return Iterative(final, rounds, every, begin)
+
+
+def final_sparsity(schedule: Schedule) -> float:
+    """The sparsity ``schedule`` ends at (a static float)."""
+    for name in ("value", "final", "sparsity"):
+        if hasattr(schedule, name):
+            return float(getattr(schedule, name))
+    raise TypeError(f"{type(schedule).__name__} has no final sparsity (value, final or sparsity)")

@@ -206,19 +206,51 @@ class Channels:
     from ``PruneSpec(sparsity=...)`` (a float or a schedule); the count is
     ``round(sparsity * channels)``, ties broken by lower channel index first.
 
+    ``next`` names (exact path) the kernel of the layer that consumes these channels;
+    its input rows (axis -2) of pruned channels are zeroed too, so the pruned channels
+    can be removed from both layers. Its axis -2 must have one entry per channel.
+
     >>> Channels()
-    Channels(axis=-1, bias=True)
+    Channels(axis=-1, bias=True, next=None)
     """
 
     axis: int = -1
     bias: bool = True
+    next: str | None = None
 
     def __post_init__(self):
         if isinstance(self.axis, bool) or not isinstance(self.axis, numbers.Integral):
             raise TypeError(f"Channels(axis={self.axis!r}): axis must be an int")
         if not isinstance(self.bias, bool):
             raise TypeError(f"Channels(bias={self.bias!r}): use True or False")
+        if self.next is not None and not isinstance(self.next, str):
+            raise TypeError(f"Channels(next={self.next!r}): give the next kernel's path, e.g. 'Dense_1/kernel'")
         object.__setattr__(self, "axis", int(self.axis))
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """Block sparsity: whole ``rows x cols`` tiles of the ``axes`` with the smallest L2 norm.
+
+    The fraction of blocks pruned comes from ``PruneSpec(sparsity=...)`` (a float or a
+    schedule); the default axes are a kernel's (input, output) axes.
+
+    >>> Blocks(4, 4)
+    Blocks(rows=4, cols=4, axes=(-2, -1))
+    """
+
+    rows: int
+    cols: int
+    axes: tuple[int, int] = (-2, -1)
+
+    def __post_init__(self):
+        object.__setattr__(self, "rows", _check_int(self.rows, "Blocks(rows)", 1))
+        object.__setattr__(self, "cols", _check_int(self.cols, "Blocks(cols)", 1))
+        axes = self.axes
+        if (not isinstance(axes, (tuple, list)) or len(axes) != 2
+                or any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in axes)):
+            raise TypeError(f"Blocks(axes={axes!r}): give two ints, e.g. axes=(-2, -1)")
+        object.__setattr__(self, "axes", (int(axes[0]), int(axes[1])))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,8 +297,10 @@ class PruneSpec:
         (whole channels; ``sparsity`` is the fraction of channels pruned).
       criterion: what ranks weights for ``sparsity``: "magnitude" (default) ``|w|``,
         "random" (needs ``jaxqp.transform(rules, seed=...)``), "saliency" ``|w * g|``
-        or "movement" (scores ``-sum_t w * g`` accumulated every step, Sanh et al.
-        2020); gradient criteria use magnitude for the first mask at ``init``.
+        "movement" (scores ``-sum_t w * g`` accumulated every step, Sanh et al.
+        2020), or "wanda" ``|w| * ||x||`` with the input feature norms recorded by
+        :func:`jaxqp.calibrate` (Sun et al. 2023; per layer); gradient criteria use
+        magnitude for the first mask at ``init``, Wanda until calibrated.
       regrow: a :class:`RigL` for dynamic sparse training (RigL or SET).
       straight_through: the forward uses the masked weight, but the dense weight
         keeps training (its gradient passes the mask, updates are not masked);
@@ -276,6 +310,10 @@ class PruneSpec:
         "global": every parameter matched with an equal global spec shares one
         magnitude threshold, so ``sparsity`` holds over them together (found by
         counting, never by concatenating the parameters).
+        "erk": the parameters matched with an equal spec share ``sparsity`` with
+        Erdos-Renyi-Kernel layer densities ``eps * sum(shape) / prod(shape)``
+        (Evci et al. 2020), capped at dense; each layer follows the schedule scaled
+        by its share.
     """
 
     sparsity: float | Schedule | None = None
@@ -289,20 +327,23 @@ class PruneSpec:
 
     def __post_init__(self):
         self._check_dynamic()
-        if self.scope not in ("layer", "global"):
-            raise ValueError(f"PruneSpec(scope={self.scope!r}): use scope='layer' or scope='global'")
-        if self.scope == "global" and (self.sparsity is None or self.structure is not None):
+        _choice(self.scope, ("layer", "global", "erk"), "scope", "PruneSpec")
+        if self.scope != "layer" and (self.sparsity is None or self.structure is not None):
             raise ValueError(
-                "PruneSpec(scope='global') is unstructured magnitude pruning: give sparsity= and no "
-                "structure= or threshold=; e.g. PruneSpec(sparsity=0.9, scope='global')"
+                f"PruneSpec(scope={self.scope!r}) is unstructured magnitude pruning: give sparsity= and no "
+                f"structure= or threshold=; e.g. PruneSpec(sparsity=0.9, scope={self.scope!r})"
             )
-        if self.structure is not None and not isinstance(self.structure, (NM, Channels)):
-            raise TypeError(f"PruneSpec(structure={self.structure!r}): use jaxqp.NM(n, m) or jaxqp.Channels()")
-        if isinstance(self.structure, Channels):
+        if self.structure is not None and not isinstance(self.structure, (NM, Channels, Blocks)):
+            raise TypeError(f"PruneSpec(structure={self.structure!r}): use jaxqp.NM(n, m), jaxqp.Channels() "
+                            "or jaxqp.Blocks(rows, cols)")
+        if isinstance(self.structure, (Channels, Blocks)):
             if self.sparsity is None or self.threshold is not None:
+                kind = type(self.structure).__name__
+                unit = "channels" if kind == "Channels" else "blocks"
+                example = "Channels()" if kind == "Channels" else "Blocks(4, 4)"
                 raise ValueError(
-                    "PruneSpec(structure=Channels(...)) needs sparsity= (the fraction of channels "
-                    "pruned) and no threshold=; e.g. PruneSpec(sparsity=0.5, structure=Channels())"
+                    f"PruneSpec(structure={kind}(...)) needs sparsity= (the fraction of {unit} "
+                    f"pruned) and no threshold=; e.g. PruneSpec(sparsity=0.5, structure={example})"
                 )
         elif sum(x is not None for x in (self.sparsity, self.threshold, self.structure)) != 1:
             raise ValueError(
@@ -318,7 +359,7 @@ class PruneSpec:
             object.__setattr__(self, "threshold", float(t))
 
     def _check_dynamic(self):
-        _choice(self.criterion, ("magnitude", "random", "saliency", "movement"), "criterion", "PruneSpec")
+        _choice(self.criterion, ("magnitude", "random", "saliency", "movement", "wanda"), "criterion", "PruneSpec")
         if self.regrow is not None and not isinstance(self.regrow, RigL):
             raise TypeError(f"PruneSpec(regrow={self.regrow!r}): use jaxqp.RigL(...)")
         unstructured = self.sparsity is not None and self.structure is None and self.scope == "layer"

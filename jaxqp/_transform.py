@@ -59,6 +59,7 @@ class TransformState:
       key: uint32[2] PRNG key for stochastic rounding and random criteria (None without a seed).
       calibrating: static flag set by :func:`jaxqp.calibrate`: inputs pass through
         unquantized and their statistics are recorded.
+      frozen: static flag set by :func:`freeze_masks`: ``update`` keeps the masks.
     """
 
     step: jax.Array
@@ -69,10 +70,11 @@ class TransformState:
     key: jax.Array | None = None
     calibrating: bool = False
     scores: dict = dataclasses.field(default_factory=dict)
+    frozen: bool = False
 
 
 jax.tree_util.register_dataclass(TransformState, data_fields=["step", "masks", "learned", "ranges", "key", "scores"],
-                                 meta_fields=["plan", "calibrating"])
+                                 meta_fields=["plan", "calibrating", "frozen"])
 
 
 def _no_masks(state) -> Masks:
@@ -122,11 +124,26 @@ def needs_grads(state) -> bool:
     return any(e.prune is not None and e.prune.needs_grads for s in transform_states(state) for e in s.plan.leaves)
 
 
+def _initial_scores(plan: Plan) -> dict:
+    """Movement scores start at 0; Wanda input norms at 1 (plain magnitude until calibrated)."""
+    scores = {}
+    for e in plan.leaves:
+        if e.prune is not None and e.prune.criterion == "movement":
+            scores[e.path] = jnp.zeros(e.shape, jnp.float32)
+        if e.prune is not None and e.prune.criterion == "wanda":
+            if len(e.shape) < 2:
+                raise ValueError(f"'{e.path}' has shape {e.shape}: Wanda scores a kernel's input rows "
+                                 "(axis -2). Fix: match only kernels with the wanda rule.")
+            scores[e.path] = jnp.ones(e.shape[-2], jnp.float32)
+    return scores
+
+
 def _movement_scores(plan: Plan, flat, scores: dict, grads: dict | None) -> dict:
     if grads is None:
         return scores
-    leaves = dict(flat)
-    return {path: score - jnp.asarray(leaves[path], score.dtype) * jnp.asarray(grads[path], score.dtype)
+    leaves, entries = dict(flat), plan.by_path()
+    return {path: (score - jnp.asarray(leaves[path], score.dtype) * jnp.asarray(grads[path], score.dtype)
+                   if entries[path].prune.criterion == "movement" else score)
             for path, score in scores.items()}
 
 
@@ -162,11 +179,10 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> Param
                              "criterion='random') or RigL(grow='random')): give the transform a seed, "
                              "e.g. jaxqp.transform(rules, seed=0)")
         key = None if seed is None else jax.random.key_data(jax.random.key(seed))
-        masks = masks_for(plan, flat, None, 0, MaskInputs(key=key))
+        scores = _initial_scores(plan)
+        masks = masks_for(plan, flat, None, 0, MaskInputs(key=key, scores=scores))
         ranges = {e.path: _activation.init_ranges(e.act) for e in plan.leaves
                   if e.act is not None and e.act.range == "static"}
-        scores = {e.path: jnp.zeros(e.shape, jnp.float32) for e in plan.leaves
-                  if e.prune is not None and e.prune.criterion == "movement"}
         return TransformState(jnp.zeros((), jnp.int32), masks, plan, _initial_learned(plan, flat, masks),
                               ranges, key, scores=scores)
 
@@ -187,6 +203,8 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> Param
             entry = plan.by_path().get(path)
             if entry is not None and path in ranges and "lo" in seen:
                 ranges[path] = _activation.update_ranges(entry.act, ranges[path], seen)
+        if state.frozen:
+            return dataclasses.replace(state, step=step, ranges=ranges)
         return dataclasses.replace(state, step=step, masks=masks_for(plan, flat, state.masks, step, inputs),
                                    ranges=ranges, scores=scores)
 
@@ -269,3 +287,22 @@ def with_learned(tree, values: tuple[dict, ...]):
     values = iter(values)
     return jax.tree_util.tree_map(
         lambda n: dataclasses.replace(n, learned=next(values)) if _is_state(n) else n, tree, is_leaf=_is_state)
+
+
+def freeze_masks(tree, frozen: bool = True):
+    """``tree`` (a transform state, a chain's states or an optimizer state) with masks frozen.
+
+    From then on ``update`` (and :func:`jaxqp.wrap`) keeps every mask as it is: no
+    schedule refresh, no RigL regrowth; quantizers, ranges and learned values go on.
+    Use it to switch from pruning to a quantization-aware fine-tuning phase. The flag
+    is static, so the training step compiles once more.
+
+    >>> import jax.numpy as jnp, jaxqp
+    >>> t = jaxqp.transform([jaxqp.Rule("w", prune=jaxqp.PruneSpec(sparsity=jaxqp.polynomial(0.0, 0.5, 0, 2)))])
+    >>> params = {"w": jnp.array([1.0, -2.0, 3.0, 0.5])}
+    >>> state = jaxqp.freeze_masks(t.init(params))
+    >>> bool(t.update(params, state).masks["w"].all())
+    True
+    """
+    return jax.tree_util.tree_map(lambda n: dataclasses.replace(n, frozen=frozen) if _is_state(n) else n,
+                                  tree, is_leaf=_is_state)

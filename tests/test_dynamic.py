@@ -148,3 +148,26 @@ def test_dynamic_spec_errors_name_the_field():
         PruneSpec(sparsity=0.5, decay=1e-4)
     with pytest.raises(ValueError, match=r"RigL\(drop_fraction=1.5\)"):
         RigL(drop_fraction=1.5)
+
+
+def test_wanda_scores_from_calibration_and_one_shot_masks():
+    import flax.linen as nn
+
+    model = nn.Dense(3)
+    x = jnp.concatenate([jnp.full((16, 1), 100.0), jnp.full((16, 3), 0.01)], axis=1)  # feature 0 is loud
+    params = {"kernel": jnp.array([[0.1, -0.1, 0.1], [1.0, -2.0, 3.0], [2.0, 1.0, -1.0], [1.5, 1.5, 1.5]]),
+              "bias": jnp.zeros(3)}
+    t = jaxqp.transform([Rule("kernel", prune=PruneSpec(sparsity=0.25, criterion="wanda"))])
+    state = t.init(params)
+    assert not np.asarray(state.masks["kernel"])[0].any()  # uncalibrated: magnitude prunes row 0
+
+    def forward(state, x):
+        return jaxqp.linen_apply(model, state, {"params": t.apply(params, state)}, x)
+
+    cal = jaxqp.calibrate(state, forward, [x[:8], x[8:]], params=params)
+    norms = np.sqrt(np.sum(np.square(np.asarray(x)), axis=0))
+    np.testing.assert_allclose(np.asarray(cal.scores["kernel"]), norms, rtol=1e-6)
+    mask = np.asarray(cal.masks["kernel"])
+    assert (~mask).sum() == 3 and mask[0].all()  # |w| * ||x|| keeps the loud feature's row
+    score = np.abs(np.asarray(params["kernel"])) * norms[:, None]
+    assert score[mask].min() >= score[~mask].max()

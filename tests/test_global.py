@@ -76,7 +76,7 @@ def test_global_schedule_under_wrap_compiles_once():
 
 
 def test_bad_global_specs():
-    with pytest.raises(ValueError, match="scope='layer' or scope='global'"):
+    with pytest.raises(ValueError, match="unknown scope; use one of 'layer', 'global', 'erk'"):
         PruneSpec(sparsity=0.5, scope="model")
     with pytest.raises(ValueError, match="unstructured magnitude pruning"):
         PruneSpec(threshold=0.1, scope="global")
