@@ -208,9 +208,10 @@ def iterative(final: float, rounds: int, every: int, begin: int = 0) -> Iterativ
     steps in between retrain the survivors. Combine with :func:`jaxqp.rewind` for
     lottery tickets (rewind the survivors to early weights after each round).
 
-    >>> s = iterative(0.875, rounds=3, every=100)
-    >>> [round(float(s(t)), 3) for t in (0, 99, 100, 200, 500)]
-    [0.5, 0.5, 0.75, 0.875, 0.875]
+    Examples:
+        >>> s = iterative(0.875, rounds=3, every=100)
+        >>> [round(float(s(t)), 3) for t in (0, 99, 100, 200, 500)]
+        [0.5, 0.5, 0.75, 0.875, 0.875]
     """
     return Iterative(final, rounds, every, begin)
 
