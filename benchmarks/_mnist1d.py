@@ -94,3 +94,17 @@ def time_steps(runs: dict, x, y, steps: int, repeats: int) -> dict[str, float]:
 def data():
     (x, y), (x_test, y_test) = load_mnist1d()
     return (x, y), (jnp.asarray(x_test), jnp.asarray(y_test))
+
+
+def summary_row(name: str, metrics: list[dict], step_s: float, float_step_s: float, seeds: int) -> dict:
+    """Mean and std of accuracy (%) and NLL over seeds, and the step ratio to float."""
+    acc = np.array([m["accuracy"] for m in metrics]) * 100
+    nll = np.array([m["nll"] for m in metrics])
+    return {"config": name, "accuracy": round(float(acc.mean()), 3), "nll": round(float(nll.mean()), 4),
+            "accuracy_std": round(float(acc.std()), 3), "nll_std": round(float(nll.std()), 4),
+            "step_ratio": round(step_s / float_step_s, 4), "step_ms": round(step_s * 1e3, 3), "seeds": seeds}
+
+
+def format_row(row: dict, width: int) -> str:
+    return (f"{row['config']:<{width}} {row['accuracy']:8.2f} ({row['accuracy_std']:4.2f}) "
+            f"{row['nll']:9.4f} ({row['nll_std']:.4f})")

@@ -32,7 +32,7 @@ import jaxqp
 from jaxqp import NM, Channels, PruneSpec, QuantSpec, RigL, Rule
 
 from _common import write_json
-from _mnist1d import CNN1D, Run, batches, data, time_steps
+from _mnist1d import CNN1D, Run, batches, data, format_row, summary_row, time_steps
 
 PRUNED = ("conv2/kernel", "conv3/kernel", "fc/kernel")
 
@@ -97,15 +97,10 @@ def main(argv=None):
     print(f"{'config':<14} {'accuracy %':>15} {'test NLL':>17} {'sparsity':>9} {'step ratio':>11}")
     rows = []
     for name, ms in results.items():
-        acc = np.array([m["accuracy"] for m in ms]) * 100
-        nll = np.array([m["nll"] for m in ms])
-        ratio = timed[name] / timed["float32"]
-        rows.append({"config": name, "accuracy": round(float(acc.mean()), 3), "nll": round(float(nll.mean()), 4),
-                     "accuracy_std": round(float(acc.std()), 3), "nll_std": round(float(nll.std()), 4),
-                     "sparsity": round(ms[-1]["sparsity"], 4), "step_ratio": round(ratio, 4),
-                     "step_ms": round(timed[name] * 1e3, 3), "seeds": args.seeds})
-        print(f"{name:<14} {acc.mean():8.2f} ({acc.std():4.2f}) {nll.mean():9.4f} ({nll.std():.4f}) "
-              f"{ms[-1]['sparsity']:9.4f} {ratio:10.3f}x")
+        row = summary_row(name, ms, timed[name], timed["float32"], args.seeds)
+        row["sparsity"] = round(ms[-1]["sparsity"], 4)
+        rows.append(row)
+        print(f"{format_row(row, 14)} {row['sparsity']:9.4f} {row['step_ratio']:10.3f}x")
     write_json(args.json, rows)
     return rows
 

@@ -12,7 +12,8 @@ against float:
 * ``w8a8``: int8 per-channel weights, int8 dynamic affine inputs of every layer;
 * ``w4a8`` / ``w4a4``: 4-bit per-channel weights, 8- or 4-bit inputs;
 * ``w4g32``: 4-bit weights, one absmax scale per group of 32 inputs (weights only);
-* ``w4g32-lsq``: the same with LSQ-learned steps, initialised at the MSE-optimal clip.
+* ``w4g32-lsq``: the same with LSQ-learned steps, initialised at the MSE-optimal clip;
+* ``qwix-...``: the same configs with Qwix's QAT (``qwix.quantize_model``), when installed.
 
     python benchmarks/quant_quality.py --json quant_quality.json
     python benchmarks/quant_quality.py --quick       # a few steps, to check it runs
@@ -24,13 +25,12 @@ import argparse
 import platform
 
 import jax
-import numpy as np
 
 import jaxqp
 from jaxqp import ActSpec, QuantSpec, Rule
 
 from _common import write_json
-from _mnist1d import CNN1D, Run, batches, data, time_steps
+from _mnist1d import CNN1D, Run, batches, data, format_row, summary_row, time_steps
 
 
 def configs() -> dict[str, list[Rule]]:
@@ -44,6 +44,26 @@ def configs() -> dict[str, list[Rule]]:
         "w4a4": wa(QuantSpec(bits=4), ActSpec(bits=4)),
         "w4g32": wa(QuantSpec(bits=4, group_size=32)),
         "w4g32-lsq": wa(QuantSpec(bits=4, group_size=32, learned="lsq", calibration="mse")),
+    }
+
+
+def peer_models(model) -> dict:
+    """Qwix QAT versions of ``model`` (its own rules, ``qwix.quantize_model``), if Qwix is installed."""
+    try:
+        import jax.numpy as jnp
+        import qwix
+    except ImportError:
+        return {}
+
+    def qwix_model(weight, act=None, tile=None):
+        rule = qwix.QtRule(module_path=".*", weight_qtype=weight, act_qtype=act, tile_size=tile)
+        return qwix.quantize_model(model, qwix.QtProvider([rule]))
+
+    return {
+        "qwix-w8a8": qwix_model(jnp.int8, jnp.int8),
+        "qwix-w4a8": qwix_model(jnp.int4, jnp.int8),
+        "qwix-w4a4": qwix_model(jnp.int4, jnp.int4),
+        "qwix-w4g32": qwix_model(jnp.int4, tile=32),
     }
 
 
@@ -69,13 +89,22 @@ def main(argv=None):
     else:
         start, lr, steps = params, 3e-3, args.pretrain + args.steps
 
-    metrics: dict[str, list[dict]] = {name: [] for name in configs()}
+    setups = {name: (model, rules) for name, rules in configs().items()}
+    setups.update({name: (peer, []) for name, peer in peer_models(model).items()})
+    metrics: dict[str, list[dict]] = {name: [] for name in setups}
+    failed: dict[str, str] = {}
     for seed in range(args.seeds):
         runs = {}
-        for name, rules in configs().items():
-            runs[name] = run = Run(model, rules, start, lr, steps, learned_lr=1e-5)
-            run.train(batches(x, y, steps, args.batch, seed=seed))
-            metrics[name].append(run.evaluate(x_test, y_test))
+        for name, (net, rules) in setups.items():
+            if name in failed:
+                continue
+            try:
+                runs[name] = run = Run(net, rules, start, lr, steps, learned_lr=1e-5)
+                run.train(batches(x, y, steps, args.batch, seed=seed))
+                metrics[name].append(run.evaluate(x_test, y_test))
+            except Exception as err:  # a peer that does not compile or run here: report it, go on
+                failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+                runs.pop(name, None)
     xb, yb = next(batches(x, y, 1, args.batch, seed=999))
     timed = time_steps(runs, xb, yb, steps=5 if args.quick else 50, repeats=2 if args.quick else 15)
 
@@ -86,15 +115,14 @@ def main(argv=None):
     print(f"{'config':<11} {'accuracy %':>15} {'test NLL':>17} {'NLL vs float':>13} {'step ratio':>11}")
     rows, base_nll = [], None
     for name, ms in metrics.items():
-        acc = np.array([m["accuracy"] for m in ms]) * 100
-        nll = np.array([m["nll"] for m in ms])
-        base_nll = base_nll or nll.mean()
-        ratio = timed[name] / timed["float32"]
-        rows.append({"config": name, "accuracy": round(float(acc.mean()), 3), "nll": round(float(nll.mean()), 4),
-                     "accuracy_std": round(float(acc.std()), 3), "nll_std": round(float(nll.std()), 4),
-                     "step_ratio": round(ratio, 4), "step_ms": round(timed[name] * 1e3, 3), "seeds": args.seeds})
-        print(f"{name:<11} {acc.mean():8.2f} ({acc.std():4.2f}) {nll.mean():9.4f} ({nll.std():.4f}) "
-              f"{nll.mean() / base_nll - 1:+12.1%} {ratio:10.3f}x")
+        if name in failed:
+            print(f"{name:<11} failed: {failed[name]}")
+            rows.append({"config": name, "error": failed[name]})
+            continue
+        row = summary_row(name, ms, timed[name], timed["float32"], args.seeds)
+        base_nll = base_nll or row["nll"]
+        rows.append(row)
+        print(f"{format_row(row, 11)} {row['nll'] / base_nll - 1:+12.1%} {row['step_ratio']:10.3f}x")
     write_json(args.json, rows)
     return rows
 

@@ -1,7 +1,8 @@
 """Train-step overhead of jaxqp's weight transforms vs the float step, in one process.
 
 Runs a jitted train step (forward, backward, adam update through ``jaxqp.wrap``)
-of a Dense-heavy MLP for: float32 (no rules), int8 weight fake-quant, pruning
+of a Dense-heavy MLP for: float32 (no rules), int8 weight fake-quant, w8a8 (int8
+weights and dynamic int8 inputs of every layer, fake-quant), pruning
 (80% on a polynomial schedule refreshing every 100 steps, refreshes included in
 the timing) and both. Configs are timed round-robin; the median step time of
 each is divided by the float step's median. A second, identical float run
@@ -42,7 +43,22 @@ class MLP(nn.Module):
 def make_step(model, rules):
     t = jaxqp.transform(rules)
     tx = jaxqp.wrap(optax.adam(1e-3), t)
-    return tx, make_train_step(model, t, tx)
+    if not any(rule.act is not None for rule in rules):
+        return tx, make_train_step(model, t, tx)
+
+    @jax.jit
+    def step(params, opt_state, x, y):  # inputs quantized too: through jaxqp.linen_apply
+        state = jaxqp.state_of(opt_state)
+
+        def loss_fn(p):
+            logits, observed = jaxqp.linen_apply(model, state, {"params": t.apply(p, state)}, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), observed
+
+        (loss, observed), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params, observed=observed)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return tx, step
 
 
 def configs(total_steps: int):
@@ -52,6 +68,7 @@ def configs(total_steps: int):
         "float32": [],
         "float32 again": [],  # a second float baseline: its ratio shows the timing noise
         "int8": [jaxqp.Rule(r".*/kernel", quant=int8)],
+        "w8a8": [jaxqp.Rule(r".*/kernel", quant=int8, act=jaxqp.ActSpec(bits=8))],
         "pruned": [jaxqp.Rule(r".*/kernel", prune=prune)],
         "pruned+int8": [jaxqp.Rule(r".*/kernel", quant=int8, prune=prune)],
     }

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
-from ._spec import _choice, check_bits, check_percentile
+from ._spec import _choice, check_bits, check_percentile, short_repr
 
 RANGES = ("dynamic", "static", "pact", "lsq", "lsq+")
 
@@ -84,9 +84,4 @@ class ActSpec:
                              "(symmetric=True); e.g. ActSpec(range='pact', signed=False)")
 
     def __repr__(self):
-        fields = [f"bits={self.bits}"]
-        for f in dataclasses.fields(self)[1:]:
-            value = getattr(self, f.name)
-            if value != f.default:
-                fields.append(f"{f.name}={value!r}")
-        return f"ActSpec({', '.join(fields)})"
+        return short_repr(self)

@@ -54,6 +54,16 @@ def check_percentile(p, owner: str) -> float:
     return float(p)
 
 
+def short_repr(spec) -> str:
+    """``Name(bits=..., <fields that differ from their defaults>)``."""
+    fields = [f"bits={spec.bits}"]
+    for f in dataclasses.fields(spec)[1:]:
+        value = getattr(spec, f.name)
+        if value != f.default:
+            fields.append(f"{f.name}={value!r}")
+    return f"{type(spec).__name__}({', '.join(fields)})"
+
+
 def _choice(value, allowed, field: str, owner: str = "QuantSpec"):
     if value not in allowed:
         options = ", ".join(repr(a) for a in allowed)
@@ -151,12 +161,7 @@ class QuantSpec:
                              "give symmetric=True and scale_pow2=False")
 
     def __repr__(self):
-        fields = [f"bits={self.bits}"]
-        for f in dataclasses.fields(self)[1:]:
-            value = getattr(self, f.name)
-            if value != f.default:
-                fields.append(f"{f.name}={value!r}")
-        return f"QuantSpec({', '.join(fields)})"
+        return short_repr(self)
 
 
 def _check_int(value, name: str, low: int) -> int:

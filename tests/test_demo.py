@@ -45,13 +45,15 @@ def test_serving_benchmark_quick_writes_rows(tmp_path):
 @pytest.mark.slow
 def test_step_overhead_quick_writes_rows(tmp_path):
     _, rows = run_quick([str(ROOT / "benchmarks" / "step_overhead.py")], tmp_path / "steps.json")
-    assert [r["config"] for r in rows] == ["int8", "pruned", "pruned+int8"]
+    assert [r["config"] for r in rows] == ["int8", "w8a8", "pruned", "pruned+int8"]
     assert all(r["step_ratio"] > 0 for r in rows)
 
 
 @pytest.mark.slow
 def test_quant_quality_quick_writes_rows(tmp_path):
     _, rows = run_quick([str(ROOT / "benchmarks" / "quant_quality.py")], tmp_path / "quant.json")
-    assert [r["config"] for r in rows] == ["float32", "w8a8", "w4a8", "w4a4", "w4g32", "w4g32-lsq"]
+    assert [r["config"] for r in rows][:6] == ["float32", "w8a8", "w4a8", "w4a4", "w4g32", "w4g32-lsq"]
+    assert all(r["config"].startswith(("qwix-", "aqt-")) for r in rows[6:])  # peers, when installed
+    rows = rows[:6]
     assert all({"accuracy", "nll", "step_ratio"} <= set(r) for r in rows)
     assert rows[0]["step_ratio"] == 1.0 and all(r["nll"] > 0 for r in rows)
