@@ -2,7 +2,8 @@
 
 Runs a jitted train step (forward, backward, adam update through ``jaxqp.wrap``)
 of a Dense-heavy MLP for: float32 (no rules), int8 weight fake-quant, w8a8 (int8
-weights and dynamic int8 inputs of every layer, fake-quant), pruning
+weights and dynamic int8 inputs of every layer, fake-quant), w8a8-int (the same with
+power-of-two scales through the integer matmul, ``ActSpec(integer=True)``), pruning
 (80% on a polynomial schedule refreshing every 100 steps, refreshes included in
 the timing) and both. Configs are timed round-robin; the median step time of
 each is divided by the float step's median. A second, identical float run
@@ -69,6 +70,9 @@ def configs(total_steps: int):
         "float32 again": [],  # a second float baseline: its ratio shows the timing noise
         "int8": [jaxqp.Rule(r".*/kernel", quant=int8)],
         "w8a8": [jaxqp.Rule(r".*/kernel", quant=int8, act=jaxqp.ActSpec(bits=8))],
+        "w8a8-int": [jaxqp.Rule(r".*/kernel", quant=jaxqp.QuantSpec(bits=8, scale_pow2=True),
+                                act=jaxqp.ActSpec(bits=8, symmetric=True, per_token=True, scale_pow2=True,
+                                                  integer=True))],
         "pruned": [jaxqp.Rule(r".*/kernel", prune=prune)],
         "pruned+int8": [jaxqp.Rule(r".*/kernel", quant=int8, prune=prune)],
     }

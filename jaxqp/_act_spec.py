@@ -42,6 +42,12 @@ class ActSpec:
       decay: EMA decay of static ranges, in [0, 1).
       init: initial ``alpha`` (pact) or initial range ``step * qmax`` (lsq, lsq+)
         until :func:`jaxqp.calibrate` sets them from data.
+      scale_pow2: round scales up to powers of two (symmetric dynamic/static ranges).
+      integer: run the layer's matmul as int8 x int8 -> int32 (``lax.dot_general``)
+        in training and evaluation, for linen ``nn.Dense`` and NNX ``nnx.Linear``
+        with a 2-D kernel; needs power-of-two scales on both operands
+        (``symmetric=True, scale_pow2=True`` here and on the weight's QuantSpec), so
+        the result equals the fake-quant matmul bit for bit (see ``jaxqp._intdot``).
     """
 
     bits: int = 8
@@ -53,13 +59,15 @@ class ActSpec:
     percentile: float = 99.99
     decay: float = 0.99
     init: float = 6.0
+    scale_pow2: bool = False
+    integer: bool = False
 
     def __post_init__(self):
         bits = check_bits(self.bits, "ActSpec")
         if bits < 2:
             raise ValueError(f"ActSpec(bits={bits}): activations take 2 to 16 bits, e.g. ActSpec(bits=8)")
         object.__setattr__(self, "bits", bits)
-        for flag in ("symmetric", "signed", "per_token"):
+        for flag in ("symmetric", "signed", "per_token", "scale_pow2", "integer"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"ActSpec({flag}={getattr(self, flag)!r}): use True or False")
         _choice(self.range, RANGES, "range", "ActSpec")
@@ -79,6 +87,14 @@ class ActSpec:
                              "(or range='lsq+' for a learned offset too)")
         if self.range == "lsq+" and (self.symmetric or not self.signed):
             raise ValueError("ActSpec(range='lsq+') learns an offset: leave symmetric=False, signed=True")
+        if self.scale_pow2 and not (self.symmetric and self.range in ("dynamic", "static")):
+            raise ValueError("ActSpec(scale_pow2=True) needs symmetric=True and range='dynamic' or 'static'")
+        if self.integer and not (self.range == "dynamic" and self.symmetric and self.signed and self.scale_pow2
+                                 and self.bits <= 8 and self.calibration == "max"):
+            raise ValueError("ActSpec(integer=True) runs an int8 matmul that must equal the fake-quant one: "
+                             "give bits <= 8, range='dynamic', symmetric=True, scale_pow2=True, "
+                             "calibration='max', e.g. ActSpec(bits=8, symmetric=True, per_token=True, "
+                             "scale_pow2=True, integer=True)")
         if self.range == "pact" and not self.symmetric and self.signed:
             raise ValueError("ActSpec(range='pact') clips to [0, alpha] (signed=False) or [-alpha, alpha] "
                              "(symmetric=True); e.g. ActSpec(range='pact', signed=False)")

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from ._act_spec import ActSpec
 from ._calib import calibrated_scale, int_bounds, observe_range, scale_from_range
+from ._formats import pow2_ceil
 from ._learned import lsq, lsq_grad_scale, pact
 from ._quant import compute_dtype, fake_quant
 
@@ -86,6 +87,7 @@ def fake_quant_input(x: jax.Array, spec: ActSpec, ranges: dict | None, learned: 
         axes = (x.ndim - 1,) if spec.per_token else _all_axes(x)
         scale, zp = calibrated_scale(jax.lax.stop_gradient(x), axes, qmin, qmax, symmetric=spec.symmetric,
                                      method=spec.calibration, percentile=spec.percentile)
+        scale = pow2_ceil(scale) if spec.scale_pow2 else scale
         ste = "identity" if spec.calibration == "max" else "clipped"
         y = fake_quant(x, scale, zp, qmin, qmax, ste)
     elif spec.range == "static":
@@ -95,6 +97,7 @@ def fake_quant_input(x: jax.Array, spec: ActSpec, ranges: dict | None, learned: 
         lo = jnp.where(recorded, ranges["lo"], lo_b)
         hi = jnp.where(recorded, ranges["hi"], hi_b)
         scale, zp = scale_from_range(lo, hi, qmin, qmax, symmetric=spec.symmetric)
+        scale = pow2_ceil(scale) if spec.scale_pow2 else scale
         y = fake_quant(x, scale, zp, qmin, qmax, "clipped")
     elif spec.range == "pact":
         y = pact(x, learned["alpha"], spec.bits, signed=spec.symmetric)

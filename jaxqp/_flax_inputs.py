@@ -31,6 +31,7 @@ import flax.linen as nn
 from flax import nnx
 
 from ._inputs import input_entries, quantize_input
+from ._intdot import int_dense
 
 LINEN_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
 NNX_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
@@ -63,6 +64,11 @@ def linen_apply(model: nn.Module, state, variables, *args, method=None, **kwargs
         path = _kernel_path(module.path)
         if path not in wanted or not call_args:
             return next_fun(*call_args, **call_kwargs)
+        spec = wanted[path].spec
+        if spec is not None and spec.integer and type(module) is nn.Dense:
+            seen.add(path)
+            bias = module.get_variable("params", "bias") if module.use_bias else None
+            return _integer_dense(call_args[0], module.get_variable("params", "kernel"), bias, spec)
         x, stats = quantize_input(call_args[0], state, path)
         observed.update(stats)
         seen.add(path)
@@ -74,14 +80,28 @@ def linen_apply(model: nn.Module, state, variables, *args, method=None, **kwargs
     return out, observed
 
 
-class QuantizedInput(nnx.Module):
-    """Calls ``layer`` on its input fake-quantized by ``quantize`` (used by :func:`nnx_apply`)."""
+def _integer_dense(x, kernel, bias, spec):
+    y = int_dense(x, kernel, spec.bits, spec.bits, spec.per_token)
+    return y if bias is None else y + bias.astype(y.dtype)
 
-    def __init__(self, layer, quantize):
+
+class QuantizedInput(nnx.Module):
+    """Calls ``layer`` on its input fake-quantized by ``quantize`` (used by :func:`nnx_apply`).
+
+    With ``integer`` (an :class:`ActSpec` with ``integer=True``) an ``nnx.Linear`` runs
+    the int8 matmul of :func:`jaxqp._intdot.int_dense` instead.
+    """
+
+    def __init__(self, layer, quantize, integer=None):
         self.layer = layer
         self.quantize = quantize
+        self.integer = integer
 
     def __call__(self, x, *args, **kwargs):
+        if self.integer is not None and type(self.layer) is nnx.Linear:
+            self.quantize(None)  # records that the layer ran
+            bias = self.layer.bias[...] if self.layer.bias is not None else None
+            return _integer_dense(x, self.layer.kernel[...], bias, self.integer)
         return self.layer(self.quantize(x), *args, **kwargs)
 
 
@@ -103,20 +123,26 @@ def nnx_apply(model: nnx.Module, state, *args, **kwargs):
 
     def quantizer(path):
         def quantize(x):
+            seen.add(path)
+            if x is None:
+                return None
             y, stats = quantize_input(x, state, path)
             observed.update(stats)
-            seen.add(path)
             return y
         return quantize
+
+    def integer(path):
+        spec = wanted[path].spec
+        return spec if spec is not None and spec.integer else None
 
     targets = [(p, m) for p, m in nnx.iter_modules(model)
                if isinstance(m, NNX_LAYERS) and _kernel_path(p) in wanted]
     if any(not p for p, _ in targets):  # the model itself is the layer
         (p, m), = targets
-        out = QuantizedInput(m, quantizer(_kernel_path(p)))(*args, **kwargs)
+        out = QuantizedInput(m, quantizer(_kernel_path(p)), integer(_kernel_path(p)))(*args, **kwargs)
     else:
         for p, m in targets:
-            _set_child(model, p, QuantizedInput(m, quantizer(_kernel_path(p))))
+            _set_child(model, p, QuantizedInput(m, quantizer(_kernel_path(p)), integer(_kernel_path(p))))
         try:
             out = model(*args, **kwargs)
         finally:

@@ -160,6 +160,8 @@ def _check_fits(path: str, shape: tuple[int, ...], rule: Rule, index: int) -> No
             field = f"axes={structure.axes}" if hasattr(structure, "axes") else f"axis={structure.axis}"
             raise ValueError(f"{where} {type(structure).__name__}({field}) is out of range. {fix}")
     quant = rule.quant
+    if rule.act is not None and rule.act.integer:
+        _check_integer(where, shape, quant)
     if quant is None:
         return
     axes = () if quant.axis is None else (quant.axis,) if isinstance(quant.axis, int) else quant.axis
@@ -173,6 +175,20 @@ def _check_fits(path: str, shape: tuple[int, ...], rule: Rule, index: int) -> No
         if quant.group_axis % len(shape) in {a % len(shape) for a in axes}:
             raise ValueError(f"{where} QuantSpec(group_axis={quant.group_axis}) is also its channel axis "
                              f"(axis={quant.axis}). Fix: group along another axis, e.g. group_axis=-2, axis=-1.")
+
+
+def _check_integer(where: str, shape, quant: QuantSpec | None) -> None:
+    ok = (quant is not None and quant.linear and quant.bits <= 8 and quant.symmetric and quant.signed
+          and quant.scale_pow2 and quant.group_size is None and quant.learned is None
+          and quant.calibration == "max" and quant.rounding == "nearest" and len(shape) == 2
+          and quant.axis in (None, -1, 1))
+    if not ok:
+        raise ValueError(
+            f"{where} its ActSpec(integer=True) needs a 2-D kernel with an integer weight spec whose "
+            "codes fit int8 and whose scales are powers of two per output column or per tensor. "
+            "Fix: quant=jaxqp.QuantSpec(bits=8, scale_pow2=True) (no groups, LSQ or clipping "
+            "calibration), or drop integer=True."
+        )
 
 
 def resolve(rules: Sequence[Rule] | Rule, params) -> Plan:

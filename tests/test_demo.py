@@ -45,7 +45,7 @@ def test_serving_benchmark_quick_writes_rows(tmp_path):
 @pytest.mark.slow
 def test_step_overhead_quick_writes_rows(tmp_path):
     _, rows = run_quick([str(ROOT / "benchmarks" / "step_overhead.py")], tmp_path / "steps.json")
-    assert [r["config"] for r in rows] == ["int8", "w8a8", "pruned", "pruned+int8"]
+    assert [r["config"] for r in rows] == ["int8", "w8a8", "w8a8-int", "pruned", "pruned+int8"]
     assert all(r["step_ratio"] > 0 for r in rows)
 
 

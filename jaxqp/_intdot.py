@@ -1,0 +1,80 @@
+"""An integer ``x @ W`` for training, equal to the fake-quant matmul (numerics layer: jax only).
+
+:func:`int_dense` quantizes ``x`` (per row or per tensor) and the already
+fake-quantized weight ``W`` (per output column) with symmetric *power-of-two*
+scales, multiplies the int8 codes with ``lax.dot_general`` into int32 and
+rescales. With power-of-two scales every step is exact in float32 as long as
+``K * qmax_x * qmax_w < 2**24`` (``K <= 1040`` for 8 x 8 bits): the float
+fake-quant matmul ``fq(x) @ fq(W)`` is then exact too, so both give the same
+bits. For larger ``K`` the integer result is the exact one and the float matmul
+rounds. The gradient is the fake-quant path's straight-through one:
+``dx = g W^T`` and ``dW = fq(x)^T g``.
+
+``W`` is re-quantized from its fake-quantized values: its codes times the
+recomputed power-of-two scale reproduce it exactly, whichever of the two
+decompositions (same scale, or a finer one when the largest code is below
+``qmax / 2``) comes out, so no scale needs to travel with the weight.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[0.5, -1.0, 0.25]])
+    >>> w = jnp.array([[1.0, 0.5], [-0.25, 2.0], [0.75, -1.0]])
+    >>> int_dense(x, w, 8, 8, True)
+    Array([[ 0.9375, -2.    ]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ._formats import pow2_ceil
+from ._quant import _finite_positive, reciprocal
+
+
+def pow2_codes(x: jax.Array, bits: int, axis: int | None) -> tuple[jax.Array, jax.Array]:
+    """Symmetric codes (int8) and power-of-two scales of 2-D ``x``, reduced over ``axis`` (None: all)."""
+    qmax = 2 ** (bits - 1) - 1
+    absmax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+    scale = pow2_ceil(_finite_positive(absmax * reciprocal(qmax)))
+    codes = jnp.clip(jnp.round(x / scale), -qmax, qmax)
+    return codes.astype(jnp.int8), scale
+
+
+def _forward(x, w, x_bits, w_bits, per_token):
+    k = w.shape[0]
+    rows = x.reshape(-1, k).astype(jnp.float32)
+    n = rows.shape[0]
+    if n == 1:  # XLA's CPU integer dot is ~10x slower for one row than for two
+        rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
+    x_codes, x_scale = pow2_codes(rows, x_bits, 1 if per_token else None)
+    w_codes, w_scale = pow2_codes(w.astype(jnp.float32), w_bits, 0)  # (in, out), one scale per column
+    acc = jax.lax.dot_general(x_codes, w_codes, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    y = (acc.astype(jnp.float32) * x_scale * w_scale)[:n]
+    x_hat = (x_codes.astype(jnp.float32) * x_scale)[:n].reshape(x.shape)
+    return y.reshape(*x.shape[:-1], w.shape[1]).astype(x.dtype), x_hat
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def int_dense(x: jax.Array, w: jax.Array, x_bits: int, w_bits: int, per_token: bool) -> jax.Array:
+    """``fq(x) @ w`` computed in int8 x int8 -> int32; ``w`` is a fake-quantized ``(in, out)`` kernel."""
+    return _forward(x, w, x_bits, w_bits, per_token)[0]
+
+
+def _int_dense_fwd(x, w, x_bits, w_bits, per_token):
+    y, x_hat = _forward(x, w, x_bits, w_bits, per_token)
+    return y, (x_hat, w, jnp.zeros((), x.dtype))
+
+
+def _int_dense_bwd(x_bits, w_bits, per_token, residuals, g):
+    x_hat, w, x_dtype = residuals
+    k, out = w.shape
+    g2 = g.reshape(-1, out).astype(jnp.float32)
+    dx = (g2 @ w.astype(jnp.float32).T).reshape(x_hat.shape).astype(x_dtype.dtype)
+    dw = (x_hat.reshape(-1, k).T @ g2).astype(w.dtype)
+    return dx, dw
+
+
+int_dense.defvjp(_int_dense_fwd, _int_dense_bwd)

@@ -1,0 +1,86 @@
+"""The integer training matmul equals the fake-quant one bit for bit, with the same gradients."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxqp
+from jaxqp import ActSpec, QuantSpec, Rule
+from jaxqp._intdot import int_dense
+
+W_SPEC = QuantSpec(bits=8, scale_pow2=True)
+A_SPEC = ActSpec(bits=8, symmetric=True, per_token=True, scale_pow2=True)
+INT_SPEC = ActSpec(bits=8, symmetric=True, per_token=True, scale_pow2=True, integer=True)
+
+
+def _fake_quant_dense(x, w, spec):
+    params = {"w": w}
+    t = jaxqp.transform([Rule("w", act=spec)])
+    x_hat, _ = jaxqp.quantize_input(x, t.init(params), "w")
+    return x_hat @ w
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("k", [64, 1024])
+def test_int_dense_equals_fake_quant_forward_and_gradients(per_token, k):
+    kx, kw, kg = jax.random.split(jax.random.key(k), 3)
+    x = jax.random.normal(kx, (5, 3, k)) * jnp.logspace(-2, 1, k)
+    w = jaxqp.fake_quant_weight(jax.random.normal(kw, (k, 32)), W_SPEC)
+    spec = ActSpec(bits=8, symmetric=True, per_token=per_token, scale_pow2=True)
+    want = _fake_quant_dense(x, w, spec)
+    got = int_dense(x, w, 8, 8, per_token)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # exact: pow2 scales, K <= 1040
+    np.testing.assert_array_equal(np.asarray(jax.jit(int_dense, static_argnums=(2, 3, 4))(x, w, 8, 8, per_token)),
+                                  np.asarray(want))
+    g = jax.random.normal(kg, want.shape)
+    gx, gw = jax.grad(lambda x, w: jnp.sum(int_dense(x, w, 8, 8, per_token) * g), argnums=(0, 1))(x, w)
+    fx, fw = jax.grad(lambda x, w: jnp.sum(_fake_quant_dense(x, w, spec) * g), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(fx), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gw), np.asarray(fw), rtol=1e-5, atol=1e-4)
+
+
+def test_int_dense_one_row():
+    x = jax.random.normal(jax.random.key(1), (1, 256))
+    w = jaxqp.fake_quant_weight(jax.random.normal(jax.random.key(2), (256, 8)), W_SPEC)
+    np.testing.assert_array_equal(np.asarray(int_dense(x, w, 8, 8, True)), np.asarray(_fake_quant_dense(x, w, A_SPEC)))
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4)(nn.relu(nn.Dense(64)(x)))
+
+
+def test_linen_and_nnx_integer_layers_equal_the_fake_quant_model():
+    x = jax.random.normal(jax.random.key(3), (16, 32))
+    model = MLP()
+    params = model.init(jax.random.key(4), x)["params"]
+    outs = []
+    for act in (A_SPEC, INT_SPEC):
+        t = jaxqp.transform([Rule(r".*/kernel", quant=W_SPEC, act=act)])
+        state = t.init(params)
+        out, _ = jax.jit(lambda p, s: jaxqp.linen_apply(model, s, {"params": t.apply(p, s)}, x))(params, state)
+        outs.append(np.asarray(out))
+    np.testing.assert_array_equal(outs[1], outs[0])
+
+    net = nnx.Sequential(nnx.Linear(32, 64, rngs=nnx.Rngs(0)), jax.nn.relu, nnx.Linear(64, 4, rngs=nnx.Rngs(1)))
+    graphdef, nparams = nnx.split(net, nnx.Param)
+    outs = []
+    for act in (A_SPEC, INT_SPEC):
+        t = jaxqp.transform([Rule(r".*/kernel", quant=W_SPEC, act=act)])
+        state = t.init(nparams)
+        out, _ = jaxqp.nnx_apply(nnx.merge(graphdef, t.apply(nparams, state)), state, x)
+        outs.append(np.asarray(out))
+    np.testing.assert_array_equal(outs[1], outs[0])
+
+
+def test_integer_spec_errors_name_the_rule():
+    with pytest.raises(ValueError, match=r"ActSpec\(integer=True\).*scale_pow2=True"):
+        ActSpec(bits=8, symmetric=True, integer=True)
+    params = {"w": jnp.ones((4, 3))}
+    with pytest.raises(ValueError, match=r"rules\[0\] \(pattern 'w'\).*integer=True\) needs a 2-D kernel.*"
+                                         r"QuantSpec\(bits=8, scale_pow2=True\)"):
+        jaxqp.transform([Rule("w", quant=QuantSpec(bits=8), act=INT_SPEC)]).init(params)
