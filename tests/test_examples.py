@@ -55,6 +55,7 @@ def test_qat_cnn_mnist1d_quick(capsys):
 def test_nnx_transformer_text_quick(capsys):
     module = load("nnx_transformer_text")
     _, _, vocab = module.load_text()
-    test_loss = module.main(["--quick"])
+    test_loss = module.main(["--quick", "--time"])
     assert test_loss < 0.8 * np.log(vocab)  # learned something beyond the uniform guess
-    assert "bits/char" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "bits/char" in out and "w8a8-int" in out
