@@ -37,6 +37,7 @@ import json
 import jax
 import jax.numpy as jnp
 
+from ._intdot import pow2_codes
 from ._qarray import Compressed, QArray, SparseArray
 from ._quant import reciprocal
 
@@ -50,12 +51,15 @@ class ServingKernel(Compressed):
     Invariants: ``codes`` is int8 of shape ``(out, in)`` with values in
     [-127, 127]; ``scale`` is float32 of shape ``(out,)``, finite and positive;
     ``dequantize()`` returns the ``(in, out)`` weight in ``dtype``, equal bit for
-    bit to the QArray it was prepared from.
+    bit to the QArray it was prepared from. ``pow2`` (static): inputs are quantized
+    with power-of-two row scales, as ``ActSpec(scale_pow2=True, per_token=True)`` does
+    in training, so a model trained with ``ActSpec(integer=True)`` serves bit for bit.
     """
 
     codes: jax.Array
     scale: jax.Array
     dtype: str
+    pow2: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -65,7 +69,7 @@ class ServingKernel(Compressed):
         return (self.codes.T.astype(jnp.float32) * self.scale).astype(self.dtype)
 
 
-jax.tree_util.register_dataclass(ServingKernel, data_fields=["codes", "scale"], meta_fields=["dtype"])
+jax.tree_util.register_dataclass(ServingKernel, data_fields=["codes", "scale"], meta_fields=["dtype", "pow2"])
 jax.export.register_pytree_node_serialization(  # so jax.export can carry prepared trees
     ServingKernel,
     serialized_name="jaxqp.ServingKernel",
@@ -79,22 +83,28 @@ def _servable(q: QArray, min_int_size: int) -> bool:
             and q.scale.shape[0] == 1 and q.shape[0] * q.shape[1] >= min_int_size)
 
 
-def _prepare_leaf(leaf, min_int_size: int):
+def _prepare_leaf(leaf, min_int_size: int, pow2_inputs: bool):
     if isinstance(leaf, QArray):
         if _servable(leaf, min_int_size):
             codes = leaf.int_codes().T.astype(jnp.int8)
             scale = jnp.broadcast_to(leaf.scale.reshape(-1), (leaf.shape[1],)).astype(jnp.float32)
-            return ServingKernel(codes, scale, leaf.dtype)
+            return ServingKernel(codes, scale, leaf.dtype, pow2_inputs)
         return leaf.dequantize()
     if isinstance(leaf, SparseArray):
         return leaf.dequantize()
     return leaf
 
 
-def prepare(tree, min_int_size: int = MIN_INT_SIZE):
-    """The serving tree of an exported tree (see the module docstring)."""
+def prepare(tree, min_int_size: int = MIN_INT_SIZE, pow2_inputs: bool = False):
+    """The serving tree of an exported tree (see the module docstring).
+
+    ``pow2_inputs=True`` quantizes inputs with power-of-two row scales: use it for
+    models trained with ``ActSpec(bits=8, symmetric=True, per_token=True,
+    scale_pow2=True)`` (and ``integer=True``), whose served outputs then equal the
+    training forward bit for bit.
+    """
     is_leaf = lambda x: isinstance(x, (QArray, SparseArray))  # noqa: E731
-    return jax.tree_util.tree_map(lambda x: _prepare_leaf(x, min_int_size), tree, is_leaf=is_leaf)
+    return jax.tree_util.tree_map(lambda x: _prepare_leaf(x, min_int_size, pow2_inputs), tree, is_leaf=is_leaf)
 
 
 def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -115,7 +125,7 @@ def int8_matmul(x: jax.Array, kernel: ServingKernel) -> jax.Array:
     n = rows.shape[0]
     if n == 1:  # XLA's CPU integer dot is ~10x slower for one row than for two
         rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
-    codes, row_scale = quantize_rows(rows)
+    codes, row_scale = pow2_codes(rows, 8, 1) if kernel.pow2 else quantize_rows(rows)
     acc = jax.lax.dot_general(codes, kernel.codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
     y = acc.astype(jnp.float32) * row_scale * kernel.scale
     return y[:n].reshape(*x.shape[:-1], kernel.codes.shape[0]).astype(x.dtype)

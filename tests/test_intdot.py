@@ -84,3 +84,16 @@ def test_integer_spec_errors_name_the_rule():
     with pytest.raises(ValueError, match=r"rules\[0\] \(pattern 'w'\).*integer=True\) needs a 2-D kernel.*"
                                          r"QuantSpec\(bits=8, scale_pow2=True\)"):
         jaxqp.transform([Rule("w", quant=QuantSpec(bits=8), act=INT_SPEC)]).init(params)
+
+
+def test_model_trained_with_integer_layers_serves_bit_for_bit():
+    x = jax.random.normal(jax.random.key(5), (8, 32))
+    model = MLP()
+    params = model.init(jax.random.key(6), x)["params"]
+    t = jaxqp.transform([Rule(r".*/kernel", quant=W_SPEC, act=INT_SPEC)])
+    state = t.init(params)
+    trained, _ = jax.jit(lambda p, s: jaxqp.linen_apply(model, s, {"params": t.apply(p, s)}, x))(params, state)
+    served = jaxqp.prepare(jaxqp.export(params, state), min_int_size=1, pow2_inputs=True)
+    assert all(served[k]["kernel"].pow2 for k in ("Dense_0", "Dense_1"))
+    out = jax.jit(jaxqp.linen_serving_apply(model))(served, x)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(trained))
