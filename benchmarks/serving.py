@@ -5,8 +5,10 @@ transformer block (d_model 512, 8 heads, MLP 2048, 16 tokens per sequence), at
 batch 1, 2, 8, 32 and 256, for float32 and for the jaxqp int8 and int4 exports
 and 2:4 + int8 and 90%-sparse + int8 exports (``jaxqp.prepare`` +
 ``jaxqp.linen_serving_apply``: Dense layers run int8 x int8 -> int32 matmuls,
-everything else stays float; sparse codes are densified for the matmul). Each cell is the median over
-interleaved repeats, divided by the float median of the same cell.
+everything else stays float; sparse codes are densified for the matmul), and,
+when Qwix is installed, Qwix's int8 PTQ model (``qwix-ptq-int8``: int8 weights
+and dynamic int8 inputs). Each cell is the median over interleaved repeats,
+divided by the float median of the same cell.
 
 Bytes: the saved file (``jaxqp.save``) of each export of the MLP, divided by the
 saved float32 file.
@@ -86,18 +88,33 @@ def time_calls(fns: dict, args: dict, repeats: int, calls: int) -> dict:
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
+def qwix_ptq(model, params, x):
+    """``(apply, params)`` of Qwix's int8 PTQ (weights and dynamic inputs), or None without Qwix."""
+    try:
+        import qwix
+    except ImportError:
+        return None
+    rule = qwix.QtRule(module_path=".*", weight_qtype=jnp.int8, act_qtype=jnp.int8)
+    quantized = qwix.quantize_model(model, qwix.PtqProvider([rule]))
+    abstract = jax.eval_shape(quantized.init, jax.random.key(0), x)["params"]
+    return jax.jit(lambda p, x: quantized.apply({"params": p}, x)), qwix.quantize_params(params, abstract)
+
+
 def latency_rows(model_name, model, params, make_input, batches, configs, repeats, calls):
     float_apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
     served = {name: jaxqp.prepare(export_tree(params, rules)) for name, rules in configs.items()}
     serve = jax.jit(jaxqp.linen_serving_apply(model))
+    peer = qwix_ptq(model, params, make_input(batches[0]))
     rows = []
     for batch in batches:
         x = make_input(batch)
         fns = {"float32": float_apply, **{name: serve for name in served}}
         args = {"float32": (params, x), **{name: (tree, x) for name, tree in served.items()}}
+        if peer is not None:
+            fns["qwix-ptq-int8"], args["qwix-ptq-int8"] = peer[0], (peer[1], x)
         t = time_calls(fns, args, repeats, calls)
         cells = []
-        for name in served:
+        for name in [n for n in fns if n != "float32"]:
             rows.append({"model": model_name, "batch": batch, "config": name,
                          "latency_ratio": round(t[name] / t["float32"], 4),
                          "latency_ms": round(t[name] * 1e3, 3), "float_ms": round(t["float32"] * 1e3, 3)})
