@@ -1,7 +1,9 @@
 """Serving latency and stored bytes: float vs jaxqp's exported models, in one process.
 
 Latency: a jitted forward pass of (a) a 2-layer 4096-wide MLP and (b) a small
-transformer block (d_model 512, 8 heads, MLP 2048, 16 tokens per sequence), at
+transformer block (d_model 512, 8 heads, MLP 2048, 16 tokens per sequence; its
+attention projections are `DenseGeneral` layers, served in int8 with
+``prepare(..., dense_general=True)``), at
 batch 1, 2, 8, 32 and 256, for float32 and for the jaxqp int8 and int4 exports
 and 2:4 + int8 and 90%-sparse + int8 exports (``jaxqp.prepare`` +
 ``jaxqp.linen_serving_apply``: Dense layers run int8 x int8 -> int32 matmuls,
@@ -102,7 +104,7 @@ def qwix_ptq(model, params, x):
 
 def latency_rows(model_name, model, params, make_input, batches, configs, repeats, calls):
     float_apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
-    served = {name: jaxqp.prepare(export_tree(params, rules)) for name, rules in configs.items()}
+    served = {name: jaxqp.prepare(export_tree(params, rules), dense_general=True) for name, rules in configs.items()}
     serve = jax.jit(jaxqp.linen_serving_apply(model))
     peer = qwix_ptq(model, params, make_input(batches[0]))
     rows = []

@@ -24,7 +24,7 @@ from ._quantizer import fake_quant_weight, init_step, weight_codes, weight_quant
 from ._rule import LeafPlan, Plan, Rule, resolve
 from ._serve_linen import linen_serving_apply
 from ._serve_nnx import Int8Linear, nnx_serving_model
-from ._serving import ServingKernel, export_serving, int8_matmul, load_serving, prepare
+from ._serving import GeneralKernel, ServingKernel, export_serving, int8_matmul, int8_matmul_general, load_serving, prepare
 from ._schedule import Schedule, constant, iterative, one_shot, polynomial
 from ._spec import NM, Blocks, Channels, PruneSpec, QuantSpec, RigL
 from ._summary import Summary, summary
@@ -36,6 +36,7 @@ __all__ = [
     "ActSpec",
     "Blocks",
     "Channels",
+    "GeneralKernel",
     "Int8Linear",
     "LeafPlan",
     "NM",
@@ -73,6 +74,7 @@ __all__ = [
     "group_view",
     "init_step",
     "int8_matmul",
+    "int8_matmul_general",
     "int_bounds",
     "int_range",
     "linen_apply",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-from ._serving import ServingKernel, int8_matmul
+from ._serving import GeneralKernel, ServingKernel, int8_matmul
 
 
 class Int8Linear(nnx.Module):
@@ -46,9 +46,18 @@ def _swap(module) -> Int8Linear:
     return Int8Linear(module.kernel, module.bias if module.use_bias else None)
 
 
+def _decode_general(model) -> None:
+    """NNX layers have no integer path for N-D kernels: decode GeneralKernels to float in place."""
+    for _, module in nnx.iter_modules(model):
+        kernel = getattr(module, "kernel", None)
+        if isinstance(kernel, nnx.Variable) and isinstance(kernel.get_value(), GeneralKernel):
+            kernel.set_value(kernel.get_value().dequantize())
+
+
 def nnx_serving_model(graphdef, served, *rest) -> nnx.Module:
     """The merged model with every served ``nnx.Linear`` running the int8 path."""
     model = nnx.merge(graphdef, served, *rest)
+    _decode_general(model)
     if _is_served_linear(model):
         return _swap(model)
     for path, module in list(nnx.iter_modules(model)):

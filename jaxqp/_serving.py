@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -78,14 +79,49 @@ jax.export.register_pytree_node_serialization(  # so jax.export can carry prepar
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class GeneralKernel(Compressed):
+    """An int8 ``nn.DenseGeneral`` kernel of 3 or more axes, for :func:`int8_matmul_general`.
+
+    Invariants: ``codes`` is int8 in the kernel's own layout ``(*contracted, *features)``
+    with values in [-127, 127]; ``scale`` is float32 of the kernel's rank, size 1 on
+    every axis but possibly the last, finite and positive; ``dequantize()`` equals the
+    QArray it was prepared from bit for bit.
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+    dtype: str
+    pow2: bool = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> jax.Array:
+        return (self.codes.astype(jnp.float32) * self.scale).astype(self.dtype)
+
+
+jax.tree_util.register_dataclass(GeneralKernel, data_fields=["codes", "scale"], meta_fields=["dtype", "pow2"])
+jax.export.register_pytree_node_serialization(
+    GeneralKernel,
+    serialized_name="jaxqp.GeneralKernel",
+    serialize_auxdata=lambda aux: json.dumps(list(aux)).encode(),
+    deserialize_auxdata=lambda raw: tuple(json.loads(raw)),
+)
+
+
 def _servable(q: QArray, min_int_size: int) -> bool:
-    return (len(q.shape) == 2 and q.zero_point is None and q.bits <= 8 and q.qmin >= -127
-            and q.scale.shape[0] == 1 and q.shape[0] * q.shape[1] >= min_int_size)
+    per_last_axis = all(d == 1 for d in q.scale.shape[:-1])
+    return (len(q.shape) >= 2 and q.zero_point is None and q.bits <= 8 and q.qmin >= -127 and q.group is None
+            and per_last_axis and math.prod(q.shape) >= min_int_size)
 
 
-def _prepare_leaf(leaf, min_int_size: int, pow2_inputs: bool):
+def _prepare_leaf(leaf, min_int_size: int, pow2_inputs: bool, dense_general: bool):
     if isinstance(leaf, QArray):
-        if _servable(leaf, min_int_size):
+        if dense_general and _servable(leaf, min_int_size) and len(leaf.shape) > 2:
+            return GeneralKernel(leaf.int_codes().astype(jnp.int8), leaf.scale, leaf.dtype, pow2_inputs)
+        if _servable(leaf, min_int_size) and len(leaf.shape) == 2:
             codes = leaf.int_codes().T.astype(jnp.int8)
             scale = jnp.broadcast_to(leaf.scale.reshape(-1), (leaf.shape[1],)).astype(jnp.float32)
             return ServingKernel(codes, scale, leaf.dtype, pow2_inputs)
@@ -95,16 +131,20 @@ def _prepare_leaf(leaf, min_int_size: int, pow2_inputs: bool):
     return leaf
 
 
-def prepare(tree, min_int_size: int = MIN_INT_SIZE, pow2_inputs: bool = False):
+def prepare(tree, min_int_size: int = MIN_INT_SIZE, pow2_inputs: bool = False, dense_general: bool = False):
     """The serving tree of an exported tree (see the module docstring).
 
     ``pow2_inputs=True`` quantizes inputs with power-of-two row scales: use it for
     models trained with ``ActSpec(bits=8, symmetric=True, per_token=True,
     scale_pow2=True)`` (and ``integer=True``), whose served outputs then equal the
-    training forward bit for bit.
+    training forward bit for bit. ``dense_general=True`` also prepares kernels of 3+
+    axes as :class:`GeneralKernel` for linen ``nn.DenseGeneral`` layers (attention
+    projections); :func:`jaxqp.linen_serving_apply` decodes those that no such layer
+    uses (e.g. convolutions) to float at each call, so leave it off for CNNs.
     """
     is_leaf = lambda x: isinstance(x, (QArray, SparseArray))  # noqa: E731
-    return jax.tree_util.tree_map(lambda x: _prepare_leaf(x, min_int_size, pow2_inputs), tree, is_leaf=is_leaf)
+    return jax.tree_util.tree_map(lambda x: _prepare_leaf(x, min_int_size, pow2_inputs, dense_general), tree,
+                                  is_leaf=is_leaf)
 
 
 def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -129,6 +169,30 @@ def int8_matmul(x: jax.Array, kernel: ServingKernel) -> jax.Array:
     acc = jax.lax.dot_general(codes, kernel.codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
     y = acc.astype(jnp.float32) * row_scale * kernel.scale
     return y[:n].reshape(*x.shape[:-1], kernel.codes.shape[0]).astype(x.dtype)
+
+
+def int8_matmul_general(x: jax.Array, kernel: GeneralKernel, n_contract: int) -> jax.Array:
+    """``x`` contracted over its last ``n_contract`` axes with the kernel's leading ones, in int8.
+
+    The kernel's codes are read as a ``(K, F)`` matrix (a free reshape of its own layout):
+    each row of ``x`` is quantized like :func:`int8_matmul`'s, the int32 result rescaled by
+    the row scale and the kernel's scale, and reshaped to ``(..., *features)``.
+    """
+    contracted, features = kernel.shape[:n_contract], kernel.shape[n_contract:]
+    if tuple(x.shape[x.ndim - n_contract:]) != contracted:
+        raise ValueError(f"int8_matmul_general: x's last axes {x.shape[x.ndim - n_contract:]} do not match "
+                         f"the kernel's contracted axes {contracted}")
+    k, f = math.prod(contracted), math.prod(features)
+    rows = x.reshape(-1, k)
+    n = rows.shape[0]
+    if n == 1:
+        rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
+    codes, row_scale = pow2_codes(rows, 8, 1) if kernel.pow2 else quantize_rows(rows)
+    acc = jax.lax.dot_general(codes, kernel.codes.reshape(k, f), (((1,), (0,)), ((), ())),
+                              preferred_element_type=jnp.int32)
+    scale = jnp.broadcast_to(kernel.scale, kernel.shape).reshape(k, f)[0]
+    y = acc.astype(jnp.float32) * row_scale * scale
+    return y[:n].reshape(*x.shape[:x.ndim - n_contract], *features).astype(x.dtype)
 
 
 def export_serving(apply_fn, *example_args) -> bytes:

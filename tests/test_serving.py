@@ -168,3 +168,39 @@ def test_nnx_serving_swaps_linears_and_matches_within_activation_rounding():
     first = np.asarray(jax.jit(lambda s, x: nnx.merge(s_graphdef, s).l1(x))(s_state, x))
     np.testing.assert_array_equal(first, reference_int8_matmul(x, served["l1"]["kernel"].get_value())
                                   + np.asarray(served["l1"]["bias"].get_value()))
+
+
+class Attention(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(64, (3,))(x)
+        return nn.MultiHeadDotProductAttention(num_heads=4)(x, x)
+
+
+def test_dense_general_kernels_serve_in_int8_and_convs_fall_back():
+    model = Attention()
+    x = jax.random.normal(jax.random.key(10), (2, 16, 64))
+    params = model.init(jax.random.key(11), x)["params"]
+    t = jaxqp.transform([Rule(r".*/kernel", quant=QuantSpec(bits=8))])
+    state = t.init(params)
+    exported = jaxqp.export(params, state)
+    served = jaxqp.prepare(exported, min_int_size=1, dense_general=True)
+    attention = served["MultiHeadDotProductAttention_0"]
+    assert all(isinstance(attention[k]["kernel"], jaxqp.GeneralKernel) for k in ("query", "key", "value", "out"))
+    for k in ("query", "out"):  # decodes to the exported weight bit for bit
+        assert (np.asarray(attention[k]["kernel"].dequantize()).tobytes()
+                == np.asarray(t.apply(params, state)["MultiHeadDotProductAttention_0"][k]["kernel"]).tobytes())
+    got = np.asarray(jax.jit(jaxqp.linen_serving_apply(model))(served, x))
+    want = np.asarray(model.apply({"params": t.apply(params, state)}, x))
+    np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05)  # activation rounding only
+    assert not np.array_equal(got, want)  # the int8 path really ran
+    plain = jaxqp.prepare(exported, min_int_size=1)  # default: N-D kernels decoded once, float path
+    assert isinstance(plain["MultiHeadDotProductAttention_0"]["query"]["kernel"], jax.Array)
+    # the projection alone equals the integer reference
+    q = jaxqp.int8_matmul_general(x, attention["query"]["kernel"], 1)
+    codes = np.asarray(attention["query"]["kernel"].codes, np.int64).reshape(64, -1)
+    scale = np.max(np.abs(np.asarray(x).reshape(-1, 64)), axis=1, keepdims=True) * (np.float32(1) / np.float32(127))
+    xc = np.clip(np.round(np.asarray(x).reshape(-1, 64) / scale), -127, 127).astype(np.int64)
+    w_scale = np.broadcast_to(np.asarray(attention["query"]["kernel"].scale), (64, 4, 16)).reshape(64, -1)[0]
+    ref = ((xc @ codes).astype(np.float32) * scale.astype(np.float32) * w_scale).reshape(2, 16, 4, 16)
+    np.testing.assert_array_equal(np.asarray(q), ref)
