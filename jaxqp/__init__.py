@@ -26,7 +26,8 @@ from ._serve_linen import linen_serving_apply
 from ._serve_nnx import Int8Linear, nnx_serving_model
 from ._serving import GeneralKernel, ServingKernel, export_serving, int8_matmul, int8_matmul_general, load_serving, prepare
 from ._schedule import Schedule, constant, iterative, one_shot, polynomial
-from ._spec import NM, Blocks, Channels, PruneSpec, QuantSpec, RigL
+from ._prune_spec import NM, Blocks, Channels, PruneSpec, RigL
+from ._spec import QuantSpec
 from ._summary import Summary, summary
 from ._transform import ParamTransform, TransformState, chain, freeze_masks, transform
 

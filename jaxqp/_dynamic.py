@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from ._mask import magnitude_mask
 from ._path import paths_and_leaves
-from ._spec import RigL
+from ._prune_spec import RigL
 
 
 def drop_fraction(spec: RigL, step) -> jax.Array:

@@ -7,7 +7,7 @@ compiled training step serves every step.
 Example:
     >>> import jax.numpy as jnp
     >>> from jaxqp._rule import Rule, resolve
-    >>> from jaxqp._spec import PruneSpec
+    >>> from jaxqp._prune_spec import PruneSpec
     >>> params = {"w": jnp.array([0.1, -0.4, 0.3, 0.2])}
     >>> plan = resolve([Rule("w", prune=PruneSpec(sparsity=0.5))], params)
     >>> masks_for(plan, [("w", params["w"])], None, 0)["w"]
@@ -27,7 +27,7 @@ from ._dynamic import rigl_mask
 from ._mask import block_mask, channel_mask, global_magnitude_masks, magnitude_mask, nm_mask, threshold_mask
 from ._rule import LeafPlan, Plan
 from ._schedule import final_sparsity
-from ._spec import NM, Blocks, Channels, PruneSpec
+from ._prune_spec import NM, Blocks, Channels, PruneSpec
 
 Masks = dict[str, jax.Array]
 

@@ -26,7 +26,8 @@ import numpy as np
 
 from ._act_spec import ActSpec
 from ._path import paths_and_leaves
-from ._spec import PruneSpec, QuantSpec
+from ._prune_spec import PruneSpec
+from ._spec import QuantSpec
 
 _EXAMPLES = 6
 
