@@ -113,3 +113,25 @@ def test_wrap_updates_learned_steps_and_export_uses_them():
     np.testing.assert_array_equal(np.asarray(packed["w"].scale), np.asarray(new))
     np.testing.assert_array_equal(np.asarray(jaxqp.dequantize(packed)["w"]),
                                   np.asarray(t.apply(params, jaxqp.state_of(opt_state))["w"]))
+
+
+@pytest.mark.standard_promotion  # optax.adam
+def test_learned_values_with_gradient_accumulation_inside_wrap():
+    params, t, _ = _lsq_setup()
+    tx = jaxqp.wrap(optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2), t)
+    opt_state = tx.init(params)
+    loss = lambda p, s: jnp.sum(t.apply(p, s)["w"] ** 2)  # noqa: E731
+
+    @jax.jit
+    def step(params, opt_state):
+        grads = jax.grad(loss, argnums=(0, 1), allow_int=True)(params, jaxqp.state_of(opt_state))
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    first = jaxqp.state_of(opt_state).learned["weights"]["w"]["step"]
+    new_params, opt_state = step(params, opt_state)
+    np.testing.assert_array_equal(np.asarray(new_params["w"]), np.asarray(params["w"]))  # accumulating
+    params, opt_state = step(new_params, opt_state)
+    assert not np.array_equal(np.asarray(params["w"]), np.asarray(new_params["w"]))  # applied at k = 2
+    assert not np.array_equal(np.asarray(jaxqp.state_of(opt_state).learned["weights"]["w"]["step"]),
+                              np.asarray(first))
