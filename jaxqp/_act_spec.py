@@ -35,8 +35,9 @@ class ActSpec:
         (the first batch's range is used until one is recorded); "pact": a learned
         clip ``alpha`` (Choi et al. 2018); "lsq" / "lsq+": a learned step
         (and offset) (Esser et al. 2020; Bhalgat et al. 2020).
-      per_token: dynamic ranges per row (all axes but the last reduced... per
-        token of a ``(batch, tokens, features)`` input).
+      per_token: dynamic ranges per row: the last axis is reduced, every other
+        axis keeps its own range (one per token of a ``(batch, tokens, features)``
+        input).
       calibration: "max" (default) or "percentile" for observed ranges.
       percentile: for ``calibration="percentile"``, in (0, 100].
       decay: EMA decay of static ranges, in [0, 1).
