@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from . import _activation
 from ._act_spec import ActSpec
 from ._masking import MaskInputs, masks_for
-from ._transform import TransformState, transform_states
+from ._transform import TransformState, map_states, transform_states
 
 
 class InputEntry(NamedTuple):
@@ -40,6 +40,11 @@ class InputEntry(NamedTuple):
     ranges: dict | None
     learned: dict | None
     calibrating: bool
+    wanda: bool  # the kernel is pruned by Wanda: calibration records its input norms
+
+
+def _is_wanda(entry) -> bool:
+    return entry.prune is not None and entry.prune.criterion == "wanda"
 
 
 def input_entries(state) -> dict[str, InputEntry]:
@@ -47,10 +52,10 @@ def input_entries(state) -> dict[str, InputEntry]:
     out: dict[str, InputEntry] = {}
     for s in transform_states(state):
         for entry in s.plan.leaves:
-            wanda = entry.prune is not None and entry.prune.criterion == "wanda"
-            if (entry.act is not None or wanda) and entry.path not in out:
+            if (entry.act is not None or _is_wanda(entry)) and entry.path not in out:
                 learned = s.learned.get("inputs", {}).get(entry.path)
-                out[entry.path] = InputEntry(entry.act, s.ranges.get(entry.path), learned, s.calibrating)
+                out[entry.path] = InputEntry(entry.act, s.ranges.get(entry.path), learned, s.calibrating,
+                                             _is_wanda(entry))
     return out
 
 
@@ -74,19 +79,12 @@ def quantize_input(x: jax.Array, state, path: str) -> tuple[jax.Array, dict]:
     of a step to ``tx.update(..., observed=...)``) and ``{}`` otherwise.
     """
     e = _entry(state, path)
-    if e.spec is None:  # Wanda only: observed while calibrating, never quantized
-        return x, ({path: {"sumsq": _feature_sumsq(x)}} if e.calibrating else {})
-    y, seen = _activation.fake_quant_input(x, e.spec, e.ranges, e.learned, e.calibrating)
-    if e.calibrating and any(p.prune is not None and p.prune.criterion == "wanda" and p.path == path
-                             for s in transform_states(state) for p in s.plan.leaves):
+    y, seen = x, {}
+    if e.spec is not None:  # None: Wanda only, observed while calibrating, never quantized
+        y, seen = _activation.fake_quant_input(x, e.spec, e.ranges, e.learned, e.calibrating)
+    if e.calibrating and e.wanda:
         seen = {**seen, "sumsq": _feature_sumsq(x)}
     return y, ({path: seen} if seen else {})
-
-
-def _set_calibrating(state, flag: bool):
-    return jax.tree_util.tree_map(
-        lambda n: dataclasses.replace(n, calibrating=flag) if isinstance(n, TransformState) else n,
-        state, is_leaf=lambda n: isinstance(n, TransformState))
 
 
 def calibrate(state, forward: Callable[[Any, Any], tuple[Any, dict]], batches: Iterable, params=None) -> Any:
@@ -105,7 +103,7 @@ def calibrate(state, forward: Callable[[Any, Any], tuple[Any, dict]], batches: I
     over all batches as their scores; given ``params``, their masks are recomputed
     from ``|w| * ||x||`` (one-shot Wanda pruning at the schedule's step-0 sparsity).
     """
-    calibrating = _set_calibrating(state, True)
+    calibrating = map_states(state, lambda s: dataclasses.replace(s, calibrating=True))
     run = jax.jit(forward)
     seen: dict[str, list] = {}
     for batch in batches:
@@ -122,7 +120,7 @@ def calibrate(state, forward: Callable[[Any, Any], tuple[Any, dict]], batches: I
     def calibrated(s: TransformState) -> TransformState:
         ranges, inputs, scores = dict(s.ranges), dict(s.learned.get("inputs", {})), dict(s.scores)
         for entry in s.plan.leaves:
-            if entry.prune is not None and entry.prune.criterion == "wanda":
+            if _is_wanda(entry):
                 scores[entry.path] = jnp.sqrt(sum(b["sumsq"] for b in seen[entry.path]))
             if entry.act is None:
                 continue
@@ -133,13 +131,12 @@ def calibrate(state, forward: Callable[[Any, Any], tuple[Any, dict]], batches: I
                 inputs[entry.path] = learned
         learned_all = {**s.learned, "inputs": inputs} if inputs else s.learned
         masks = s.masks
-        if params is not None and any(e.prune is not None and e.prune.criterion == "wanda" for e in s.plan.leaves):
+        wanda = {e.path for e in s.plan.leaves if _is_wanda(e)}
+        if params is not None and wanda:
             flat, _ = s.plan.check(params)
             fresh = masks_for(s.plan, flat, None, 0, MaskInputs(scores=scores, key=s.key))
-            wanda = {e.path for e in s.plan.leaves if e.prune is not None and e.prune.criterion == "wanda"}
             masks = {path: fresh[path] if path in wanda else m for path, m in s.masks.items()}
         return dataclasses.replace(s, ranges=ranges, learned=learned_all, scores=scores, masks=masks,
                                    calibrating=False)
 
-    return jax.tree_util.tree_map(lambda n: calibrated(n) if isinstance(n, TransformState) else n,
-                                  state, is_leaf=lambda n: isinstance(n, TransformState))
+    return map_states(state, calibrated)

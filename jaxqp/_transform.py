@@ -282,11 +282,15 @@ def learned_of(tree) -> tuple[dict, ...]:
     return tuple(s.learned for s in transform_states(tree))
 
 
+def map_states(tree, fn):
+    """``tree`` with every :class:`TransformState` ``s`` in it replaced by ``fn(s)``, in order."""
+    return jax.tree_util.tree_map(lambda n: fn(n) if _is_state(n) else n, tree, is_leaf=_is_state)
+
+
 def with_learned(tree, values: tuple[dict, ...]):
     """``tree`` with the ``learned`` dicts of its transform states replaced, in order."""
     values = iter(values)
-    return jax.tree_util.tree_map(
-        lambda n: dataclasses.replace(n, learned=next(values)) if _is_state(n) else n, tree, is_leaf=_is_state)
+    return map_states(tree, lambda s: dataclasses.replace(s, learned=next(values)))
 
 
 def freeze_masks(tree, frozen: bool = True):
@@ -304,5 +308,4 @@ def freeze_masks(tree, frozen: bool = True):
     >>> bool(t.update(params, state).masks["w"].all())
     True
     """
-    return jax.tree_util.tree_map(lambda n: dataclasses.replace(n, frozen=frozen) if _is_state(n) else n,
-                                  tree, is_leaf=_is_state)
+    return map_states(tree, lambda s: dataclasses.replace(s, frozen=frozen))
