@@ -17,6 +17,7 @@ from ._learned import lsq, lsq_grad_scale, pact
 from ._io import load, save
 from ._lottery import rewind
 from ._mask import apply_mask, block_mask, channel_mask, global_magnitude_masks, magnitude_mask, nm_mask, threshold_mask
+from ._nm_array import NMArray
 from ._optax import WrapState, state_of, wrap
 from ._qarray import QArray, SparseArray, dequantize
 from ._quant import affine_scale, fake_quant, int_range, symmetric_scale
@@ -47,6 +48,7 @@ __all__ = [
     "QArray",
     "QuantSpec",
     "RigL",
+    "NMArray",
     "QuantizedInput",
     "Rule",
     "Schedule",

@@ -8,7 +8,8 @@ list its tensors. jaxqp's own information lives in the header's
 * ``format = "jaxqp"`` and ``format_version`` (this code writes and reads 1);
 * ``jaxqp_version``, the library that wrote the file;
 * ``tree``: the tree structure (dicts with string keys, lists, tuples, None) with
-  each leaf described as an array, a :class:`QArray` or a :class:`SparseArray`
+  each leaf described as an array, a :class:`QArray`, a :class:`SparseArray` or an
+  :class:`NMArray`
   (its static fields and the names of its tensors);
 * ``sha256``: a checksum per tensor, and ``header_sha256``, a checksum of the
   rest of the header (tensor entries and metadata, as canonical JSON).
@@ -39,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._nm_array import NMArray
 from ._qarray import QArray, SparseArray
 
 FORMAT = "jaxqp"
@@ -83,6 +85,10 @@ def _describe(node, path: str, writer: _Writer):
         return {"sparse": {"values": writer.add(f"{where}:values", node.values),
                            "bitmask": writer.add(f"{where}:bitmask", node.bitmask),
                            "shape": list(node.shape)}}
+    if isinstance(node, NMArray):
+        return {"nm": {"values": _describe(node.values, f"{where}:values", writer),
+                       "index": writer.add(f"{where}:index", node.index),
+                       "shape": list(node.shape), "n": node.n, "m": node.m, "axis": node.axis}}
     if node is None:
         return {"none": None}
     if isinstance(node, dict):
@@ -97,7 +103,7 @@ def _describe(node, path: str, writer: _Writer):
         return {"array": writer.add(where, node)}
     raise TypeError(
         f"jaxqp.save: '{where}' is a {type(node).__name__}; save takes dicts with string keys, lists, "
-        "tuples, arrays, QArray and SparseArray (for an NNX state, save nnx.to_pure_dict(state))"
+        "tuples, arrays, QArray, SparseArray and NMArray (for an NNX state, save nnx.to_pure_dict(state))"
     )
 
 
@@ -235,6 +241,12 @@ def _build(node, tensors: dict, path):
         return _validated(q, path)
     if kind == "sparse":
         return _validated(SparseArray(get(value["values"]), get(value["bitmask"]), tuple(value["shape"])), path)
+    if kind == "nm":
+        values = _build(value["values"], tensors, path)
+        if not isinstance(values, (QArray, jax.Array)):
+            raise _refuse(path, "an N:M leaf's values are neither an array nor a QArray")
+        static = {k: int(value[k]) for k in ("n", "m", "axis")}
+        return _validated(NMArray(values, get(value["index"]), tuple(value["shape"]), **static), path)
     raise _refuse(path, f"unknown leaf kind '{kind}' in the tree description")
 
 

@@ -218,7 +218,7 @@ def is_compressed(x: Any) -> bool:
 
 
 def dequantize(tree):
-    """Replaces every compressed leaf (QArray, SparseArray, ServingKernel) in ``tree`` by its float array."""
+    """Replaces every compressed leaf (QArray, SparseArray, NMArray, ServingKernel) in ``tree`` by its float array."""
     return jax.tree_util.tree_map(lambda x: x.dequantize() if is_compressed(x) else x, tree, is_leaf=is_compressed)
 
 

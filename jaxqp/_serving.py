@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from ._intdot import pow2_codes
+from ._nm_array import NMArray
 from ._qarray import Compressed, QArray, SparseArray
 from ._quant import reciprocal
 
@@ -118,6 +119,8 @@ def _servable(q: QArray, min_int_size: int) -> bool:
 
 
 def _prepare_leaf(leaf, min_int_size: int, pow2_inputs: bool, dense_general: bool):
+    if isinstance(leaf, NMArray) and isinstance(leaf.values, QArray):
+        leaf = leaf.dense_qarray()  # the int8 kernel needs every code; N:M saves bytes, not time, on CPU
     if isinstance(leaf, QArray):
         if dense_general and _servable(leaf, min_int_size) and len(leaf.shape) > 2:
             return GeneralKernel(leaf.int_codes().astype(jnp.int8), leaf.scale, leaf.dtype, pow2_inputs)
@@ -126,7 +129,7 @@ def _prepare_leaf(leaf, min_int_size: int, pow2_inputs: bool, dense_general: boo
             scale = jnp.broadcast_to(leaf.scale.reshape(-1), (leaf.shape[1],)).astype(jnp.float32)
             return ServingKernel(codes, scale, leaf.dtype, pow2_inputs)
         return leaf.dequantize()
-    if isinstance(leaf, SparseArray):
+    if isinstance(leaf, (SparseArray, NMArray)):
         return leaf.dequantize()
     return leaf
 
@@ -142,7 +145,7 @@ def prepare(tree, min_int_size: int = MIN_INT_SIZE, pow2_inputs: bool = False, d
     projections); :func:`jaxqp.linen_serving_apply` decodes those that no such layer
     uses (e.g. convolutions) to float at each call, so leave it off for CNNs.
     """
-    is_leaf = lambda x: isinstance(x, (QArray, SparseArray))  # noqa: E731
+    is_leaf = lambda x: isinstance(x, (QArray, SparseArray, NMArray))  # noqa: E731
     return jax.tree_util.tree_map(lambda x: _prepare_leaf(x, min_int_size, pow2_inputs, dense_general), tree,
                                   is_leaf=is_leaf)
 
