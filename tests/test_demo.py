@@ -42,6 +42,12 @@ def test_serving_benchmark_quick_writes_rows(tmp_path):
     assert sizes["sparse90+int8"] < sizes["int4"] < sizes["nm2:4+int8"] < sizes["int8"] < 0.3
 
 
+def test_int8_dot_benchmark_quick_writes_rows(tmp_path):
+    _, rows = run_quick([str(ROOT / "benchmarks" / "int8_dot.py")], tmp_path / "dot.json")
+    assert [(r["shape"], r["rows"]) for r in rows] == [([256, 256], 4), ([256, 256], 64)]
+    assert all(r["float_ms"] > 0 and r["rows_first_ratio"] > 0 and r["kernel_first_ratio"] > 0 for r in rows)
+
+
 @pytest.mark.slow
 def test_step_overhead_quick_writes_rows(tmp_path):
     _, rows = run_quick([str(ROOT / "benchmarks" / "step_overhead.py")], tmp_path / "steps.json")

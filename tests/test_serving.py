@@ -9,6 +9,7 @@ import pytest
 
 import jaxqp
 from jaxqp import PruneSpec, QuantSpec, Rule, ServingKernel
+from jaxqp._serving import MIN_ROWS, SWAP_MAX_ROWS
 
 
 def reference_int8_matmul(x, kernel):
@@ -29,8 +30,9 @@ def served_kernel(shape=(256, 300), bits=8, seed=0, **spec):
     return params, t, state, packed, jaxqp.prepare(packed, min_int_size=1)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 32])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 32, 64, 65, 200])  # padded, kernel-first and rows-first dots
 def test_int8_matmul_is_exact_integer_arithmetic(rows):
+    assert (MIN_ROWS, SWAP_MAX_ROWS) == (4, 64)  # the parametrization straddles both switches
     *_, served = served_kernel()
     kernel = served["w"]
     assert isinstance(kernel, ServingKernel) and kernel.codes.dtype == jnp.int8 and kernel.codes.shape == (300, 256)
