@@ -45,8 +45,10 @@ class ActSpec:
         until :func:`jaxqp.calibrate` sets them from data.
       scale_pow2: round scales up to powers of two (symmetric dynamic/static ranges).
       integer: run the layer's matmul as int8 x int8 -> int32 (``lax.dot_general``)
-        in training and evaluation, for linen ``nn.Dense`` and NNX ``nnx.Linear``
-        with a 2-D kernel; needs power-of-two scales on both operands
+        in training and evaluation, for linen ``nn.Dense`` / NNX ``nnx.Linear``, and
+        ``nn.DenseGeneral`` / ``nnx.LinearGeneral`` contracting trailing input axes
+        without batch axes (other layers keep the fake-quant matmul, same numbers);
+        needs power-of-two scales on both operands
         (``symmetric=True, scale_pow2=True`` here and on the weight's QuantSpec), so
         the result equals the fake-quant matmul bit for bit (see ``jaxqp._intdot``).
     """

@@ -27,6 +27,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 from flax import nnx
 
@@ -65,10 +67,11 @@ def linen_apply(model: nn.Module, state, variables, *args, method=None, **kwargs
         if path not in wanted or not call_args:
             return next_fun(*call_args, **call_kwargs)
         spec = wanted[path].spec
-        if spec is not None and spec.integer and type(module) is nn.Dense:
+        n_contract = _integer_contraction(module, call_args[0], spec)
+        if n_contract is not None:
             seen.add(path)
             bias = module.get_variable("params", "bias") if module.use_bias else None
-            return _integer_dense(call_args[0], module.get_variable("params", "kernel"), bias, spec)
+            return _integer_dense(call_args[0], module.get_variable("params", "kernel"), bias, spec, n_contract)
         x, stats = quantize_input(call_args[0], state, path)
         observed.update(stats)
         seen.add(path)
@@ -80,16 +83,51 @@ def linen_apply(model: nn.Module, state, variables, *args, method=None, **kwargs
     return out, observed
 
 
-def _integer_dense(x, kernel, bias, spec):
-    y = int_dense(x, kernel, spec.bits, spec.bits, spec.per_token)
-    return y if bias is None else y + bias.astype(y.dtype)
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _integer_contraction(layer, x, spec) -> int | None:
+    """How many trailing axes of ``x`` the layer contracts, if ``spec`` runs it in int8 (else None).
+
+    ``nn.Dense``/``nnx.Linear`` contract the last axis; ``nn.DenseGeneral`` and
+    ``nnx.LinearGeneral`` qualify when they contract trailing axes of ``x`` and have
+    no batch axes (attention projections), and, with ``per_token`` (one scale per
+    last-axis row), only one axis. Other layers keep the fake-quant matmul, which
+    computes the same numbers.
+    """
+    if spec is None or not spec.integer:
+        return None
+    if type(layer) in (nn.Dense, nnx.Linear):
+        return 1
+    if type(layer) is nn.DenseGeneral and not _as_tuple(layer.batch_dims):
+        axis = layer.axis
+    elif type(layer) is nnx.LinearGeneral and not layer.batch_axis:
+        axis = layer.axis
+    else:
+        return None
+    axes = sorted(a % x.ndim for a in _as_tuple(axis))
+    if axes != list(range(x.ndim - len(axes), x.ndim)) or (spec.per_token and len(axes) > 1):
+        return None
+    return len(axes)
+
+
+def _integer_dense(x, kernel, bias, spec, n_contract: int = 1):
+    """The layer's ``x . kernel (+ bias)`` with :func:`int_dense`, the kernel read as a ``(K, F)`` matrix."""
+    contracted, features = kernel.shape[:n_contract], kernel.shape[n_contract:]
+    k = math.prod(contracted)
+    y = int_dense(x.reshape(*x.shape[:x.ndim - n_contract], k), kernel.reshape(k, -1), spec.bits, spec.bits,
+                  spec.per_token)
+    y = y.reshape(*y.shape[:-1], *features)
+    return y if bias is None else y + bias.reshape(features).astype(y.dtype)
 
 
 class QuantizedInput(nnx.Module):
     """Calls ``layer`` on its input fake-quantized by ``quantize`` (used by :func:`nnx_apply`).
 
-    With ``integer`` (an :class:`ActSpec` with ``integer=True``) an ``nnx.Linear`` runs
-    the int8 matmul of :func:`jaxqp._intdot.int_dense` instead.
+    With ``integer`` (an :class:`ActSpec` with ``integer=True``) an ``nnx.Linear`` (or an
+    ``nnx.LinearGeneral`` contracting trailing axes) runs the int8 matmul of
+    :func:`jaxqp._intdot.int_dense` instead.
     """
 
     def __init__(self, layer, quantize, integer=None):
@@ -98,10 +136,12 @@ class QuantizedInput(nnx.Module):
         self.integer = integer
 
     def __call__(self, x, *args, **kwargs):
-        if self.integer is not None and type(self.layer) is nnx.Linear:
+        plain = not args and all(k == "out_sharding" and v is None for k, v in kwargs.items())
+        n_contract = _integer_contraction(self.layer, x, self.integer) if plain else None
+        if n_contract is not None:
             self.quantize(None)  # records that the layer ran
             bias = self.layer.bias[...] if self.layer.bias is not None else None
-            return _integer_dense(x, self.layer.kernel[...], bias, self.integer)
+            return _integer_dense(x, self.layer.kernel[...], bias, self.integer, n_contract)
         return self.layer(self.quantize(x), *args, **kwargs)
 
 

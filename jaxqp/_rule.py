@@ -181,12 +181,12 @@ def _check_fits(path: str, shape: tuple[int, ...], rule: Rule, index: int) -> No
 def _check_integer(where: str, shape, quant: QuantSpec | None) -> None:
     ok = (quant is not None and quant.linear and quant.bits <= 8 and quant.symmetric and quant.signed
           and quant.scale_pow2 and quant.group_size is None and quant.learned is None
-          and quant.calibration == "max" and quant.rounding == "nearest" and len(shape) == 2
-          and quant.axis in (None, -1, 1))
+          and quant.calibration == "max" and quant.rounding == "nearest" and len(shape) >= 2
+          and quant.axis in (None, -1, len(shape) - 1))
     if not ok:
         raise ValueError(
-            f"{where} its ActSpec(integer=True) needs a 2-D kernel with an integer weight spec whose "
-            "codes fit int8 and whose scales are powers of two per output column or per tensor. "
+            f"{where} its ActSpec(integer=True) needs a kernel of 2+ axes with an integer weight spec whose "
+            "codes fit int8 and whose scales are powers of two per last-axis channel or per tensor. "
             "Fix: quant=jaxqp.QuantSpec(bits=8, scale_pow2=True) (no groups, LSQ or clipping "
             "calibration), or drop integer=True."
         )

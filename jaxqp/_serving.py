@@ -38,7 +38,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ._intdot import pow2_codes
+from ._intdot import int8_dot_rows, padded_rows, pow2_codes
 from ._nm_array import NMArray
 from ._qarray import Compressed, QArray, SparseArray
 from ._quant import reciprocal
@@ -159,41 +159,14 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return codes, scale
 
 
-MIN_ROWS = 4  # XLA's CPU integer dot is ~10x slower for one row than for four
-SWAP_MAX_ROWS = 64  # up to this many rows, the kernel-first operand order is faster
-
-
-def _int8_dot_rows(codes: jax.Array, kernel_codes: jax.Array) -> jax.Array:
-    """``codes (n, in) . kernel_codes (out, in)`` contracted on ``in``: int32 ``(n, out)``.
-
-    Up to ``SWAP_MAX_ROWS`` rows, the dot is written ``kernel . codes`` (result
-    ``(out, n)``) and fenced with an optimization barrier before the transpose: XLA's
-    CPU int8 dot is 1.3-2x faster in that operand order for few rows, and without the
-    fence its layout pass folds the transpose back into the dot. For more rows the
-    plain order is faster (measured in docs/design.md).
-    """
-    if codes.shape[0] > SWAP_MAX_ROWS:
-        return jax.lax.dot_general(codes, kernel_codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
-    acc = jax.lax.dot_general(kernel_codes, codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
-    return jax.lax.optimization_barrier(acc).T
-
-
-def _padded_rows(x: jax.Array, n_in: int) -> tuple[jax.Array, int]:
-    rows = x.reshape(-1, n_in)
-    n = rows.shape[0]
-    if n < MIN_ROWS:
-        rows = jnp.concatenate([rows, jnp.zeros((MIN_ROWS - n, n_in), rows.dtype)])
-    return rows, n
-
-
 def int8_matmul(x: jax.Array, kernel: ServingKernel) -> jax.Array:
     """``x @ W`` over the last axis of ``x``, with int8 activations and weights."""
     n_in = kernel.codes.shape[1]
     if x.shape[-1] != n_in:
         raise ValueError(f"int8_matmul: x has {x.shape[-1]} features, the kernel expects {n_in}")
-    rows, n = _padded_rows(x, n_in)
+    rows, n = padded_rows(x, n_in)
     codes, row_scale = pow2_codes(rows, 8, 1) if kernel.pow2 else quantize_rows(rows)
-    acc = _int8_dot_rows(codes, kernel.codes)
+    acc = int8_dot_rows(codes, kernel.codes)
     y = acc.astype(jnp.float32) * row_scale * kernel.scale
     return y[:n].reshape(*x.shape[:-1], kernel.codes.shape[0]).astype(x.dtype)
 
@@ -210,7 +183,7 @@ def int8_matmul_general(x: jax.Array, kernel: GeneralKernel, n_contract: int) ->
         raise ValueError(f"int8_matmul_general: x's last axes {x.shape[x.ndim - n_contract:]} do not match "
                          f"the kernel's contracted axes {contracted}")
     k, f = math.prod(contracted), math.prod(features)
-    rows, n = _padded_rows(x, k)
+    rows, n = padded_rows(x, k)
     codes, row_scale = pow2_codes(rows, 8, 1) if kernel.pow2 else quantize_rows(rows)
     acc = jax.lax.dot_general(codes, kernel.codes.reshape(k, f), (((1,), (0,)), ((), ())),
                               preferred_element_type=jnp.int32)

@@ -81,7 +81,7 @@ def test_integer_spec_errors_name_the_rule():
     with pytest.raises(ValueError, match=r"ActSpec\(integer=True\).*scale_pow2=True"):
         ActSpec(bits=8, symmetric=True, integer=True)
     params = {"w": jnp.ones((4, 3))}
-    with pytest.raises(ValueError, match=r"rules\[0\] \(pattern 'w'\).*integer=True\) needs a 2-D kernel.*"
+    with pytest.raises(ValueError, match=r"rules\[0\] \(pattern 'w'\).*integer=True\) needs a kernel of 2\+ axes.*"
                                          r"QuantSpec\(bits=8, scale_pow2=True\)"):
         jaxqp.transform([Rule("w", quant=QuantSpec(bits=8), act=INT_SPEC)]).init(params)
 
@@ -97,3 +97,45 @@ def test_model_trained_with_integer_layers_serves_bit_for_bit():
     assert all(served[k]["kernel"].pow2 for k in ("Dense_0", "Dense_1"))
     out = jax.jit(jaxqp.linen_serving_apply(model))(served, x)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(trained))
+
+
+class Attention(nn.Module):
+    """Linen attention: DenseGeneral projections contracting one (q/k/v) and two (out) axes."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.MultiHeadDotProductAttention(num_heads=4)(x, x)
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_dense_general_and_linear_general_integer_paths_equal_fake_quant(per_token, monkeypatch):
+    import jaxqp._flax_inputs as flax_inputs
+    calls = []
+    real = flax_inputs.int_dense
+    monkeypatch.setattr(flax_inputs, "int_dense", lambda *a: calls.append(a[1].shape) or real(*a))
+    x = jax.random.normal(jax.random.key(7), (3, 10, 32))
+    a_spec = ActSpec(bits=8, symmetric=True, per_token=per_token, scale_pow2=True)
+    int_spec = ActSpec(bits=8, symmetric=True, per_token=per_token, scale_pow2=True, integer=True)
+    model = Attention()
+    params = model.init(jax.random.key(8), x)["params"]
+    outs = []
+    for act in (a_spec, int_spec):
+        t = jaxqp.transform([Rule(r".*/kernel", quant=W_SPEC, act=act)])
+        state = t.init(params)
+        out, _ = jax.jit(lambda p, s: jaxqp.linen_apply(model, s, {"params": t.apply(p, s)}, x))(params, state)
+        outs.append(np.asarray(out))
+    np.testing.assert_array_equal(outs[1], outs[0])
+    # q, k, v (32 -> 4 x 8) run in int8; the output projection (4 x 8 -> 32) too unless per_token
+    assert calls == [(32, 32)] * 3 + ([] if per_token else [(32, 32)])
+
+    calls.clear()
+    layer = nnx.MultiHeadAttention(4, 32, decode=False, rngs=nnx.Rngs(0))
+    graphdef, nparams = nnx.split(layer, nnx.Param)
+    outs = []
+    for act in (a_spec, int_spec):
+        t = jaxqp.transform([Rule(r".*/kernel", quant=W_SPEC, act=act)])
+        state = t.init(nparams)
+        out, _ = jaxqp.nnx_apply(nnx.merge(graphdef, t.apply(nparams, state)), state, x)
+        outs.append(np.asarray(out))
+    np.testing.assert_array_equal(outs[1], outs[0])
+    assert calls == [(32, 32)] * 3 + ([] if per_token else [(32, 32)])

@@ -9,7 +9,7 @@ import pytest
 
 import jaxqp
 from jaxqp import PruneSpec, QuantSpec, Rule, ServingKernel
-from jaxqp._serving import MIN_ROWS, SWAP_MAX_ROWS
+from jaxqp._intdot import MIN_ROWS, SWAP_MAX_ROWS
 
 
 def reference_int8_matmul(x, kernel):
