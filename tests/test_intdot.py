@@ -54,27 +54,38 @@ class MLP(nn.Module):
         return nn.Dense(4)(nn.relu(nn.Dense(64)(x)))
 
 
-def test_linen_and_nnx_integer_layers_equal_the_fake_quant_model():
-    x = jax.random.normal(jax.random.key(3), (16, 32))
-    model = MLP()
-    params = model.init(jax.random.key(4), x)["params"]
+def linen_outputs(model, params, x, act_specs):
+    """The jitted linen_apply output of ``model`` under each ActSpec (weights: W_SPEC)."""
     outs = []
-    for act in (A_SPEC, INT_SPEC):
+    for act in act_specs:
         t = jaxqp.transform([Rule(r".*/kernel", quant=W_SPEC, act=act)])
         state = t.init(params)
         out, _ = jax.jit(lambda p, s: jaxqp.linen_apply(model, s, {"params": t.apply(p, s)}, x))(params, state)
         outs.append(np.asarray(out))
-    np.testing.assert_array_equal(outs[1], outs[0])
+    return outs
 
-    net = nnx.Sequential(nnx.Linear(32, 64, rngs=nnx.Rngs(0)), jax.nn.relu, nnx.Linear(64, 4, rngs=nnx.Rngs(1)))
-    graphdef, nparams = nnx.split(net, nnx.Param)
+
+def nnx_outputs(module, x, act_specs):
+    """The nnx_apply output of ``module`` under each ActSpec (weights: W_SPEC)."""
+    graphdef, params = nnx.split(module, nnx.Param)
     outs = []
-    for act in (A_SPEC, INT_SPEC):
+    for act in act_specs:
         t = jaxqp.transform([Rule(r".*/kernel", quant=W_SPEC, act=act)])
-        state = t.init(nparams)
-        out, _ = jaxqp.nnx_apply(nnx.merge(graphdef, t.apply(nparams, state)), state, x)
+        state = t.init(params)
+        out, _ = jaxqp.nnx_apply(nnx.merge(graphdef, t.apply(params, state)), state, x)
         outs.append(np.asarray(out))
-    np.testing.assert_array_equal(outs[1], outs[0])
+    return outs
+
+
+def test_linen_and_nnx_integer_layers_equal_the_fake_quant_model():
+    x = jax.random.normal(jax.random.key(3), (16, 32))
+    model = MLP()
+    params = model.init(jax.random.key(4), x)["params"]
+    fake, integer = linen_outputs(model, params, x, (A_SPEC, INT_SPEC))
+    np.testing.assert_array_equal(integer, fake)
+    net = nnx.Sequential(nnx.Linear(32, 64, rngs=nnx.Rngs(0)), jax.nn.relu, nnx.Linear(64, 4, rngs=nnx.Rngs(1)))
+    fake, integer = nnx_outputs(net, x, (A_SPEC, INT_SPEC))
+    np.testing.assert_array_equal(integer, fake)
 
 
 def test_integer_spec_errors_name_the_rule():
@@ -117,25 +128,13 @@ def test_dense_general_and_linear_general_integer_paths_equal_fake_quant(per_tok
     a_spec = ActSpec(bits=8, symmetric=True, per_token=per_token, scale_pow2=True)
     int_spec = ActSpec(bits=8, symmetric=True, per_token=per_token, scale_pow2=True, integer=True)
     model = Attention()
-    params = model.init(jax.random.key(8), x)["params"]
-    outs = []
-    for act in (a_spec, int_spec):
-        t = jaxqp.transform([Rule(r".*/kernel", quant=W_SPEC, act=act)])
-        state = t.init(params)
-        out, _ = jax.jit(lambda p, s: jaxqp.linen_apply(model, s, {"params": t.apply(p, s)}, x))(params, state)
-        outs.append(np.asarray(out))
-    np.testing.assert_array_equal(outs[1], outs[0])
+    fake, integer = linen_outputs(model, model.init(jax.random.key(8), x)["params"], x, (a_spec, int_spec))
+    np.testing.assert_array_equal(integer, fake)
     # q, k, v (32 -> 4 x 8) run in int8; the output projection (4 x 8 -> 32) too unless per_token
     assert calls == [(32, 32)] * 3 + ([] if per_token else [(32, 32)])
 
     calls.clear()
     layer = nnx.MultiHeadAttention(4, 32, decode=False, rngs=nnx.Rngs(0))
-    graphdef, nparams = nnx.split(layer, nnx.Param)
-    outs = []
-    for act in (a_spec, int_spec):
-        t = jaxqp.transform([Rule(r".*/kernel", quant=W_SPEC, act=act)])
-        state = t.init(nparams)
-        out, _ = jaxqp.nnx_apply(nnx.merge(graphdef, t.apply(nparams, state)), state, x)
-        outs.append(np.asarray(out))
-    np.testing.assert_array_equal(outs[1], outs[0])
+    fake, integer = nnx_outputs(layer, x, (a_spec, int_spec))
+    np.testing.assert_array_equal(integer, fake)
     assert calls == [(32, 32)] * 3 + ([] if per_token else [(32, 32)])
