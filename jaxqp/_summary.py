@@ -2,7 +2,8 @@
 
 Compressed bytes are what :func:`jaxqp.export` really stores for each leaf:
 integer codes in their container (packed below 8 bits), a bitmask and only the
-kept entries when that is smaller, float32 scales and int32 zero points.
+kept entries (or, for N:M, the kept entries and their packed positions) when that
+is smaller, float32 scales and int32 zero points.
 Untouched leaves count at their own dtype width.
 
 Example:
