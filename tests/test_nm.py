@@ -79,8 +79,9 @@ def test_export_size_of_two_four_int8():
     t = jaxqp.transform([Rule("w", quant=QuantSpec(bits=8), prune=PruneSpec(structure=NM(2, 4)))])
     state = t.init(params)
     q = jaxqp.export(params, state)["w"]
-    assert q.bitmask is not None and q.kept == 256 * 128
-    assert q.nbytes == 256 * 128 + 256 * 256 // 8 + 256 * 4  # kept codes + bitmask + scales
+    assert isinstance(q, jaxqp.NMArray) and q.values.kept == 256 * 128 and q.values.codes.dtype == jnp.int8
+    # kept codes + 2-bit positions of the kept codes (as many bytes as a bitmask) + scales
+    assert q.nbytes == 256 * 128 + 256 * 128 * 2 // 8 + 256 * 4
     assert np.asarray(jaxqp.dequantize(q)).tobytes() == np.asarray(t.apply(params, state)["w"]).tobytes()
 
 
