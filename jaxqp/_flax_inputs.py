@@ -83,33 +83,40 @@ def linen_apply(model: nn.Module, state, variables, *args, method=None, **kwargs
     return out, observed
 
 
-def _as_tuple(value) -> tuple:
+def as_tuple(value) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def trailing_contraction(layer, x) -> int | None:
+    """How many trailing axes of ``x`` an ``nn.DenseGeneral`` / ``nnx.LinearGeneral`` contracts.
+
+    None if it contracts other axes or has batch axes (those have no integer path).
+    """
+    if type(layer) is nn.DenseGeneral and not as_tuple(layer.batch_dims):
+        axis = layer.axis
+    elif type(layer) is nnx.LinearGeneral and not layer.batch_axis:
+        axis = layer.axis
+    else:
+        return None
+    axes = sorted(a % x.ndim for a in as_tuple(axis))
+    return len(axes) if axes == list(range(x.ndim - len(axes), x.ndim)) else None
 
 
 def _integer_contraction(layer, x, spec) -> int | None:
     """How many trailing axes of ``x`` the layer contracts, if ``spec`` runs it in int8 (else None).
 
     ``nn.Dense``/``nnx.Linear`` contract the last axis; ``nn.DenseGeneral`` and
-    ``nnx.LinearGeneral`` qualify when they contract trailing axes of ``x`` and have
-    no batch axes (attention projections), and, with ``per_token`` (one scale per
-    last-axis row), only one axis. Other layers keep the fake-quant matmul, which
-    computes the same numbers.
+    ``nnx.LinearGeneral`` qualify through :func:`trailing_contraction` (attention
+    projections), and, with ``per_token`` (one scale per last-axis row), only when
+    they contract one axis. Other layers keep the fake-quant matmul, which computes
+    the same numbers.
     """
     if spec is None or not spec.integer:
         return None
     if type(layer) in (nn.Dense, nnx.Linear):
         return 1
-    if type(layer) is nn.DenseGeneral and not _as_tuple(layer.batch_dims):
-        axis = layer.axis
-    elif type(layer) is nnx.LinearGeneral and not layer.batch_axis:
-        axis = layer.axis
-    else:
-        return None
-    axes = sorted(a % x.ndim for a in _as_tuple(axis))
-    if axes != list(range(x.ndim - len(axes), x.ndim)) or (spec.per_token and len(axes) > 1):
-        return None
-    return len(axes)
+    n_contract = trailing_contraction(layer, x)
+    return None if n_contract is None or (spec.per_token and n_contract > 1) else n_contract
 
 
 def _integer_dense(x, kernel, bias, spec, n_contract: int = 1):

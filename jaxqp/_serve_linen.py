@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ._flax_inputs import as_tuple, trailing_contraction
 from ._serving import GeneralKernel, ServingKernel, int8_matmul, int8_matmul_general
 
 
@@ -49,16 +50,9 @@ def _interceptor(next_fun, args, kwargs, context):
     return y
 
 
-def _as_tuple(value) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-
-
 def _general_ok(module, x) -> bool:
     """An ``nn.DenseGeneral`` that contracts the trailing axes of ``x`` without batch_dims."""
-    if type(module) is not nn.DenseGeneral or _as_tuple(module.batch_dims):
-        return False
-    axis = tuple(sorted(a % x.ndim for a in _as_tuple(module.axis)))
-    return axis == tuple(range(x.ndim - len(axis), x.ndim))
+    return type(module) is nn.DenseGeneral and trailing_contraction(module, x) is not None
 
 
 def _dense_general(module, kernel: GeneralKernel, args):
@@ -68,7 +62,7 @@ def _dense_general(module, kernel: GeneralKernel, args):
             f"{type(module).__name__} at '{'/'.join(module.scope.path)}' got an int8 GeneralKernel, but only "
             "nn.DenseGeneral contracting the trailing input axes without batch_dims runs the integer path"
         )
-    y = int8_matmul_general(x, kernel, len(kernel.shape) - len(_as_tuple(module.features)))
+    y = int8_matmul_general(x, kernel, len(kernel.shape) - len(as_tuple(module.features)))
     if module.use_bias:
         y = y + module.get_variable("params", "bias").astype(y.dtype)
     return y
