@@ -8,6 +8,7 @@ that machine drift hits them alike.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -20,17 +21,29 @@ from jaxqp.datasets import load_mnist1d
 
 
 class CNN1D(nn.Module):
-    """Three convolutions (32 filters, width 5, strides 1, 2, 2) and two Dense layers."""
+    """Three convolutions (32 filters, width 5, strides 1, 2, 2) and two Dense layers.
+
+    jaxqp uses it unmodified; ``dot_general_cls`` / ``conv_general_dilated_cls``
+    exist only so that a peer that needs them injected (AQT) can train the same
+    network with the same parameter tree.
+    """
+
+    dot_general_cls: Any = None
+    conv_general_dilated_cls: Any = None
 
     @nn.compact
     def __call__(self, x):
+        def conv(name, strides=1):
+            return nn.Conv(32, (5,), strides=(strides,), name=name,
+                           conv_general_dilated_cls=self.conv_general_dilated_cls)
+
         x = x[..., None]
-        x = nn.relu(nn.Conv(32, (5,), name="conv1")(x))
-        x = nn.relu(nn.Conv(32, (5,), strides=(2,), name="conv2")(x))
-        x = nn.relu(nn.Conv(32, (5,), strides=(2,), name="conv3")(x))
+        x = nn.relu(conv("conv1")(x))
+        x = nn.relu(conv("conv2", 2)(x))
+        x = nn.relu(conv("conv3", 2)(x))
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(128, name="fc")(x))
-        return nn.Dense(10, name="head")(x)
+        x = nn.relu(nn.Dense(128, name="fc", dot_general_cls=self.dot_general_cls)(x))
+        return nn.Dense(10, name="head", dot_general_cls=self.dot_general_cls)(x)
 
 
 class Run:

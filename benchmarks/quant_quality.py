@@ -13,7 +13,9 @@ against float:
 * ``w4a8`` / ``w4a4``: 4-bit per-channel weights, 8- or 4-bit inputs;
 * ``w4g32``: 4-bit weights, one absmax scale per group of 32 inputs (weights only);
 * ``w4g32-lsq``: the same with LSQ-learned steps, initialised at the MSE-optimal clip;
-* ``qwix-...``: the same configs with Qwix's QAT (``qwix.quantize_model``), when installed.
+* ``qwix-...``: the same configs with Qwix's QAT (``qwix.quantize_model``), when installed;
+* ``aqt-...``: w8a8, w4a8, w4a4 and weights-only per-channel ``aqt-w4`` with AQT v2's
+  injected dot_general / conv (``aqtp``), when installed.
 
     python benchmarks/quant_quality.py --json quant_quality.json
     python benchmarks/quant_quality.py --quick       # a few steps, to check it runs
@@ -31,6 +33,7 @@ from jaxqp import ActSpec, QuantSpec, Rule
 
 from _common import write_json
 from _mnist1d import CNN1D, Run, batches, data, format_row, summary_row, time_steps
+from _peers import aqt_models, qwix_models
 
 
 def configs() -> dict[str, list[Rule]]:
@@ -44,26 +47,6 @@ def configs() -> dict[str, list[Rule]]:
         "w4a4": wa(QuantSpec(bits=4), ActSpec(bits=4)),
         "w4g32": wa(QuantSpec(bits=4, group_size=32)),
         "w4g32-lsq": wa(QuantSpec(bits=4, group_size=32, learned="lsq", calibration="mse")),
-    }
-
-
-def peer_models(model) -> dict:
-    """Qwix QAT versions of ``model`` (its own rules, ``qwix.quantize_model``), if Qwix is installed."""
-    try:
-        import jax.numpy as jnp
-        import qwix
-    except ImportError:
-        return {}
-
-    def qwix_model(weight, act=None, tile=None):
-        rule = qwix.QtRule(module_path=".*", weight_qtype=weight, act_qtype=act, tile_size=tile)
-        return qwix.quantize_model(model, qwix.QtProvider([rule]))
-
-    return {
-        "qwix-w8a8": qwix_model(jnp.int8, jnp.int8),
-        "qwix-w4a8": qwix_model(jnp.int4, jnp.int8),
-        "qwix-w4a4": qwix_model(jnp.int4, jnp.int4),
-        "qwix-w4g32": qwix_model(jnp.int4, tile=32),
     }
 
 
@@ -90,7 +73,7 @@ def main(argv=None):
         start, lr, steps = params, 3e-3, args.pretrain + args.steps
 
     setups = {name: (model, rules) for name, rules in configs().items()}
-    setups.update({name: (peer, []) for name, peer in peer_models(model).items()})
+    setups.update({name: (peer, []) for name, peer in {**qwix_models(model), **aqt_models()}.items()})
     metrics: dict[str, list[dict]] = {name: [] for name in setups}
     failed: dict[str, str] = {}
     for seed in range(args.seeds):

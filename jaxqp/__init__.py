@@ -18,6 +18,7 @@ from ._io import load, save
 from ._lottery import rewind
 from ._mask import apply_mask, block_mask, channel_mask, global_magnitude_masks, magnitude_mask, nm_mask, threshold_mask
 from ._nm_array import NMArray
+from ._value_arrays import Fp8Array, Pow2Array
 from ._optax import WrapState, state_of, wrap
 from ._qarray import QArray, SparseArray, dequantize
 from ._quant import affine_scale, fake_quant, int_range, symmetric_scale
@@ -49,6 +50,8 @@ __all__ = [
     "QuantSpec",
     "RigL",
     "NMArray",
+    "Pow2Array",
+    "Fp8Array",
     "QuantizedInput",
     "Rule",
     "Schedule",

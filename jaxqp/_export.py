@@ -9,8 +9,10 @@ Each leaf becomes what stores it in the fewest bytes while decoding, with
   smaller than the dense array, else the dense array with exact zeros;
 * leaves pruned with ``NM(n, m)``: an :class:`NMArray` (kept values or a QArray of
   kept codes, plus each one's position in its group) unless another form is smaller;
-* ``pow2`` and fp8 formats: the dense fake-quantized float array (exact, not
-  yet smaller: a value container for them is future work);
+* ``pow2`` leaves: a :class:`Pow2Array` (``bits``-bit codes, packed, plus an
+  exponent per channel), sparse when pruned and that is smaller;
+* fp8 leaves: an :class:`Fp8Array` (the float8 values and a scale per channel),
+  with a bitmask and only the kept values when pruned and that is smaller;
 * other leaves: unchanged.
 
 Export runs eagerly (the sizes of sparse leaves depend on the data), once, after
@@ -38,7 +40,9 @@ from ._mask import apply_mask
 from ._nm_array import NMArray
 from ._prune_spec import NM
 from ._qarray import QArray, SparseArray
-from ._quantizer import fake_quant_weight, weight_codes
+from ._formats import pow2_codes_of
+from ._quantizer import fp8_weight, weight_codes
+from ._value_arrays import Fp8Array, Pow2Array
 from ._views import LeafView, leaf_views
 
 
@@ -55,25 +59,35 @@ def _export_leaf(leaf, view: LeafView):
     if view.quant is None and view.mask is None:
         return leaf
     w = jnp.asarray(leaf)
-    nm = _nm(view)
-    if view.mask is not None:
+    mask = None if view.mask is None else np.asarray(view.mask)
+    if mask is not None:
         w = apply_mask(w, view.mask)
-    if view.quant is None:
-        mask = np.asarray(view.mask)
+    spec, nm = view.quant, _nm(view)
+    if spec is None:
         nm_array = None if nm is None else NMArray.from_dense(w, mask, nm.n, nm.m, nm.axis)
         return _smallest(nm_array, SparseArray.from_dense(w, mask), w)
-    spec = view.quant
-    if spec.format in ("pow2", "e4m3", "e5m2"):
-        return fake_quant_weight(w, spec)
-    codes, q = weight_codes(w, spec, view.learned)
+    if spec.format == "pow2":
+        codes, emin = pow2_codes_of(w, spec.bits, spec.axis)
+        build = lambda m=None: Pow2Array.from_codes(codes, emin, spec.bits, w.dtype, m)  # noqa: E731
+        return build() if mask is None else _smallest(build(mask), build())
+    if spec.format in ("e4m3", "e5m2"):
+        values, scale = fp8_weight(w, spec)
+        dense = Fp8Array(values, scale, str(w.dtype))
+        return dense if mask is None else _smallest(
+            Fp8Array(SparseArray.from_dense(values, mask), scale, str(w.dtype)), dense)
+    return _integer(w, spec, view.learned, mask, nm)
+
+
+def _integer(w, spec, learned, mask, nm: NM | None):
+    """A QArray of ``w``'s codes: dense, bitmask-sparse or N:M, whichever is smallest."""
+    codes, q = weight_codes(w, spec, learned)
     codes = codes.astype(jnp.int32)
     bits = max(spec.bits, 2)  # binary codes are -1, 0, 1
     build = lambda c, mask=None, group=q.group: QArray.from_codes(  # noqa: E731
         c, q.scale, q.zero_point, bits, q.qmin, q.qmax, w.dtype, mask=mask, group=group)
     dense = build(codes)
-    if view.mask is None:
+    if mask is None:
         return dense
-    mask = np.asarray(view.mask)
     return _smallest(_nm_codes(codes, mask, nm, q, build), build(codes, mask), dense)
 
 

@@ -91,17 +91,34 @@ def log2_round(x: jax.Array) -> jax.Array:
     return exponent - (mantissa < _SQRT_HALF).astype(exponent.dtype)
 
 
-def pow2_values(x: jax.Array, bits: int, axis: Axis = -1) -> jax.Array:
-    """Power-of-two values with ``2^(bits-1) - 1`` exponents per channel; see the module doc."""
-    dtype = x.dtype
-    x = jnp.asarray(x, compute_dtype(dtype))
+def pow2_codes_of(x: jax.Array, bits: int, axis: Axis = -1) -> tuple[jax.Array, jax.Array]:
+    """``(codes, emin)`` of power-of-two values: int32 codes in ``[-levels, levels]``.
+
+    ``levels = 2^(bits-1) - 1``; code ``c != 0`` means ``sign(c) * 2^(emin + |c| - 1)``,
+    code 0 means 0; ``emin`` (int32, per channel) is the smallest exponent kept.
+    """
+    x = jnp.asarray(x, compute_dtype(x.dtype))
     levels = 2 ** (bits - 1) - 1
     absmax = jnp.max(jnp.abs(x), axis=reduce_axes(x.ndim, axis), keepdims=True)
     emax = log2_round(jnp.where(absmax > 0, absmax, jnp.ones_like(absmax)))
     emin = emax - (levels - 1)
     k = log2_round(jnp.where(x != 0, x, jnp.ones_like(x)))
-    value = jnp.sign(x) * jnp.ldexp(jnp.ones_like(x), jnp.clip(k, emin, emax))
-    return jnp.where((x == 0) | (k < emin), jnp.zeros_like(x), value).astype(dtype)
+    codes = jnp.sign(x).astype(jnp.int32) * (jnp.clip(k, emin, emax) - emin + 1)
+    return jnp.where((x == 0) | (k < emin), 0, codes), emin
+
+
+def pow2_from_codes(codes: jax.Array, emin: jax.Array, dtype) -> jax.Array:
+    """The values of :func:`pow2_codes_of`'s codes, computed in ``dtype``'s compute dtype, cast to it."""
+    work = compute_dtype(dtype)
+    exponent = emin.astype(jnp.int32) + jnp.abs(codes) - 1
+    value = jnp.sign(codes).astype(work) * jnp.ldexp(jnp.ones(codes.shape, work), exponent)
+    return jnp.where(codes == 0, jnp.zeros((), work), value).astype(dtype)
+
+
+def pow2_values(x: jax.Array, bits: int, axis: Axis = -1) -> jax.Array:
+    """Power-of-two values with ``2^(bits-1) - 1`` exponents per channel; see the module doc."""
+    codes, emin = pow2_codes_of(x, bits, axis)
+    return pow2_from_codes(codes, emin, x.dtype)
 
 
 def pow2_ceil(scale: jax.Array) -> jax.Array:
@@ -116,10 +133,15 @@ def fp8_max(fmt: str) -> float:
     return float(jnp.finfo(FP8_DTYPES[fmt]).max)
 
 
+def fp8_cast(x: jax.Array, fmt: str) -> jax.Array:
+    """``x`` saturated to the fp8 range and cast to the float8 dtype (round to nearest even)."""
+    big = fp8_max(fmt)
+    return jnp.clip(x, -big, big).astype(FP8_DTYPES[fmt])
+
+
 def fp8_round(x: jax.Array, fmt: str) -> jax.Array:
     """``x`` saturated to the fp8 range, cast to float8 (nearest even) and back."""
-    big = fp8_max(fmt)
-    return jnp.clip(x, -big, big).astype(FP8_DTYPES[fmt]).astype(x.dtype)
+    return fp8_cast(x, fmt).astype(x.dtype)
 
 
 def fp8_scale(x: jax.Array, fmt: str, axis: Axis = -1) -> jax.Array:

@@ -8,8 +8,8 @@ list its tensors. jaxqp's own information lives in the header's
 * ``format = "jaxqp"`` and ``format_version`` (this code writes and reads 1);
 * ``jaxqp_version``, the library that wrote the file;
 * ``tree``: the tree structure (dicts with string keys, lists, tuples, None) with
-  each leaf described as an array, a :class:`QArray`, a :class:`SparseArray` or an
-  :class:`NMArray`
+  each leaf described as an array, a :class:`QArray`, a :class:`SparseArray`, an
+  :class:`NMArray`, a :class:`Pow2Array` or an :class:`Fp8Array`
   (its static fields and the names of its tensors);
 * ``sha256``: a checksum per tensor, and ``header_sha256``, a checksum of the
   rest of the header (tensor entries and metadata, as canonical JSON).
@@ -42,6 +42,7 @@ import numpy as np
 
 from ._nm_array import NMArray
 from ._qarray import QArray, SparseArray
+from ._value_arrays import Fp8Array, Pow2Array
 
 FORMAT = "jaxqp"
 FORMAT_VERSION = 1
@@ -51,6 +52,7 @@ _DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
     "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
 _QARRAY_STATIC = ("shape", "dtype", "bits", "qmin", "qmax", "kept")
@@ -89,6 +91,12 @@ def _describe(node, path: str, writer: _Writer):
         return {"nm": {"values": _describe(node.values, f"{where}:values", writer),
                        "index": writer.add(f"{where}:index", node.index),
                        "shape": list(node.shape), "n": node.n, "m": node.m, "axis": node.axis}}
+    if isinstance(node, Pow2Array):
+        return {"pow2": {"codes": _describe(node.codes, f"{where}:codes", writer),
+                         "emin": writer.add(f"{where}:emin", node.emin), "dtype": node.dtype}}
+    if isinstance(node, Fp8Array):
+        return {"fp8": {"values": _describe(node.values, f"{where}:values", writer),
+                        "scale": writer.add(f"{where}:scale", node.scale), "dtype": node.dtype}}
     if node is None:
         return {"none": None}
     if isinstance(node, dict):
@@ -103,7 +111,7 @@ def _describe(node, path: str, writer: _Writer):
         return {"array": writer.add(where, node)}
     raise TypeError(
         f"jaxqp.save: '{where}' is a {type(node).__name__}; save takes dicts with string keys, lists, "
-        "tuples, arrays, QArray, SparseArray and NMArray (for an NNX state, save nnx.to_pure_dict(state))"
+        "tuples, arrays and jaxqp's compressed leaves (for an NNX state, save nnx.to_pure_dict(state))"
     )
 
 
@@ -247,6 +255,16 @@ def _build(node, tensors: dict, path):
             raise _refuse(path, "an N:M leaf's values are neither an array nor a QArray")
         static = {k: int(value[k]) for k in ("n", "m", "axis")}
         return _validated(NMArray(values, get(value["index"]), tuple(value["shape"]), **static), path)
+    if kind == "pow2":
+        codes = _build(value["codes"], tensors, path)
+        if not isinstance(codes, QArray):
+            raise _refuse(path, "a power-of-two leaf's codes are not a QArray")
+        return _validated(Pow2Array(codes, get(value["emin"]), str(value["dtype"])), path)
+    if kind == "fp8":
+        values = _build(value["values"], tensors, path)
+        if not isinstance(values, (SparseArray, jax.Array)):
+            raise _refuse(path, "an fp8 leaf's values are neither an array nor a SparseArray")
+        return _validated(Fp8Array(values, get(value["scale"]), str(value["dtype"])), path)
     raise _refuse(path, f"unknown leaf kind '{kind}' in the tree description")
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from . import _quant
 from ._calib import calibrated_scale, expand_groups, group_view, int_bounds
-from ._formats import binary_codes, fp8_round, fp8_scale, pow2_ceil, pow2_values, stochastic_round, straight_through, ternary_codes
+from ._formats import binary_codes, fp8_cast, fp8_scale, pow2_ceil, pow2_values, stochastic_round, straight_through, ternary_codes
 from ._learned import MIN_STEP, lsq, lsq_grad_scale
 from ._spec import QuantSpec
 
@@ -115,6 +115,18 @@ def weight_codes(w: jax.Array, spec: QuantSpec, learned: Learned | None = None) 
     return _quant.quantize(w, scale, zp, q.qmin, q.qmax), q
 
 
+def fp8_weight(w: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
+    """``(values, scale)`` of an fp8 ``spec``: float8 values and the absmax scale per channel.
+
+    ``values.astype(scale.dtype) * scale`` is the fake-quantized weight (before the
+    cast to ``w.dtype``), so export and training decode the same numbers.
+    """
+    x = jnp.asarray(w, _quant.compute_dtype(w.dtype))
+    scale = fp8_scale(x, spec.format, spec.axis)
+    scale = pow2_ceil(scale) if spec.scale_pow2 else scale
+    return fp8_cast(x / scale, spec.format), scale
+
+
 def fake_quant_weight(w: jax.Array, spec: QuantSpec, learned: Learned | None = None,
                       key: jax.Array | None = None) -> jax.Array:
     """``w`` fake-quantized as ``spec`` says, with its straight-through gradient.
@@ -128,10 +140,8 @@ def fake_quant_weight(w: jax.Array, spec: QuantSpec, learned: Learned | None = N
     if spec.format == "pow2":
         return straight_through(w, pow2_values(w, spec.bits, spec.axis))
     if spec.format in ("e4m3", "e5m2"):
-        x = jnp.asarray(w, _quant.compute_dtype(w.dtype))
-        scale = fp8_scale(x, spec.format, spec.axis)
-        scale = pow2_ceil(scale) if spec.scale_pow2 else scale
-        return straight_through(w, (fp8_round(x / scale, spec.format) * scale).astype(w.dtype))
+        values, scale = fp8_weight(w, spec)
+        return straight_through(w, (values.astype(scale.dtype) * scale).astype(w.dtype))
     if spec.format == "ternary" or spec.bits == 1:
         codes, q = weight_codes(w, spec)
         return straight_through(w, (codes * q.scale).astype(w.dtype))

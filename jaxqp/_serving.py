@@ -8,6 +8,9 @@ forward pass uses:
   :class:`ServingKernel`: int8 codes laid out ``(out, in)``, so that XLA's
   integer ``dot_general`` contracts the last axis of both operands (its fast
   layout on CPU), and a float32 scale per output;
+* a 2-D :class:`Pow2Array` of at most 4 bits with one exponent per output column
+  becomes the same int8 ServingKernel (its values are ``±2^j``, ``j <= 6``, times
+  ``2^emin``: int8 codes with a power-of-two scale, decoding to the same floats);
 * every other compressed leaf is decoded to its float array once (the float
   path: never slower than float, because it is float);
 * other leaves stay as they are.
@@ -42,8 +45,10 @@ from ._intdot import int8_dot_rows, padded_rows, pow2_codes
 from ._nm_array import NMArray
 from ._qarray import Compressed, QArray, SparseArray
 from ._quant import reciprocal
+from ._value_arrays import Fp8Array, Pow2Array
 
 MIN_INT_SIZE = 256 * 256
+MIN_POW2_EXPONENT = -126  # 2^emin stays a normal float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +123,29 @@ def _servable(q: QArray, min_int_size: int) -> bool:
             and per_last_axis and math.prod(q.shape) >= min_int_size)
 
 
+def _pow2_kernel(leaf: Pow2Array, min_int_size: int, pow2_inputs: bool) -> ServingKernel | None:
+    """The int8 ServingKernel of a 2-D Pow2Array of at most 4 bits, or None.
+
+    Codes of at most 4 bits are ``sign(c) 2^(|c|-1)`` in [-64, 64] times ``2^emin``:
+    exactly an int8 kernel with a power-of-two scale per output column.
+    """
+    emin = leaf.emin
+    if (len(leaf.shape) != 2 or leaf.bits > 4 or any(d != 1 for d in emin.shape[:-1])
+            or math.prod(leaf.shape) < min_int_size):
+        return None
+    if not isinstance(emin, jax.core.Tracer) and int(jnp.min(emin)) < MIN_POW2_EXPONENT:
+        return None  # 2^emin would underflow float32: decode to float instead
+    c = leaf.int_codes()
+    magnitude = jnp.left_shift(jnp.int32(1), jnp.maximum(jnp.abs(c) - 1, 0))
+    codes = jnp.where(c == 0, 0, jnp.sign(c) * magnitude).T.astype(jnp.int8)
+    scale = jnp.ldexp(jnp.ones(leaf.shape[1], jnp.float32), jnp.broadcast_to(emin.reshape(-1), (leaf.shape[1],)))
+    return ServingKernel(codes, scale, leaf.dtype, pow2_inputs)
+
+
 def _prepare_leaf(leaf, min_int_size: int, pow2_inputs: bool, dense_general: bool):
+    if isinstance(leaf, Pow2Array):
+        kernel = _pow2_kernel(leaf, min_int_size, pow2_inputs)
+        return leaf.dequantize() if kernel is None else kernel
     if isinstance(leaf, NMArray) and isinstance(leaf.values, QArray):
         leaf = leaf.dense_qarray()  # the int8 kernel needs every code; N:M saves bytes, not time, on CPU
     if isinstance(leaf, QArray):
@@ -129,7 +156,7 @@ def _prepare_leaf(leaf, min_int_size: int, pow2_inputs: bool, dense_general: boo
             scale = jnp.broadcast_to(leaf.scale.reshape(-1), (leaf.shape[1],)).astype(jnp.float32)
             return ServingKernel(codes, scale, leaf.dtype, pow2_inputs)
         return leaf.dequantize()
-    if isinstance(leaf, (SparseArray, NMArray)):
+    if isinstance(leaf, (SparseArray, NMArray, Fp8Array)):
         return leaf.dequantize()
     return leaf
 
@@ -145,7 +172,7 @@ def prepare(tree, min_int_size: int = MIN_INT_SIZE, pow2_inputs: bool = False, d
     projections); :func:`jaxqp.linen_serving_apply` decodes those that no such layer
     uses (e.g. convolutions) to float at each call, so leave it off for CNNs.
     """
-    is_leaf = lambda x: isinstance(x, (QArray, SparseArray, NMArray))  # noqa: E731
+    is_leaf = lambda x: isinstance(x, (QArray, SparseArray, NMArray, Pow2Array, Fp8Array))  # noqa: E731
     return jax.tree_util.tree_map(lambda x: _prepare_leaf(x, min_int_size, pow2_inputs, dense_general), tree,
                                   is_leaf=is_leaf)
 
