@@ -23,7 +23,6 @@ timed with masks that no longer change (the overhead of a fixed mask).
 from __future__ import annotations
 
 import argparse
-import platform
 
 import jax
 import numpy as np
@@ -32,7 +31,7 @@ import jaxqp
 from jaxqp import NM, Channels, PruneSpec, QuantSpec, RigL, Rule
 
 from _common import write_json
-from _mnist1d import CNN1D, Run, batches, data, format_row, summary_row, time_steps
+from _mnist1d import CNN1D, Run, batches, data, format_row, summary_row, time_configs, title
 
 PRUNED = ("conv2/kernel", "conv3/kernel", "fc/kernel")
 
@@ -88,12 +87,9 @@ def main(argv=None):
             run.train(batches(x, y, args.steps, args.batch, seed=seed))
             pruned = [p for p in PRUNED if any(rule.matches(p) for rule in rules)] or list(PRUNED)
             results[name].append({**run.evaluate(x_test, y_test), "sparsity": sparsity(run.params, pruned)})
-    xb, yb = next(batches(x, y, 1, args.batch, seed=999))
-    timed = time_steps(runs, xb, yb, steps=5 if args.quick else 50, repeats=2 if args.quick else 15)
+    timed = time_configs(runs, x, y, args.batch, args.quick)
 
-    print(f"1-D CNN on MNIST-1D ({len(x)} train / {len(x_test)} test): {args.pretrain} float steps, then "
-          f"{args.steps} adam steps of {args.batch} per config, mean (std) over {args.seeds} seeds; "
-          f"{jax.default_backend()} ({platform.processor() or platform.machine()}), jaxqp {jaxqp.__version__}")
+    print(title(len(x), len(x_test), f"{args.pretrain} float steps, then {args.steps}", args.batch, args.seeds))
     print(f"{'config':<14} {'accuracy %':>15} {'test NLL':>17} {'sparsity':>9} {'step ratio':>11}")
     rows = []
     for name, ms in results.items():

@@ -10,9 +10,12 @@ init instead (``--pretrain + --steps`` steps). Train steps are timed round-robin
 against float:
 
 * ``w8a8``: int8 per-channel weights, int8 dynamic affine inputs of every layer;
-* ``w4a8`` / ``w4a4``: 4-bit per-channel weights, 8- or 4-bit inputs;
+* ``w4a8`` / ``w4a4``: 4-bit per-channel weights, 8-bit inputs / 4-bit inputs with one
+  range per row (per position of a convolution's input, per example of a Dense input:
+  one range per batch gave 4-bit inputs 86% more NLL than float);
 * ``w4g32``: 4-bit weights, one absmax scale per group of 32 inputs (weights only);
-* ``w4g32-lsq``: the same with LSQ-learned steps, initialised at the MSE-optimal clip;
+* ``w4g32-lsq``: the same with LSQ-learned steps, initialised at the groups' absmax
+  (the static start) and trained with adam at ``--learned-lr``;
 * ``qwix-...``: the same configs with Qwix's QAT (``qwix.quantize_model``), when installed;
 * ``aqt-...``: w8a8, w4a8, w4a4 and weights-only per-channel ``aqt-w4`` with AQT v2's
   injected dot_general / conv (``aqtp``), when installed.
@@ -24,15 +27,14 @@ against float:
 from __future__ import annotations
 
 import argparse
-import platform
 
 import jax
+import numpy as np
 
-import jaxqp
 from jaxqp import ActSpec, QuantSpec, Rule
 
 from _common import write_json
-from _mnist1d import CNN1D, Run, batches, data, format_row, summary_row, time_steps
+from _mnist1d import CNN1D, Run, batches, data, format_row, summary_row, time_configs, title
 from _peers import aqt_models, qwix_models
 
 
@@ -44,10 +46,16 @@ def configs() -> dict[str, list[Rule]]:
         "float32": [],
         "w8a8": wa(QuantSpec(bits=8), ActSpec(bits=8)),
         "w4a8": wa(QuantSpec(bits=4), ActSpec(bits=8)),
-        "w4a4": wa(QuantSpec(bits=4), ActSpec(bits=4)),
+        "w4a4": wa(QuantSpec(bits=4), ActSpec(bits=4, per_token=True)),
         "w4g32": wa(QuantSpec(bits=4, group_size=32)),
-        "w4g32-lsq": wa(QuantSpec(bits=4, group_size=32, learned="lsq", calibration="mse")),
+        "w4g32-lsq": wa(QuantSpec(bits=4, group_size=32, learned="lsq", calibration="percentile", percentile=100)),
     }
+
+
+def unchanged_kernels(start, params) -> list[str]:
+    """Layers whose kernel QAT left exactly as it started (no gradient reached it)."""
+    return [name for name in start if np.array_equal(np.asarray(start[name]["kernel"]),
+                                                      np.asarray(params[name]["kernel"]))]
 
 
 def main(argv=None):
@@ -56,6 +64,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=1000, help="QAT steps per config and seed")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--learned-lr", type=float, default=3e-6, help="adam lr of LSQ steps")
     parser.add_argument("--protocol", choices=["finetune", "scratch"], default="finetune")
     parser.add_argument("--quick", action="store_true", help="a few steps, to check the script runs")
     parser.add_argument("--json", metavar="FILE")
@@ -82,19 +91,16 @@ def main(argv=None):
             if name in failed:
                 continue
             try:
-                runs[name] = run = Run(net, rules, start, lr, steps, learned_lr=1e-5)
+                runs[name] = run = Run(net, rules, start, lr, steps, learned_lr=args.learned_lr)
                 run.train(batches(x, y, steps, args.batch, seed=seed))
-                metrics[name].append(run.evaluate(x_test, y_test))
+                metrics[name].append({**run.evaluate(x_test, y_test), "frozen": unchanged_kernels(start, run.params)})
             except Exception as err:  # a peer that does not compile or run here: report it, go on
                 failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
                 runs.pop(name, None)
-    xb, yb = next(batches(x, y, 1, args.batch, seed=999))
-    timed = time_steps(runs, xb, yb, steps=5 if args.quick else 50, repeats=2 if args.quick else 15)
+    timed = time_configs(runs, x, y, args.batch, args.quick)
 
-    print(f"1-D CNN on MNIST-1D ({len(x)} train / {len(x_test)} test), {args.protocol}: "
-          + (f"{args.pretrain} float steps, then " if args.protocol == "finetune" else "")
-          + f"{steps} adam steps of {args.batch} per config, mean (std) over {args.seeds} seeds; "
-          f"{jax.default_backend()} ({platform.processor() or platform.machine()}), jaxqp {jaxqp.__version__}")
+    schedule = f"{args.pretrain} float steps, then {steps}" if args.protocol == "finetune" else f"{steps}"
+    print(title(len(x), len(x_test), f"{args.protocol}: {schedule}", args.batch, args.seeds))
     print(f"{'config':<11} {'accuracy %':>15} {'test NLL':>17} {'NLL vs float':>13} {'step ratio':>11}")
     rows, base_nll = [], None
     for name, ms in metrics.items():
@@ -103,9 +109,11 @@ def main(argv=None):
             rows.append({"config": name, "error": failed[name]})
             continue
         row = summary_row(name, ms, timed[name], timed["float32"], args.seeds)
+        row["untrained_kernels"] = ms[-1]["frozen"]
         base_nll = base_nll or row["nll"]
         rows.append(row)
-        print(f"{format_row(row, 11)} {row['nll'] / base_nll - 1:+12.1%} {row['step_ratio']:10.3f}x")
+        untrained = f"  kernels never updated: {', '.join(row['untrained_kernels'])}" if row["untrained_kernels"] else ""
+        print(f"{format_row(row, 11)} {row['nll'] / base_nll - 1:+12.1%} {row['step_ratio']:10.3f}x{untrained}")
     write_json(args.json, rows)
     return rows
 

@@ -63,3 +63,15 @@ def test_quant_quality_quick_writes_rows(tmp_path):
     rows = rows[:6]
     assert all({"accuracy", "nll", "step_ratio"} <= set(r) for r in rows)
     assert rows[0]["step_ratio"] == 1.0 and all(r["nll"] > 0 for r in rows)
+    assert all(r["untrained_kernels"] == [] for r in rows)  # QAT reaches every conv and Dense kernel
+
+
+@pytest.mark.slow
+def test_prune_quality_quick_writes_rows(tmp_path):
+    _, rows = run_quick([str(ROOT / "benchmarks" / "prune_quality.py")], tmp_path / "prune.json")
+    by = {r["config"]: r for r in rows}
+    assert list(by) == ["float32", "gmp90", "nm2:4", "filters50", "rigl90", "pruned80+int8"]
+    want = {"float32": 0.0, "gmp90": 0.9, "nm2:4": 0.5, "filters50": 0.5, "rigl90": 0.9, "pruned80+int8": 0.8}
+    for name, sparsity in want.items():  # exact zeros over the pruned kernels, at the end of training
+        assert by[name]["sparsity"] == pytest.approx(sparsity, abs=2e-3), name
+    assert all(r["nll"] > 0 and r["step_ratio"] > 0 for r in rows)
