@@ -18,6 +18,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
+from jaxqp._intdot import bf16_int_dot
 from jaxqp._serving import quantize_rows
 
 from _common import write_json
@@ -38,6 +39,11 @@ def kernel_first(x, codes, scale):
     return jax.lax.optimization_barrier(acc).T.astype(jnp.float32) * s * scale
 
 
+def bf16_exact(x, carrier, scale):
+    q, s = quantize_rows(x)
+    return bf16_int_dot(q, carrier).astype(jnp.float32) * s * scale
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=9)
@@ -49,23 +55,27 @@ def main(argv=None):
     row_counts = [4, 8, 32, 64, 128, 512]
     if args.quick:
         shapes, row_counts, args.repeats, args.calls = [(256, 256)], [4, 64], 2, 2
-    fns = {"float32": jax.jit(lambda x, w, codes, scale: x @ w),
-           "rows-first": jax.jit(lambda x, w, codes, scale: rows_first(x, codes, scale)),
-           "kernel-first": jax.jit(lambda x, w, codes, scale: kernel_first(x, codes, scale))}
+    fns = {"float32": jax.jit(lambda x, w, codes, carrier, scale: x @ w),
+           "rows-first": jax.jit(lambda x, w, codes, carrier, scale: rows_first(x, codes, scale)),
+           "kernel-first": jax.jit(lambda x, w, codes, carrier, scale: kernel_first(x, codes, scale)),
+           "bf16": jax.jit(lambda x, w, codes, carrier, scale: bf16_exact(x, carrier, scale))}
     rows = []
     for n_in, n_out in shapes:
         w = jax.random.normal(jax.random.key(0), (n_in, n_out))
         codes = jnp.clip(jnp.round(w * 40), -127, 127).astype(jnp.int8).T  # (out, in)
+        carrier = codes.astype(jnp.bfloat16)
         scale = jnp.full((n_out,), 1 / 40, jnp.float32)
         for n in row_counts:
             x = jax.random.normal(jax.random.key(n), (n, n_in))
-            t = time_calls(fns, {name: (x, w, codes, scale) for name in fns}, args.repeats, args.calls)
+            t = time_calls(fns, {name: (x, w, codes, carrier, scale) for name in fns}, args.repeats, args.calls)
             row = {"shape": [n_in, n_out], "rows": n, "float_ms": round(t["float32"] * 1e3, 3),
                    "rows_first_ratio": round(t["rows-first"] / t["float32"], 3),
-                   "kernel_first_ratio": round(t["kernel-first"] / t["float32"], 3)}
+                   "kernel_first_ratio": round(t["kernel-first"] / t["float32"], 3),
+                   "bf16_ratio": round(t["bf16"] / t["float32"], 3)}
             rows.append(row)
             print(f"{n_in:>5}x{n_out:<5} rows {n:>4}: float {row['float_ms']:8.3f} ms | rows-first "
-                  f"{row['rows_first_ratio']:.2f}x | kernel-first {row['kernel_first_ratio']:.2f}x", flush=True)
+                  f"{row['rows_first_ratio']:.2f}x | kernel-first {row['kernel_first_ratio']:.2f}x | bf16 "
+                  f"{row['bf16_ratio']:.2f}x", flush=True)
     write_json(args.json, rows)
     return rows
 

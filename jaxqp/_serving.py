@@ -41,7 +41,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ._intdot import int8_dot_rows, padded_rows, pow2_codes
+from ._intdot import BF16_MAX_WIDTH, bf16_int_dot, exact_int_dot, padded_rows, pow2_codes, uses_bf16
 from ._nm_array import NMArray
 from ._qarray import Compressed, QArray, SparseArray
 from ._quant import reciprocal
@@ -61,12 +61,17 @@ class ServingKernel(Compressed):
     bit to the QArray it was prepared from. ``pow2`` (static): inputs are quantized
     with power-of-two row scales, as ``ActSpec(scale_pow2=True, per_token=True)`` does
     in training, so a model trained with ``ActSpec(integer=True)`` serves bit for bit.
+    ``carrier``: None, or ``codes`` as bfloat16 (exactly), kept for layers of at most
+    ``BF16_MAX_WIDTH`` inputs and outputs, where the exact bf16 dot is faster for many
+    rows (see :func:`jaxqp._intdot.bf16_int_dot`); it costs 2 more bytes per weight in
+    memory, not in files.
     """
 
     codes: jax.Array
     scale: jax.Array
     dtype: str
     pow2: bool = False
+    carrier: jax.Array | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -76,7 +81,8 @@ class ServingKernel(Compressed):
         return (self.codes.T.astype(jnp.float32) * self.scale).astype(self.dtype)
 
 
-jax.tree_util.register_dataclass(ServingKernel, data_fields=["codes", "scale"], meta_fields=["dtype", "pow2"])
+jax.tree_util.register_dataclass(ServingKernel, data_fields=["codes", "scale", "carrier"],
+                                 meta_fields=["dtype", "pow2"])
 jax.export.register_pytree_node_serialization(  # so jax.export can carry prepared trees
     ServingKernel,
     serialized_name="jaxqp.ServingKernel",
@@ -92,13 +98,14 @@ class GeneralKernel(Compressed):
     Invariants: ``codes`` is int8 in the kernel's own layout ``(*contracted, *features)``
     with values in [-127, 127]; ``scale`` is float32 of the kernel's rank, size 1 on
     every axis but possibly the last, finite and positive; ``dequantize()`` equals the
-    QArray it was prepared from bit for bit.
+    QArray it was prepared from bit for bit; ``carrier`` as for :class:`ServingKernel`.
     """
 
     codes: jax.Array
     scale: jax.Array
     dtype: str
     pow2: bool = False
+    carrier: jax.Array | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -108,7 +115,8 @@ class GeneralKernel(Compressed):
         return (self.codes.astype(jnp.float32) * self.scale).astype(self.dtype)
 
 
-jax.tree_util.register_dataclass(GeneralKernel, data_fields=["codes", "scale"], meta_fields=["dtype", "pow2"])
+jax.tree_util.register_dataclass(GeneralKernel, data_fields=["codes", "scale", "carrier"],
+                                 meta_fields=["dtype", "pow2"])
 jax.export.register_pytree_node_serialization(
     GeneralKernel,
     serialized_name="jaxqp.GeneralKernel",
@@ -139,7 +147,12 @@ def _pow2_kernel(leaf: Pow2Array, min_int_size: int, pow2_inputs: bool) -> Servi
     magnitude = jnp.left_shift(jnp.int32(1), jnp.maximum(jnp.abs(c) - 1, 0))
     codes = jnp.where(c == 0, 0, jnp.sign(c) * magnitude).T.astype(jnp.int8)
     scale = jnp.ldexp(jnp.ones(leaf.shape[1], jnp.float32), jnp.broadcast_to(emin.reshape(-1), (leaf.shape[1],)))
-    return ServingKernel(codes, scale, leaf.dtype, pow2_inputs)
+    return ServingKernel(codes, scale, leaf.dtype, pow2_inputs, _carrier(codes))
+
+
+def _carrier(codes: jax.Array) -> jax.Array | None:
+    """The bf16 copy of int8 kernel codes for the bf16 dot path, for layers narrow enough to use it."""
+    return codes.astype(jnp.bfloat16) if max(codes.shape) <= BF16_MAX_WIDTH else None
 
 
 def _prepare_leaf(leaf, min_int_size: int, pow2_inputs: bool, dense_general: bool):
@@ -150,11 +163,12 @@ def _prepare_leaf(leaf, min_int_size: int, pow2_inputs: bool, dense_general: boo
         leaf = leaf.dense_qarray()  # the int8 kernel needs every code; N:M saves bytes, not time, on CPU
     if isinstance(leaf, QArray):
         if dense_general and _servable(leaf, min_int_size) and len(leaf.shape) > 2:
-            return GeneralKernel(leaf.int_codes().astype(jnp.int8), leaf.scale, leaf.dtype, pow2_inputs)
+            codes = leaf.int_codes().astype(jnp.int8)
+            return GeneralKernel(codes, leaf.scale, leaf.dtype, pow2_inputs, _carrier(codes))
         if _servable(leaf, min_int_size) and len(leaf.shape) == 2:
             codes = leaf.int_codes().T.astype(jnp.int8)
             scale = jnp.broadcast_to(leaf.scale.reshape(-1), (leaf.shape[1],)).astype(jnp.float32)
-            return ServingKernel(codes, scale, leaf.dtype, pow2_inputs)
+            return ServingKernel(codes, scale, leaf.dtype, pow2_inputs, _carrier(codes))
         return leaf.dequantize()
     if isinstance(leaf, (SparseArray, NMArray, Fp8Array)):
         return leaf.dequantize()
@@ -193,7 +207,7 @@ def int8_matmul(x: jax.Array, kernel: ServingKernel) -> jax.Array:
         raise ValueError(f"int8_matmul: x has {x.shape[-1]} features, the kernel expects {n_in}")
     rows, n = padded_rows(x, n_in)
     codes, row_scale = pow2_codes(rows, 8, 1) if kernel.pow2 else quantize_rows(rows)
-    acc = int8_dot_rows(codes, kernel.codes)
+    acc = exact_int_dot(codes, kernel.codes, kernel.carrier)
     y = acc.astype(jnp.float32) * row_scale * kernel.scale
     return y[:n].reshape(*x.shape[:-1], kernel.codes.shape[0]).astype(x.dtype)
 
@@ -212,8 +226,11 @@ def int8_matmul_general(x: jax.Array, kernel: GeneralKernel, n_contract: int) ->
     k, f = math.prod(contracted), math.prod(features)
     rows, n = padded_rows(x, k)
     codes, row_scale = pow2_codes(rows, 8, 1) if kernel.pow2 else quantize_rows(rows)
-    acc = jax.lax.dot_general(codes, kernel.codes.reshape(k, f), (((1,), (0,)), ((), ())),
-                              preferred_element_type=jnp.int32)
+    if kernel.carrier is not None and uses_bf16(rows.shape[0], k, f):
+        acc = bf16_int_dot(codes, kernel.carrier.reshape(k, f), carrier_in_axis=0)
+    else:
+        acc = jax.lax.dot_general(codes, kernel.codes.reshape(k, f), (((1,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.int32)
     scale = jnp.broadcast_to(kernel.scale, kernel.shape).reshape(k, f)[0]
     y = acc.astype(jnp.float32) * row_scale * scale
     return y[:n].reshape(*x.shape[:x.ndim - n_contract], *features).astype(x.dtype)

@@ -9,7 +9,7 @@ from flax import nnx
 
 import jaxqp
 from jaxqp import ActSpec, QuantSpec, Rule
-from jaxqp._intdot import int_dense
+from jaxqp._intdot import bf16_int_dot, exact_int_dot, int8_dot_rows, int_dense, uses_bf16
 
 W_SPEC = QuantSpec(bits=8, scale_pow2=True)
 A_SPEC = ActSpec(bits=8, symmetric=True, per_token=True, scale_pow2=True)
@@ -24,10 +24,11 @@ def _fake_quant_dense(x, w, spec):
 
 
 @pytest.mark.parametrize("per_token", [True, False])
-@pytest.mark.parametrize("k", [64, 1024])
-def test_int_dense_equals_fake_quant_forward_and_gradients(per_token, k):
+@pytest.mark.parametrize("k,tokens", [(64, 3), (1024, 3), (64, 30), (1024, 30)])  # 15 rows: int8 dot; 150: bf16
+def test_int_dense_equals_fake_quant_forward_and_gradients(per_token, k, tokens):
+    assert uses_bf16(5 * tokens, k, 32) == (tokens == 30)
     kx, kw, kg = jax.random.split(jax.random.key(k), 3)
-    x = jax.random.normal(kx, (5, 3, k)) * jnp.logspace(-2, 1, k)
+    x = jax.random.normal(kx, (5, tokens, k)) * jnp.logspace(-2, 1, k)
     w = jaxqp.fake_quant_weight(jax.random.normal(kw, (k, 32)), W_SPEC)
     spec = ActSpec(bits=8, symmetric=True, per_token=per_token, scale_pow2=True)
     want = _fake_quant_dense(x, w, spec)
@@ -40,6 +41,26 @@ def test_int_dense_equals_fake_quant_forward_and_gradients(per_token, k):
     fx, fw = jax.grad(lambda x, w: jnp.sum(_fake_quant_dense(x, w, spec) * g), argnums=(0, 1))(x, w)
     np.testing.assert_allclose(np.asarray(gx), np.asarray(fx), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(gw), np.asarray(fw), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1024, 1500, 2048, 3000])
+def test_bf16_int_dot_is_exact_at_the_extremes(k):
+    """Largest products everywhere (|sum| up to k * 127^2 > 2^24 for k > 1040): still the int32 result."""
+    rng = np.random.default_rng(k)
+    codes = np.full((70, k), 127, np.int8)
+    codes[1::2] = -127
+    codes[2] = rng.integers(-127, 128, k)
+    kernel = np.full((40, k), 127, np.int8)
+    kernel[3] = rng.integers(-127, 128, k)
+    kernel[4, ::3] = -127
+    want = codes.astype(np.int64) @ kernel.astype(np.int64).T
+    carrier = jnp.asarray(kernel).astype(jnp.bfloat16)
+    got = jax.jit(bf16_int_dot)(jnp.asarray(codes), carrier)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), want)
+    np.testing.assert_array_equal(np.asarray(bf16_int_dot(jnp.asarray(codes), carrier.T, carrier_in_axis=0)), want)
+    np.testing.assert_array_equal(np.asarray(exact_int_dot(jnp.asarray(codes), jnp.asarray(kernel), carrier)), want)
+    np.testing.assert_array_equal(np.asarray(int8_dot_rows(jnp.asarray(codes), jnp.asarray(kernel))), want)
 
 
 def test_int_dense_one_row():

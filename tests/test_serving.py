@@ -9,7 +9,12 @@ import pytest
 
 import jaxqp
 from jaxqp import PruneSpec, QuantSpec, Rule, ServingKernel
-from jaxqp._intdot import MIN_ROWS, SWAP_MAX_ROWS
+from jaxqp._intdot import MIN_ROWS, SWAP_MAX_ROWS, uses_bf16
+
+
+def bits_equal(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
 def reference_int8_matmul(x, kernel):
@@ -36,6 +41,8 @@ def test_int8_matmul_is_exact_integer_arithmetic(rows):
     *_, served = served_kernel()
     kernel = served["w"]
     assert isinstance(kernel, ServingKernel) and kernel.codes.dtype == jnp.int8 and kernel.codes.shape == (300, 256)
+    assert bits_equal(kernel.carrier, kernel.codes.astype(jnp.bfloat16))  # rows > 64 take the exact bf16 dot
+    assert uses_bf16(rows, 256, 300) == (rows > SWAP_MAX_ROWS)
     x = jax.random.normal(jax.random.key(1), (rows, 256))
     got = np.asarray(jax.jit(jaxqp.int8_matmul)(x, kernel))
     np.testing.assert_array_equal(got, reference_int8_matmul(x, kernel))
@@ -198,11 +205,15 @@ def test_dense_general_kernels_serve_in_int8_and_convs_fall_back():
     assert not np.array_equal(got, want)  # the int8 path really ran
     plain = jaxqp.prepare(exported, min_int_size=1)  # default: N-D kernels decoded once, float path
     assert isinstance(plain["MultiHeadDotProductAttention_0"]["query"]["kernel"], jax.Array)
-    # the projection alone equals the integer reference
-    q = jaxqp.int8_matmul_general(x, attention["query"]["kernel"], 1)
-    codes = np.asarray(attention["query"]["kernel"].codes, np.int64).reshape(64, -1)
-    scale = np.max(np.abs(np.asarray(x).reshape(-1, 64)), axis=1, keepdims=True) * (np.float32(1) / np.float32(127))
-    xc = np.clip(np.round(np.asarray(x).reshape(-1, 64) / scale), -127, 127).astype(np.int64)
-    w_scale = np.broadcast_to(np.asarray(attention["query"]["kernel"].scale), (64, 4, 16)).reshape(64, -1)[0]
-    ref = ((xc @ codes).astype(np.float32) * scale.astype(np.float32) * w_scale).reshape(2, 16, 4, 16)
-    np.testing.assert_array_equal(np.asarray(q), ref)
+    # the projection alone equals the integer reference: 32 rows (int8 dot) and 128 rows (bf16 dot)
+    kernel = attention["query"]["kernel"]
+    assert bits_equal(kernel.carrier, kernel.codes.astype(jnp.bfloat16))
+    for xs in (x, jax.random.normal(jax.random.key(12), (8, 16, 64))):
+        q = jaxqp.int8_matmul_general(xs, kernel, 1)
+        codes = np.asarray(kernel.codes, np.int64).reshape(64, -1)
+        rows = np.asarray(xs).reshape(-1, 64)
+        scale = np.max(np.abs(rows), axis=1, keepdims=True) * (np.float32(1) / np.float32(127))
+        xc = np.clip(np.round(rows / scale), -127, 127).astype(np.int64)
+        w_scale = np.broadcast_to(np.asarray(kernel.scale), (64, 4, 16)).reshape(64, -1)[0]
+        ref = ((xc @ codes).astype(np.float32) * scale.astype(np.float32) * w_scale).reshape(*xs.shape[:2], 4, 16)
+        np.testing.assert_array_equal(np.asarray(q), ref)
