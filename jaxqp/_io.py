@@ -5,7 +5,9 @@ JSON header, raw little-endian tensor bytes), so any safetensors reader can
 list its tensors. jaxqp's own information lives in the header's
 ``__metadata__``:
 
-* ``format = "jaxqp"`` and ``format_version`` (this code writes and reads 1);
+* ``format = "jaxqp"`` and ``format_version`` (this code writes 2 and reads 1 and 2:
+  version 1 stored 3-bit codes in 4-bit slots and 5-7-bit codes as int8, and N:M
+  positions in 1-, 2-, 4- or 8-bit slots; :func:`load` repacks them);
 * ``jaxqp_version``, the library that wrote the file;
 * ``tree``: the tree structure (dicts with string keys, lists, tuples, None) with
   each leaf described as an array, a :class:`QArray`, a :class:`SparseArray`, an
@@ -41,11 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._nm_array import NMArray
+from ._pack import container_width, pack, packed_size, unpack
 from ._qarray import QArray, SparseArray
 from ._value_arrays import Fp8Array, Pow2Array
 
 FORMAT = "jaxqp"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: codes of 3, 5, 6 and 7 bits packed at their width (1: 4-bit slots / int8)
 MAX_HEADER_BYTES = 100 * 2**20
 
 _DTYPES = {
@@ -220,7 +223,22 @@ def _tensors(path, blob: bytes, header: dict, meta: dict, start: int) -> dict[st
     return tensors
 
 
-def _build(node, tensors: dict, path):
+def _v1_width(bits: int) -> int:
+    """The storage width version 1 files used for ``bits``-bit codes (and N:M positions)."""
+    return next(w for w in (1, 2, 4, 8, 16) if bits <= w)
+
+
+def _repacked(stored, bits: int, count: int, offset: int = 0):
+    """Version-1 storage of ``count`` codes of ``bits`` bits (``code - offset`` when packed), in today's layout."""
+    old, new = _v1_width(bits), container_width(bits)
+    flat = np.asarray(stored).reshape(-1)
+    if old == new or flat.size != (packed_size(count, old) if old < 8 else count):
+        return stored  # nothing to repack, or malformed: validation refuses it
+    values = unpack(jnp.asarray(flat), old, count) if old < 8 else jnp.asarray(flat[:count].astype(np.int32) - offset)
+    return pack(values, new)
+
+
+def _build(node, tensors: dict, path, version: int = FORMAT_VERSION):
     def get(name):
         if name is None:
             return None
@@ -236,32 +254,38 @@ def _build(node, tensors: dict, path):
     if kind == "none":
         return None
     if kind == "dict":
-        return {k: _build(v, tensors, path) for k, v in value.items()}
+        return {k: _build(v, tensors, path, version) for k, v in value.items()}
     if kind in ("list", "tuple"):
-        items = [_build(v, tensors, path) for v in value]
+        items = [_build(v, tensors, path, version) for v in value]
         return items if kind == "list" else tuple(items)
     if kind == "qarray":
         static = {k: value[k] for k in _QARRAY_STATIC}
         static["shape"] = tuple(static["shape"])
         group = value.get("group")
         static["group"] = None if group is None else (int(group[0]), int(group[1]))
-        q = QArray(get(value["codes"]), get(value["scale"]), get(value["zero_point"]), get(value["bitmask"]), **static)
+        codes = get(value["codes"])
+        if version == 1:
+            codes = _repacked(codes, static["bits"], static["kept"], static["qmin"])
+        q = QArray(codes, get(value["scale"]), get(value["zero_point"]), get(value["bitmask"]), **static)
         return _validated(q, path)
     if kind == "sparse":
         return _validated(SparseArray(get(value["values"]), get(value["bitmask"]), tuple(value["shape"])), path)
     if kind == "nm":
-        values = _build(value["values"], tensors, path)
+        values = _build(value["values"], tensors, path, version)
         if not isinstance(values, (QArray, jax.Array)):
             raise _refuse(path, "an N:M leaf's values are neither an array nor a QArray")
         static = {k: int(value[k]) for k in ("n", "m", "axis")}
-        return _validated(NMArray(values, get(value["index"]), tuple(value["shape"]), **static), path)
+        index = get(value["index"])
+        if version == 1:
+            index = _repacked(index, max(1, math.ceil(math.log2(static["m"]))), math.prod(values.shape))
+        return _validated(NMArray(values, index, tuple(value["shape"]), **static), path)
     if kind == "pow2":
-        codes = _build(value["codes"], tensors, path)
+        codes = _build(value["codes"], tensors, path, version)
         if not isinstance(codes, QArray):
             raise _refuse(path, "a power-of-two leaf's codes are not a QArray")
         return _validated(Pow2Array(codes, get(value["emin"]), str(value["dtype"])), path)
     if kind == "fp8":
-        values = _build(value["values"], tensors, path)
+        values = _build(value["values"], tensors, path, version)
         if not isinstance(values, (SparseArray, jax.Array)):
             raise _refuse(path, "an fp8 leaf's values are neither an array nor a SparseArray")
         return _validated(Fp8Array(values, get(value["scale"]), str(value["dtype"])), path)
@@ -286,6 +310,6 @@ def load(path: str | os.PathLike):
     except (KeyError, json.JSONDecodeError):
         raise _refuse(path, "the tree description is missing or corrupt") from None
     try:
-        return _build(structure, tensors, path)
+        return _build(structure, tensors, path, int(meta["format_version"]))
     except (KeyError, TypeError, AttributeError):
         raise _refuse(path, "the tree description is malformed") from None

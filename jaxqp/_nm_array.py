@@ -34,7 +34,7 @@ MAX_M = 256  # positions must fit a uint8 slot
 
 
 def index_width(m: int) -> int:
-    """Bits of storage per kept position in groups of ``m``: 1, 2, 4 or 8."""
+    """Bits of storage per kept position in groups of ``m``: ``ceil(log2 m)``, 1 to 8."""
     return container_width(max(1, math.ceil(math.log2(m))))
 
 

@@ -1,9 +1,12 @@
 """Packing small integers several per byte (numerics layer: jax only).
 
-Codes of ``width`` bits (1, 2 or 4) are stored ``8 // width`` per uint8, the first
-code in the lowest bits, over the flattened array; the tail is padded with
-zeros. Widths 8 and 16 are stored as they are. :func:`container_width` picks the
-smallest storage width for a bit width: 3-bit codes use 4-bit slots.
+Codes of ``width`` bits (1 to 7) are stored as a little-endian bitstream over the
+flattened array: code ``i`` occupies bits ``i * width`` to ``(i + 1) * width - 1``,
+bit ``j`` of the stream being bit ``j % 8`` of byte ``j // 8``; the tail is padded
+with zeros. For widths 1, 2 and 4 that is ``8 // width`` codes per byte, the first
+in the lowest bits; a 3-bit code may straddle two bytes. Widths 8 and 16 are
+stored as they are. :func:`container_width` is the storage width of a bit width:
+the bit width itself up to 8, then 16.
 
 Example:
     >>> import jax.numpy as jnp
@@ -19,29 +22,36 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-PACKED_WIDTHS = (1, 2, 4)
+PACKED_WIDTHS = (1, 2, 3, 4, 5, 6, 7)
 
 
 def container_width(bits: int) -> int:
-    """Storage width for ``bits``-bit codes: 1, 2, 4, 8 or 16."""
-    for width in (1, 2, 4, 8, 16):
-        if bits <= width:
-            return width
+    """Storage width for ``bits``-bit codes: ``bits`` itself for 1-8 bits, 16 for 9-16."""
+    if 1 <= bits <= 8:
+        return bits
+    if bits <= 16:
+        return 16
     raise ValueError(f"bits={bits}: at most 16 bits can be stored")
 
 
 def packed_size(size: int, width: int) -> int:
     """Number of uint8 bytes that hold ``size`` codes of ``width`` bits."""
-    per_byte = 8 // width
-    return -(-size // per_byte)
+    return -(-size * width // 8)
+
+
+def _check_width(width: int) -> None:
+    if width not in PACKED_WIDTHS:
+        raise ValueError(f"width={width}: packing handles widths {PACKED_WIDTHS}")
 
 
 def pack(codes: jax.Array, width: int) -> jax.Array:
     """Packs unsigned ``codes`` (each < 2**width) into a flat uint8 array."""
-    if width not in PACKED_WIDTHS:
-        raise ValueError(f"width={width}: pack handles widths {PACKED_WIDTHS}")
-    per_byte = 8 // width
+    _check_width(width)
     flat = jnp.ravel(codes).astype(jnp.uint8)
+    if 8 % width:  # codes straddle bytes: go through the bitstream
+        bits = (flat[:, None] >> jnp.arange(width, dtype=jnp.uint8)) & jnp.uint8(1)
+        return jnp.packbits(bits.reshape(-1), bitorder="little")
+    per_byte = 8 // width
     flat = jnp.pad(flat, (0, packed_size(flat.size, width) * per_byte - flat.size))
     shifts = (jnp.arange(per_byte, dtype=jnp.uint8) * jnp.uint8(width))
     groups = flat.reshape(-1, per_byte) << shifts
@@ -50,8 +60,10 @@ def pack(codes: jax.Array, width: int) -> jax.Array:
 
 def unpack(packed: jax.Array, width: int, size: int) -> jax.Array:
     """The first ``size`` codes of ``packed``, as a flat uint8 array."""
-    if width not in PACKED_WIDTHS:
-        raise ValueError(f"width={width}: unpack handles widths {PACKED_WIDTHS}")
+    _check_width(width)
+    if 8 % width:
+        bits = jnp.unpackbits(packed, count=size * width, bitorder="little").reshape(size, width)
+        return jnp.sum(bits << jnp.arange(width, dtype=jnp.uint8), axis=1, dtype=jnp.uint8)
     per_byte = 8 // width
     shifts = jnp.arange(per_byte, dtype=jnp.uint8) * jnp.uint8(width)
     codes = (packed[:, None] >> shifts) & jnp.uint8(2**width - 1)

@@ -76,8 +76,9 @@ class QArray(Compressed):
 
     * every code lies in ``[qmin, qmax]``;
     * ``codes`` is stored in the container of ``bits`` (see ``jaxqp._pack``):
-      int8 for 5-8 bits, int16 for 9-16 bits, and for 1-4 bits ``code - qmin``
-      packed ``8 // width`` per uint8 byte over the flattened tensor;
+      int8 for 8 bits, int16 for 9-16 bits, and for 1-7 bits ``code - qmin``
+      packed at ``bits`` bits each (a little-endian bitstream over the flattened
+      tensor, see ``jaxqp._pack``);
     * if ``bitmask`` is not None (sparse storage), it holds ``shape``'s mask as
       packed bits and ``codes`` holds only the kept entries, in row-major order;
       pruned entries decode to ``zero_point``, i.e. to exactly 0.0;

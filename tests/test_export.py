@@ -14,7 +14,7 @@ from jaxqp import PruneSpec, QArray, QuantSpec, Rule, SparseArray
 from jaxqp._pack import container_width, pack, pack_mask, unpack, unpack_mask
 
 
-@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 6, 7])
 @pytest.mark.parametrize("size", [1, 3, 7, 8, 9, 17, 64])
 def test_pack_round_trip_odd_lengths(width, size):
     codes = jnp.asarray(np.random.default_rng(size).integers(0, 2**width, size), jnp.uint8)
@@ -26,12 +26,15 @@ def test_pack_round_trip_odd_lengths(width, size):
 def test_pack_layout_low_bits_first():
     np.testing.assert_array_equal(np.asarray(pack(jnp.array([1, 0, 3, 2], jnp.uint8), 2)), [0b10110001])
     np.testing.assert_array_equal(np.asarray(pack(jnp.array([0xA, 0x3], jnp.uint8), 4)), [0x3A])
+    # 3 bits: a little-endian bitstream, codes straddle bytes: 5 | 3 << 3 | (7 & 3) << 6, then 7 >> 2
+    np.testing.assert_array_equal(np.asarray(pack(jnp.array([5, 3, 7], jnp.uint8), 3)), [221, 1])
+    np.testing.assert_array_equal(np.asarray(pack(jnp.array([31, 0, 17], jnp.uint8), 5)), [31, 17 << 2])
     mask = np.array([[True, False, True], [True, True, False]])
     np.testing.assert_array_equal(np.asarray(unpack_mask(pack_mask(jnp.asarray(mask)), (2, 3))), mask)
 
 
 def test_container_widths():
-    assert [container_width(b) for b in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
+    assert [container_width(b) for b in (1, 2, 3, 4, 5, 7, 8, 9, 16)] == [1, 2, 3, 4, 5, 7, 8, 16, 16]
 
 
 def bits_equal(a, b):
@@ -73,14 +76,14 @@ def test_sparse_storage_chosen_when_smaller():
         assert q.nbytes == want_codes + (w.size // 8 if sparse else 0) + 32 * 4
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7])
 def test_low_bit_codes_are_packed(bits):
     params = {"w": jax.random.normal(jax.random.key(1), (16, 8))}
     t = jaxqp.transform([Rule("w", quant=QuantSpec(bits=bits, axis=None))])
     q = jaxqp.export(params, t.init(params))["w"]
-    width = container_width(bits)
-    assert q.codes.dtype == jnp.uint8 and q.codes.size == 128 * width // 8
-    assert q.nbytes == 128 * width // 8 + 4
+    assert q.codes.dtype == jnp.uint8 and q.codes.size == 128 * bits // 8  # exactly `bits` bits per code
+    assert q.nbytes == 128 * bits // 8 + 4
+    assert (np.asarray(q.dequantize()) == np.asarray(t.apply(params, t.init(params))["w"])).all()
 
 
 def test_pruned_float_leaf_becomes_sparse_array():

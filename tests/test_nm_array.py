@@ -33,7 +33,7 @@ def test_golden_layout():
 
 
 def test_index_widths_and_too_full_groups():
-    assert [index_width(m) for m in (2, 3, 4, 5, 8, 16, 17, 256)] == [1, 2, 2, 4, 4, 4, 8, 8]
+    assert [index_width(m) for m in (2, 3, 4, 5, 8, 16, 17, 128, 256)] == [1, 2, 2, 3, 3, 4, 5, 7, 8]
     mask = np.array([True, True, True, False])[:, None]
     assert nm_positions(mask, 2, 4, 0) is None  # 3 kept in a group of 4: not 2:4
     assert NMArray.from_dense(np.ones((4, 1)), mask, 2, 4, 0) is None
