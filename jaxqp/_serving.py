@@ -18,7 +18,9 @@ forward pass uses:
 :func:`int8_matmul` computes ``x @ W`` for a ServingKernel: each row of ``x`` is
 quantized to int8 on the fly (symmetric, absmax per row), multiplied in int8 with
 int32 accumulation, and rescaled. Fewer than four rows are padded to four, because
-XLA's CPU integer dot is slow for one row and fast for several. Relative to ``x @
+XLA's CPU integer dot is slow for one row and fast for several; above 64 rows, layers
+at most 2048 wide compute the same integers with an exact bf16 dot, which is faster
+there (``jaxqp._intdot.exact_int_dot``). Relative to ``x @
 dequantize(W)`` the only error is the activation rounding, at most half an int8
 step of each row's absmax per input (see ``docs/design.md``).
 
