@@ -112,7 +112,8 @@ def main(argv=None):
         row["untrained_kernels"] = ms[-1]["frozen"]
         base_nll = base_nll or row["nll"]
         rows.append(row)
-        untrained = f"  kernels never updated: {', '.join(row['untrained_kernels'])}" if row["untrained_kernels"] else ""
+        frozen = row["untrained_kernels"]
+        untrained = f"  kernels never updated: {', '.join(frozen)}" if frozen else ""
         print(f"{format_row(row, 11)} {row['nll'] / base_nll - 1:+12.1%} {row['step_ratio']:10.3f}x{untrained}")
     write_json(args.json, rows)
     return rows

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._nm_array import NMArray
+from ._nm_array import NMArray, index_bits
 from ._pack import container_width, pack, packed_size, unpack
 from ._qarray import QArray, SparseArray
 from ._value_arrays import Fp8Array, Pow2Array
@@ -277,7 +277,7 @@ def _build(node, tensors: dict, path, version: int = FORMAT_VERSION):
         static = {k: int(value[k]) for k in ("n", "m", "axis")}
         index = get(value["index"])
         if version == 1:
-            index = _repacked(index, max(1, math.ceil(math.log2(static["m"]))), math.prod(values.shape))
+            index = _repacked(index, index_bits(static["m"]), math.prod(values.shape))
         return _validated(NMArray(values, index, tuple(value["shape"]), **static), path)
     if kind == "pow2":
         codes = _build(value["codes"], tensors, path, version)

@@ -33,9 +33,14 @@ from ._qarray import Compressed, QArray
 MAX_M = 256  # positions must fit a uint8 slot
 
 
+def index_bits(m: int) -> int:
+    """Bits a position in a group of ``m`` needs: ``ceil(log2 m)``, at least 1."""
+    return max(1, math.ceil(math.log2(m)))
+
+
 def index_width(m: int) -> int:
-    """Bits of storage per kept position in groups of ``m``: ``ceil(log2 m)``, 1 to 8."""
-    return container_width(max(1, math.ceil(math.log2(m))))
+    """Bits of storage per kept position in groups of ``m``: ``index_bits(m)``, 1 to 8."""
+    return container_width(index_bits(m))
 
 
 def _grouped(a: np.ndarray, m: int, axis: int, fill) -> np.ndarray:
