@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 
 import jax.numpy as jnp
-
 from _mnist1d import CNN1D
 
 

@@ -1,11 +1,11 @@
 """The int8 matmul alone: float32 vs the two operand orders of XLA's integer dot, in one process.
 
 For each weight shape and row count, times (median of interleaved repeats) a
-jitted ``x @ W`` in float32 and the whole int8 path of :func:`jaxqp.int8_matmul`
+jitted ``x @ W`` in float32 and the whole int8 path of :func:`jaxqp.serving.int8_matmul`
 (quantize rows, int8 x int8 -> int32 dot, rescale) with the dot written
 ``codes . kernel`` (``rows-first``) and ``kernel . codes`` with an optimization
 barrier before the transpose (``kernel-first``), and prints each as a ratio of
-float. ``jaxqp.int8_matmul`` picks kernel-first up to ``SWAP_MAX_ROWS`` rows; this
+float. ``jaxqp.serving.int8_matmul`` picks kernel-first up to ``SWAP_MAX_ROWS`` rows; this
 script is the measurement behind that choice (see docs/design.md).
 
     python benchmarks/int8_dot.py --json int8_dot.json
@@ -17,12 +17,11 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-
-from jaxqp._intdot import bf16_int_dot
-from jaxqp._serving import quantize_rows
-
 from _common import write_json
 from serving import time_calls
+
+from jaxqp.numerics import bf16_int_dot
+from jaxqp.serving import quantize_rows
 
 DIMS = (((1,), (1,)), ((), ()))
 

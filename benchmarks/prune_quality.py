@@ -26,12 +26,11 @@ import argparse
 
 import jax
 import numpy as np
+from _common import write_json
+from _mnist1d import CNN1D, Run, batches, data, format_row, summary_row, time_configs, title
 
 import jaxqp
 from jaxqp import NM, Channels, PruneSpec, QuantSpec, RigL, Rule
-
-from _common import write_json
-from _mnist1d import CNN1D, Run, batches, data, format_row, summary_row, time_configs, title
 
 PRUNED = ("conv2/kernel", "conv3/kernel", "fc/kernel")
 

@@ -30,12 +30,11 @@ import argparse
 
 import jax
 import numpy as np
-
-from jaxqp import ActSpec, QuantSpec, Rule
-
 from _common import write_json
 from _mnist1d import CNN1D, Run, batches, data, format_row, summary_row, time_configs, title
 from _peers import aqt_models, qwix_models
+
+from jaxqp import ActSpec, QuantSpec, Rule
 
 
 def configs() -> dict[str, list[Rule]]:

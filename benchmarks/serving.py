@@ -30,10 +30,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import write_json
 
 import jaxqp
-
-from _common import write_json
 
 
 class MLP(nn.Module):
@@ -65,7 +64,9 @@ def exports(params):
     return {
         "int8": [jaxqp.Rule(kernel, quant=jaxqp.QuantSpec(bits=8))],
         "int4": [jaxqp.Rule(kernel, quant=jaxqp.QuantSpec(bits=4))],
-        "nm2:4+int8": [jaxqp.Rule(kernel, quant=jaxqp.QuantSpec(bits=8), prune=jaxqp.PruneSpec(structure=jaxqp.NM(2, 4)))],
+        "nm2:4+int8": [
+            jaxqp.Rule(kernel, quant=jaxqp.QuantSpec(bits=8), prune=jaxqp.PruneSpec(structure=jaxqp.NM(2, 4)))
+        ],
         "sparse90+int8": [jaxqp.Rule(kernel, quant=jaxqp.QuantSpec(bits=8), prune=jaxqp.PruneSpec(sparsity=0.9))],
     }
 
@@ -121,7 +122,8 @@ def latency_rows(model_name, model, params, make_input, batches, configs, repeat
                          "latency_ratio": round(t[name] / t["float32"], 4),
                          "latency_ms": round(t[name] * 1e3, 3), "float_ms": round(t["float32"] * 1e3, 3)})
             cells.append(f"{name} {t[name] / t['float32']:.2f}x")
-        print(f"{model_name:<12} batch {batch:>4}: float {t['float32'] * 1e3:8.2f} ms | " + " | ".join(cells), flush=True)
+        head = f"{model_name:<12} batch {batch:>4}: float {t['float32'] * 1e3:8.2f} ms | "
+        print(head + " | ".join(cells), flush=True)
     return rows
 
 

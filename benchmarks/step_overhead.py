@@ -23,11 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _common import write_json
 
 import jaxqp
 from jaxqp.demo import make_train_step
-
-from _common import write_json
 
 
 class MLP(nn.Module):
@@ -105,7 +104,7 @@ def main(argv=None):
         runs[name] = [step, params, opt_state, []]
 
     for _ in range(args.repeats):  # round-robin, so drift hits every config alike
-        for name, run in runs.items():
+        for run in runs.values():
             step, params, opt_state, times = run
             start = time.perf_counter()
             for _ in range(args.steps):

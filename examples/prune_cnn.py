@@ -39,7 +39,7 @@ def main(argv=None):
 
     model = CNN()
     params = model.init(jax.random.key(0), x_train[:1])["params"]
-    schedule = lambda final: jaxqp.polynomial(0.0, final, begin=steps // 8, end=steps // 2, every=max(steps // 40, 1))  # noqa: E731
+    schedule = lambda final: jaxqp.polynomial(0.0, final, begin=steps // 8, end=steps // 2, every=max(steps // 40, 1))
     int8 = jaxqp.QuantSpec(bits=8)
     rules = [
         jaxqp.Rule(r"Conv_0/kernel", quant=int8,

@@ -31,6 +31,6 @@ def load_mnist1d(num_samples: int = 20000, seed: int = 42):
     args.seed = seed
     args.num_samples = int(num_samples)
     data = make_dataset(args)
-    as_x = lambda a: np.asarray(a, np.float32)  # noqa: E731
-    as_y = lambda a: np.asarray(a, np.int32)  # noqa: E731
+    as_x = lambda a: np.asarray(a, np.float32)
+    as_y = lambda a: np.asarray(a, np.int32)
     return (as_x(data["x"]), as_y(data["y"])), (as_x(data["x_test"]), as_y(data["y_test"]))

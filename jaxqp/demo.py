@@ -191,8 +191,8 @@ def deploy(params, t, state, data) -> dict:
         "file_bytes_float": sizes[0], "file_bytes": sizes[1],
         "accuracy": float(100.0 * jnp.mean(jnp.argmax(logits, -1) == y_test)),
         "ms_float": ms["float"], "ms_served": ms["served"],
-        "int8_layers": sum(isinstance(leaf, jaxqp.ServingKernel) for leaf in jax.tree_util.tree_leaves(
-            served, is_leaf=lambda x: isinstance(x, jaxqp.ServingKernel))),
+        "int8_layers": sum(isinstance(leaf, jaxqp.serving.ServingKernel) for leaf in jax.tree_util.tree_leaves(
+            served, is_leaf=lambda x: isinstance(x, jaxqp.serving.ServingKernel))),
     }
 
 
@@ -241,7 +241,8 @@ def main(argv=None) -> int:
     steps = 150 if args.quick else args.steps
     if steps < 30:
         parser.error("--steps must be at least 30")
-    print(f"jaxqp {jaxqp.__version__} demo: MLP on sklearn digits, {steps} steps per config, backend {jax.default_backend()}")
+    backend = jax.default_backend()
+    print(f"jaxqp {jaxqp.__version__} demo: MLP on sklearn digits, {steps} steps per config, backend {backend}")
     rows, deployed = run(steps, args.seed)
     print(format_table(rows))
     print("pruned weights exactly 0.0 in params and in t.apply(params, state): yes")
@@ -252,7 +253,7 @@ def main(argv=None) -> int:
     print(f"  test accuracy  {d['accuracy']:.2f}% served from the loaded file")
     print(f"  latency        {d['ms_served']:.3f} ms vs float32 {d['ms_float']:.3f} ms for one image "
           f"({d['ms_served'] / d['ms_float']:.2f}x; {d['int8_layers']} of 3 layers on the int8 path: "
-          f"jaxqp.prepare keeps kernels under {jaxqp._serving.MIN_INT_SIZE} entries in float, where the "
+          f"jaxqp.prepare keeps kernels under {jaxqp.serving.MIN_INT_SIZE} entries in float, where the "
           "integer path does not pay off)")
     if args.json:
         with open(args.json, "w") as f:

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 import jaxqp
-from jaxqp import QuantSpec, fake_quant_weight, weight_quantizer
-from jaxqp._calib import MSE_RATIOS
-from jaxqp._quant import reciprocal
+from jaxqp import QuantSpec, fake_quant_weight
+from jaxqp._transforms.weight_quantizer import weight_quantizer
+from jaxqp.numerics import MSE_RATIOS
+from jaxqp.numerics._linear import reciprocal
 
 # 5 rows, groups of 2 along axis 0: rows {0, 1}, {2, 3} and the padded {4}.
 W = np.array([[1.0, 2.0], [-3.0, 0.5], [0.7, 7.0], [0.0, -1.0], [14.0, 0.1]], np.float32)
@@ -86,5 +87,5 @@ def test_mse_search_matches_brute_force():
     ratio = np.asarray(q.scale).reshape(-1) / (np.max(np.abs(x), axis=0) * reciprocal(7))
     np.testing.assert_allclose(ratio, _mse_reference(x, 4), rtol=1e-5)
     assert np.any(ratio < 1.0)
-    err = lambda s: float(jnp.sum((fake_quant_weight(jnp.asarray(x), s) - x) ** 2))  # noqa: E731
+    err = lambda s: float(jnp.sum((fake_quant_weight(jnp.asarray(x), s) - x) ** 2))
     assert err(spec) < err(QuantSpec(bits=4))

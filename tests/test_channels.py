@@ -26,9 +26,9 @@ def cnn_params():
 
 def test_channel_mask_prunes_smallest_norm_columns():
     x = jnp.array([[3.0, 0.1, -2.0, 1.0], [4.0, 0.2, 0.0, -1.0]])  # column norms 5, .22, 2, 1.41
-    mask = np.asarray(jaxqp.channel_mask(x, 0.5, axis=-1))
+    mask = np.asarray(jaxqp.numerics.channel_mask(x, 0.5, axis=-1))
     np.testing.assert_array_equal(mask, [[True, False, True, False]] * 2)
-    rows = np.asarray(jaxqp.channel_mask(x, 0.5, axis=0))  # row norms 3.78, 4.58
+    rows = np.asarray(jaxqp.numerics.channel_mask(x, 0.5, axis=0))  # row norms 3.78, 4.58
     np.testing.assert_array_equal(rows, [[False] * 4, [True] * 4])
 
 
@@ -48,7 +48,8 @@ def test_filters_and_neurons_pruned_exactly_with_their_bias():
     assert dead_neurons.sum() == 10
     # params.bias is 0 at init anyway: perturb it to see the mask act on it
     params["Dense_0"]["bias"] = jnp.ones(40)
-    hidden = jnp.ones((2, 1024)) @ t.apply(params, state)["Dense_0"]["kernel"] + t.apply(params, state)["Dense_0"]["bias"]
+    dense = t.apply(params, state)["Dense_0"]
+    hidden = jnp.ones((2, 1024)) @ dense["kernel"] + dense["bias"]
     assert np.all(np.asarray(hidden)[:, dead_neurons] == 0.0)
     assert set(state.masks) == {"Conv_0/kernel", "Conv_0/bias", "Dense_0/kernel", "Dense_0/bias"}
 
@@ -93,4 +94,5 @@ def test_bias_false_leaves_bias_alone_and_errors():
     with pytest.raises(ValueError, match="needs sparsity="):
         PruneSpec(structure=Channels())
     with pytest.raises(ValueError, match=r"Channels\(axis=2\) is out of range"):
-        jaxqp.transform([Rule(r"Dense_0/kernel", prune=PruneSpec(sparsity=0.5, structure=Channels(axis=2)))]).init(params)
+        rule = Rule(r"Dense_0/kernel", prune=PruneSpec(sparsity=0.5, structure=Channels(axis=2)))
+        jaxqp.transform([rule]).init(params)

@@ -8,7 +8,7 @@ import pytest
 
 import jaxqp
 from jaxqp import PruneSpec, RigL, Rule
-from jaxqp._dynamic import drop_and_grow, drop_fraction, reset_moments
+from jaxqp._transforms.rigl import drop_and_grow, drop_fraction, reset_moments
 
 
 def _params():
@@ -38,7 +38,7 @@ def test_criteria_prune_exactly(criterion):
         np.testing.assert_allclose(np.asarray(state.scores["a/w"]), score, rtol=1e-6)
         assert score[mask].min() >= score[~mask].max()
     if criterion == "random":  # not magnitude, and reproducible
-        assert not np.array_equal(mask, np.asarray(jaxqp.magnitude_mask(params["a"]["w"], 0.7)))
+        assert not np.array_equal(mask, np.asarray(jaxqp.numerics.magnitude_mask(params["a"]["w"], 0.7)))
         again = t.init(params)
         for _ in range(3):
             again = t.update(params, again, grads=grads)

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 import jaxqp
 from jaxqp import PruneSpec, QArray, QuantSpec, Rule, SparseArray
-from jaxqp._pack import container_width, pack, pack_mask, unpack, unpack_mask
+from jaxqp.numerics import pack, pack_mask, unpack, unpack_mask
+from jaxqp.numerics._packing import container_width
 
 
 @pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 6, 7])

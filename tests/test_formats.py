@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxqp import QuantSpec, fake_quant_weight, fp8_round, pow2_ceil, pow2_values, stochastic_round
+from jaxqp import QuantSpec, fake_quant_weight
+from jaxqp.numerics import fp8_round, pow2_ceil, pow2_values, stochastic_round
 
 
 def fq(x, spec):

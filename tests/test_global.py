@@ -33,7 +33,7 @@ small = hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=2, max_side
 @settings(max_examples=40, deadline=None)
 @given(a=small, b=small, c=small, sparsity=st.floats(0.0, 0.99))
 def test_matches_concatenated_reference(a, b, c, sparsity):
-    got = jaxqp.global_magnitude_masks([jnp.asarray(a), jnp.asarray(b), jnp.asarray(c)], sparsity)
+    got = jaxqp.numerics.global_magnitude_masks([jnp.asarray(a), jnp.asarray(b), jnp.asarray(c)], sparsity)
     for g, w in zip(got, reference_global([a, b, c], sparsity)):
         np.testing.assert_array_equal(np.asarray(g), w)
 

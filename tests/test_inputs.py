@@ -86,7 +86,7 @@ def test_nnx_inputs_quantized_and_model_restored():
     t = jaxqp.transform([Rule("layers/1/kernel", act=ActSpec(bits=8)), Rule("conv/kernel", act=ActSpec(bits=8))])
     state = t.init(params)
     x = jax.random.normal(jax.random.key(2), (5, 12, 4))
-    out, observed = jaxqp.nnx_apply(model, state, x)
+    out, _ = jaxqp.nnx_apply(model, state, x)
     assert type(model.layers[1]) is nnx.Linear and type(model.conv) is nnx.Conv  # restored
     h = jax.nn.relu(model.conv(jnp.asarray(dynamic_int8(x)))).reshape(5, -1)
     h = jax.nn.relu(model.layers[0](h))
@@ -161,7 +161,11 @@ def test_training_with_every_input_kind_compiles_once():
     params = model.init(jax.random.key(4), x)["params"]
     t = jaxqp.transform([
         Rule("layers_0/kernel", quant=QuantSpec(bits=4, learned="lsq"), act=ActSpec(range="static")),
-        Rule("layers_2/kernel", quant=QuantSpec(bits=4, group_size=8), act=ActSpec(bits=4, range="pact", signed=False, init=1.0)),
+        Rule(
+            "layers_2/kernel",
+            quant=QuantSpec(bits=4, group_size=8),
+            act=ActSpec(bits=4, range="pact", signed=False, init=1.0),
+        ),
         Rule("layers_4/kernel", quant=QuantSpec(bits=8), act=ActSpec(range="lsq+")),
     ])
     tx = jaxqp.wrap(optax.adam(1e-2), t)

@@ -9,7 +9,7 @@ from flax import nnx
 
 import jaxqp
 from jaxqp import ActSpec, QuantSpec, Rule
-from jaxqp._intdot import bf16_int_dot, exact_int_dot, int8_dot_rows, int_dense, uses_bf16
+from jaxqp.numerics._int_dot import bf16_int_dot, exact_int_dot, int8_dot_rows, int_dense, uses_bf16
 
 W_SPEC = QuantSpec(bits=8, scale_pow2=True)
 A_SPEC = ActSpec(bits=8, symmetric=True, per_token=True, scale_pow2=True)
@@ -141,7 +141,7 @@ class Attention(nn.Module):
 
 @pytest.mark.parametrize("per_token", [True, False])
 def test_dense_general_and_linear_general_integer_paths_equal_fake_quant(per_token, monkeypatch):
-    import jaxqp._flax_inputs as flax_inputs
+    import jaxqp._adapters.inputs as flax_inputs
     calls = []
     real = flax_inputs.int_dense
     monkeypatch.setattr(flax_inputs, "int_dense", lambda *a: calls.append(a[1].shape) or real(*a))

@@ -87,7 +87,7 @@ def test_truncated_files_are_refused(tmp_path, cut):
     path = tmp_path / "model.jaxqp"
     jaxqp.save(path, packed)
     blob = path.read_bytes()
-    path.write_bytes(blob[:cut] if cut >= 0 else blob[:cut])
+    path.write_bytes(blob[:cut])  # a prefix; negative cuts drop the tail
     with pytest.raises(ValueError, match="jaxqp.load"):
         jaxqp.load(path)
 
@@ -96,7 +96,8 @@ def write_safetensors(path, metadata, tensors=None):
     header = {"__metadata__": metadata}
     data = b""
     for name, array in (tensors or {}).items():
-        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [len(data), len(data) + array.nbytes]}
+        offsets = [len(data), len(data) + array.nbytes]
+        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": offsets}
         data += array.tobytes()
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
@@ -116,7 +117,7 @@ def test_foreign_and_newer_files_are_refused(tmp_path):
     blob = path.read_bytes()
     (size,) = struct.unpack("<Q", blob[:8])
     header = json.loads(blob[8:8 + size])
-    from jaxqp._io import FORMAT_VERSION, _header_digest
+    from jaxqp._export.files import FORMAT_VERSION, _header_digest
 
     header["__metadata__"]["format_version"] = str(FORMAT_VERSION + 1)
 
@@ -142,9 +143,9 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
 
 def test_version_1_files_load_with_their_old_code_widths(tmp_path, monkeypatch):
     """Version 1 stored 3-bit codes in 4-bit slots, 5-7-bit codes as int8 and N:M positions in 1/2/4/8-bit slots."""
-    import jaxqp._io as io
-    import jaxqp._nm_array as nm_array
-    import jaxqp._qarray as qarray
+    import jaxqp._export.files as io
+    import jaxqp._export.nm_array as nm_array
+    import jaxqp._export.qarray as qarray
 
     params = {name: jax.random.normal(jax.random.key(i), (64, 48)) for i, name in enumerate("abcde")}
     rules = [Rule("a", quant=QuantSpec(bits=3)), Rule("b", quant=QuantSpec(bits=6, symmetric=False)),

@@ -9,7 +9,8 @@ import optax
 import pytest
 
 import jaxqp
-from jaxqp import QuantSpec, lsq, lsq_grad_scale, pact
+from jaxqp import QuantSpec
+from jaxqp.numerics import lsq, lsq_grad_scale, pact
 
 X = jnp.array([-9.0, -2.26, -0.4, 0.0, 0.3, 1.5, 2.74, 3.6, 12.0])
 
@@ -30,7 +31,7 @@ def test_lsq_gradients_match_esser_formula():
 
 def test_lsq_plus_offset_gradient():
     step, offset, qmin, qmax, g = 0.25, 1.0, -8, 7, 0.5
-    f = lambda x, s, b: jnp.sum(lsq(x, s, qmin, qmax, g, b))  # noqa: E731
+    f = lambda x, s, b: jnp.sum(lsq(x, s, qmin, qmax, g, b))
     gx, gs, gb = jax.grad(f, argnums=(0, 1, 2))(X, jnp.float32(step), jnp.float32(offset))
     v = (np.asarray(X) - offset) / step
     inside = (v >= qmin) & (v <= qmax)
@@ -46,7 +47,7 @@ def test_lsq_step_gradient_of_clipped_entries_by_finite_differences():
     # Clipped entries give y = qmax * s (or qmin * s): smooth in s, so a central difference
     # must agree with the LSQ gradient there (inside, the rounding makes y a step function).
     x = jnp.array([12.0, -9.0])
-    f = lambda s: jnp.sum(lsq(x, s, -7, 7, 1.0))  # noqa: E731
+    f = lambda s: jnp.sum(lsq(x, s, -7, 7, 1.0))
     s, h = 0.5, 1e-3
     numeric = (float(f(jnp.float32(s + h))) - float(f(jnp.float32(s - h)))) / (2 * h)
     assert float(jax.grad(f)(jnp.float32(s))) == pytest.approx(numeric, rel=1e-3)
@@ -99,7 +100,7 @@ def test_wrap_updates_learned_steps_and_export_uses_them():
     params, t, _ = _lsq_setup()
     tx = jaxqp.wrap(optax.sgd(0.1), t)
     opt_state = tx.init(params)
-    loss = lambda p, s: jnp.sum(t.apply(p, s)["w"] ** 2)  # noqa: E731
+    loss = lambda p, s: jnp.sum(t.apply(p, s)["w"] ** 2)
     state = jaxqp.state_of(opt_state)
     grads = jax.grad(loss, argnums=(0, 1), allow_int=True)(params, state)
     with pytest.raises(ValueError, match="argnums=\\(0, 1\\)"):
@@ -120,7 +121,7 @@ def test_learned_values_with_gradient_accumulation_inside_wrap():
     params, t, _ = _lsq_setup()
     tx = jaxqp.wrap(optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2), t)
     opt_state = tx.init(params)
-    loss = lambda p, s: jnp.sum(t.apply(p, s)["w"] ** 2)  # noqa: E731
+    loss = lambda p, s: jnp.sum(t.apply(p, s)["w"] ** 2)
 
     @jax.jit
     def step(params, opt_state):

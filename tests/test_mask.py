@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxqp import apply_mask, magnitude_mask, threshold_mask
+from jaxqp.numerics import apply_mask, magnitude_mask, threshold_mask
 
 jit_mask = jax.jit(magnitude_mask)  # property tests: compile once per shape, not per op
 

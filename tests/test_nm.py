@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxqp
-from jaxqp import NM, PruneSpec, QuantSpec, Rule, nm_mask
+from jaxqp import NM, PruneSpec, QuantSpec, Rule
+from jaxqp.numerics import nm_mask
 
 jit_nm = jax.jit(nm_mask, static_argnums=(1, 2, 3))
 
@@ -101,5 +102,6 @@ def test_bad_nm_specs(make, error, match):
 
 
 def test_nm_axis_out_of_range_names_the_path():
-    with pytest.raises(ValueError, match=r"rules\[0\] \(pattern '.*'\) matches 'b' of shape \(4,\), but NM\(axis=-2\) is out of range"):
+    message = r"rules\[0\] \(pattern '.*'\) matches 'b' of shape \(4,\), but NM\(axis=-2\) is out of range"
+    with pytest.raises(ValueError, match=message):
         jaxqp.resolve([Rule(".*", prune=PruneSpec(structure=NM(2, 4)))], {"a": jnp.ones((4, 4)), "b": jnp.ones(4)})

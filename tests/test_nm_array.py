@@ -7,7 +7,7 @@ import pytest
 
 import jaxqp
 from jaxqp import NM, NMArray, PruneSpec, QArray, QuantSpec, Rule
-from jaxqp._nm_array import index_width, nm_positions
+from jaxqp._export.nm_array import index_width, nm_positions
 
 
 def bits_equal(a, b):
@@ -123,7 +123,7 @@ def test_validate_checks_values_shape_and_index_size():
 def test_serving_densifies_int8_codes_exactly():
     leaf, applied = exported((256, 256), QuantSpec(bits=8), NM(2, 4))
     kernel = jaxqp.prepare({"w": leaf})["w"]
-    assert isinstance(kernel, jaxqp.ServingKernel)
+    assert isinstance(kernel, jaxqp.serving.ServingKernel)
     assert bits_equal(kernel.dequantize(), applied)
     float_leaf, float_applied = exported((64, 32), None, NM(2, 4))
     assert bits_equal(jaxqp.prepare({"w": float_leaf})["w"], float_applied)

@@ -116,7 +116,7 @@ def test_pruned_updates_and_moments():
 
 def test_wrap_requires_params_and_state_of_finds_state():
     t = jaxqp.transform(RULES)
-    model, params = linen_setup()
+    _, params = linen_setup()
     tx = jaxqp.wrap(optax.adam(1e-3), t)
     opt_state = tx.init(params)
     with pytest.raises(ValueError, match=r"tx.update\(grads, opt_state, params\)"):
@@ -130,7 +130,7 @@ def test_wrap_requires_params_and_state_of_finds_state():
 
 
 def test_wrapped_quant_only_passes_updates_through():
-    model, params = linen_setup()
+    _, params = linen_setup()
     t = jaxqp.transform([Rule(r".*/kernel", quant=QuantSpec(bits=8))])
     wrapped, plain = jaxqp.wrap(optax.adam(1e-2), t), optax.adam(1e-2)
     grads = jax.tree.map(jnp.ones_like, params)

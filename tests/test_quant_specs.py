@@ -11,7 +11,8 @@ from jaxqp import ActSpec, QuantSpec, Rule
 @pytest.mark.parametrize("bits", [0, 17])
 def test_bits_out_of_range(owner, bits):
     name = owner.__name__
-    with pytest.raises(ValueError, match=rf"{name}\(bits={bits}\): bits must lie in \[1, 16\]; e\.g\. {name}\(bits=8\)"):
+    message = rf"{name}\(bits={bits}\): bits must lie in \[1, 16\]; e\.g\. {name}\(bits=8\)"
+    with pytest.raises(ValueError, match=message):
         owner(bits=bits)
 
 

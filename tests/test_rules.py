@@ -8,7 +8,7 @@ from flax import nnx
 
 import jaxqp
 from jaxqp import PruneSpec, QuantSpec, Rule, resolve
-from jaxqp._path import paths_and_leaves
+from jaxqp._specs.paths import paths_and_leaves
 
 
 @pytest.mark.parametrize("bits", [0, 17, 33, -8])

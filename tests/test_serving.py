@@ -1,15 +1,16 @@
 """Serving: int8 matmul exactness, prepare, and the linen adapter."""
 
 import flax.linen as nn
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jaxqp
-from jaxqp import PruneSpec, QuantSpec, Rule, ServingKernel
-from jaxqp._intdot import MIN_ROWS, SWAP_MAX_ROWS, uses_bf16
+from jaxqp import PruneSpec, QuantSpec, Rule
+from jaxqp.numerics._int_dot import MIN_ROWS, SWAP_MAX_ROWS, uses_bf16
+from jaxqp.serving import ServingKernel
 
 
 def bits_equal(a, b):
@@ -44,18 +45,18 @@ def test_int8_matmul_is_exact_integer_arithmetic(rows):
     assert bits_equal(kernel.carrier, kernel.codes.astype(jnp.bfloat16))  # rows > 64 take the exact bf16 dot
     assert uses_bf16(rows, 256, 300) == (rows > SWAP_MAX_ROWS)
     x = jax.random.normal(jax.random.key(1), (rows, 256))
-    got = np.asarray(jax.jit(jaxqp.int8_matmul)(x, kernel))
+    got = np.asarray(jax.jit(jaxqp.serving.int8_matmul)(x, kernel))
     np.testing.assert_array_equal(got, reference_int8_matmul(x, kernel))
 
 
 def test_int8_matmul_keeps_leading_axes_and_zero_rows():
     *_, served = served_kernel()
     x = jax.random.normal(jax.random.key(2), (2, 3, 256)).at[0, 1].set(0.0)
-    y = jaxqp.int8_matmul(x, served["w"])
+    y = jaxqp.serving.int8_matmul(x, served["w"])
     assert y.shape == (2, 3, 300) and np.all(np.isfinite(np.asarray(y)))
     np.testing.assert_array_equal(np.asarray(y[0, 1]), 0.0)
     with pytest.raises(ValueError, match="x has 255 features, the kernel expects 256"):
-        jaxqp.int8_matmul(jnp.ones((2, 255)), served["w"])
+        jaxqp.serving.int8_matmul(jnp.ones((2, 255)), served["w"])
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -70,7 +71,7 @@ def test_int8_matmul_error_is_activation_rounding_only():
     params, t, state, _, served = served_kernel()
     x = jax.random.normal(jax.random.key(3), (16, 256))
     w = t.apply(params, state)["w"]
-    y = np.asarray(jaxqp.int8_matmul(x, served["w"]), np.float64)
+    y = np.asarray(jaxqp.serving.int8_matmul(x, served["w"]), np.float64)
     exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
     # |x - x_hat| <= s_x / 2 per input, so |error| <= s_x / 2 * sum|w| per output (plus float32 rounding)
     s_x = np.max(np.abs(np.asarray(x)), axis=1, keepdims=True) / 127
@@ -165,7 +166,7 @@ def test_nnx_serving_swaps_linears_and_matches_within_activation_rounding():
     state = t.init(params)
     served = jaxqp.prepare(jaxqp.export(params, state), min_int_size=1)
     serving = jaxqp.nnx_serving_model(graphdef, served, rest)
-    assert isinstance(serving.l1, jaxqp.Int8Linear) and isinstance(serving.blocks[1], jaxqp.Int8Linear)
+    assert isinstance(serving.l1, jaxqp.serving.Int8Linear) and isinstance(serving.blocks[1], jaxqp.serving.Int8Linear)
     assert serving.blocks[1].bias is None and isinstance(serving.norm, nnx.LayerNorm)
     assert type(model.l1) is nnx.Linear  # the user's model is untouched
     x = jax.random.normal(jax.random.key(12), (5, 256))
@@ -195,7 +196,8 @@ def test_dense_general_kernels_serve_in_int8_and_convs_fall_back():
     exported = jaxqp.export(params, state)
     served = jaxqp.prepare(exported, min_int_size=1, dense_general=True)
     attention = served["MultiHeadDotProductAttention_0"]
-    assert all(isinstance(attention[k]["kernel"], jaxqp.GeneralKernel) for k in ("query", "key", "value", "out"))
+    kernels = [attention[k]["kernel"] for k in ("query", "key", "value", "out")]
+    assert all(isinstance(k, jaxqp.serving.GeneralKernel) for k in kernels)
     for k in ("query", "out"):  # decodes to the exported weight bit for bit
         assert (np.asarray(attention[k]["kernel"].dequantize()).tobytes()
                 == np.asarray(t.apply(params, state)["MultiHeadDotProductAttention_0"][k]["kernel"]).tobytes())
@@ -209,7 +211,7 @@ def test_dense_general_kernels_serve_in_int8_and_convs_fall_back():
     kernel = attention["query"]["kernel"]
     assert bits_equal(kernel.carrier, kernel.codes.astype(jnp.bfloat16))
     for xs in (x, jax.random.normal(jax.random.key(12), (8, 16, 64))):
-        q = jaxqp.int8_matmul_general(xs, kernel, 1)
+        q = jaxqp.serving.int8_matmul_general(xs, kernel, 1)
         codes = np.asarray(kernel.codes, np.int64).reshape(64, -1)
         rows = np.asarray(xs).reshape(-1, 64)
         scale = np.max(np.abs(rows), axis=1, keepdims=True) * (np.float32(1) / np.float32(127))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import jaxqp
-from jaxqp import Blocks, Channels, PruneSpec, Rule, block_mask
+from jaxqp import Blocks, Channels, PruneSpec, Rule
+from jaxqp.numerics import block_mask
 
 
 def _block_reference(x, sparsity, br, bc):
@@ -86,7 +87,7 @@ def test_freeze_masks_stops_refreshes():
 
 
 def test_erk_distribution_meets_the_overall_budget_and_caps_dense_layers():
-    from jaxqp._masking import erk_sparsities
+    from jaxqp.numerics import erk_sparsities
 
     shapes = [(3, 3, 1, 16), (3, 3, 16, 32), (512, 10), (2, 2)]
     got = erk_sparsities(shapes, 0.9)

@@ -32,7 +32,7 @@ def test_pruned_weights_exactly_zero_after_quantization(symmetric):
         mask = np.asarray(state.masks[f"{name}/kernel"])
         kernel = np.asarray(out[name]["kernel"])
         assert (~mask).sum() == round(0.8 * n)
-        assert np.all(kernel[~mask] == 0.0) and np.all(np.signbit(kernel[~mask]) == False)  # noqa: E712
+        assert np.all(kernel[~mask] == 0.0) and np.all(np.signbit(kernel[~mask]) == False)
     chex.assert_trees_all_equal(out["Dense_0"]["bias"], params["Dense_0"]["bias"])
 
 

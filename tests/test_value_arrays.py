@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import jaxqp
-from jaxqp import Fp8Array, Pow2Array, PruneSpec, QArray, QuantSpec, Rule, ServingKernel, SparseArray
+from jaxqp import Fp8Array, Pow2Array, PruneSpec, QArray, QuantSpec, Rule, SparseArray
+from jaxqp.serving import ServingKernel
 
 
 def bits_equal(a, b):
@@ -79,10 +80,10 @@ def test_fp8_export_stores_float8_values(fmt, scale_pow2):
     w = normal((64, 48)) * jnp.logspace(-2, 2, 48)
     leaf, applied = exported(w, QuantSpec(bits=8, format=fmt, scale_pow2=scale_pow2))
     assert isinstance(leaf, Fp8Array) and leaf.validate() is leaf and leaf.format == fmt
-    assert leaf.values.dtype == jaxqp._formats.FP8_DTYPES[fmt] and leaf.scale.shape == (1, 48)
+    assert leaf.values.dtype == jaxqp.numerics._formats.FP8_DTYPES[fmt] and leaf.scale.shape == (1, 48)
     assert leaf.nbytes == 64 * 48 + 48 * 4
     # the values are the weight over its scale, cast to the float8 dtype (round to nearest even)
-    want = (w / leaf.scale).astype(jaxqp._formats.FP8_DTYPES[fmt])
+    want = (w / leaf.scale).astype(jaxqp.numerics._formats.FP8_DTYPES[fmt])
     assert bits_equal(leaf.values, want)
     assert bits_equal(jaxqp.dequantize(leaf), applied)
     assert bits_equal(jax.jit(lambda x: x.dequantize())(leaf), applied)
@@ -147,10 +148,10 @@ def test_low_bit_pow2_serves_as_an_exact_int8_kernel(bits):
     assert set(magnitudes.tolist()) <= {0} | {2 ** j for j in range(2 ** (bits - 1) - 1)}
     # the int8 matmul on it is the integer product of the row codes and these codes, rescaled
     x = normal((8, 512), key=9)
-    codes, row_scale = jaxqp._serving.quantize_rows(x)
+    codes, row_scale = jaxqp.serving.quantize_rows(x)
     acc = np.asarray(codes, np.int64) @ np.asarray(kernel.codes, np.int64).T
     want = acc.astype(np.float32) * np.asarray(row_scale) * scale
-    np.testing.assert_array_equal(np.asarray(jaxqp.int8_matmul(x, kernel)), want)
+    np.testing.assert_array_equal(np.asarray(jaxqp.serving.int8_matmul(x, kernel)), want)
 
 
 def test_other_value_leaves_serve_as_float():

@@ -1,0 +1,118 @@
+"""``jaxqp.export``: a trained tree with truly compressed leaves (export layer).
+
+Each leaf becomes what stores it in the fewest bytes while decoding, with
+:func:`jaxqp.dequantize`, to exactly what ``t.apply(params, state)`` computes:
+
+* quantized leaves: a :class:`QArray` of integer codes (packed below 8 bits),
+  sparse (bitmask + kept codes) when pruned and that is smaller;
+* pruned float leaves: a :class:`SparseArray` (bitmask + kept values) when that is
+  smaller than the dense array, else the dense array with exact zeros;
+* leaves pruned with ``NM(n, m)``: an :class:`NMArray` (kept values or a QArray of
+  kept codes, plus each one's position in its group) unless another form is smaller;
+* ``pow2`` leaves: a :class:`Pow2Array` (``bits``-bit codes, packed, plus an
+  exponent per channel), sparse when pruned and that is smaller;
+* fp8 leaves: an :class:`Fp8Array` (the float8 values and a scale per channel),
+  with a bitmask and only the kept values when pruned and that is smaller;
+* other leaves: unchanged.
+
+Export runs eagerly (the sizes of sparse leaves depend on the data), once, after
+training; what it returns can be passed to jitted functions.
+
+Example:
+    >>> import jax.numpy as jnp, jaxqp
+    >>> params = {"w": jnp.arange(-8.0, 8.0).reshape(4, 4)}
+    >>> t = jaxqp.transform([jaxqp.Rule("w", quant=jaxqp.QuantSpec(bits=4))])
+    >>> state = t.init(params)
+    >>> packed = jaxqp.export(params, state)
+    >>> packed["w"].codes.dtype, packed["w"].nbytes
+    (dtype('uint8'), 24)
+    >>> bool((jaxqp.dequantize(packed)["w"] == t.apply(params, state)["w"]).all())
+    True
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._specs.prune import NM
+from .._transforms.views import LeafView, leaf_views
+from .._transforms.weight_quantizer import fp8_weight, weight_codes
+from ..numerics._formats import pow2_codes_of
+from ..numerics._masks import apply_mask
+from .nm_array import NMArray
+from .qarray import QArray
+from .sparse_array import SparseArray
+from .value_arrays import Fp8Array, Pow2Array
+
+
+def _smallest(*candidates):
+    return min((c for c in candidates if c is not None), key=lambda c: c.nbytes)
+
+
+def _nm(view: LeafView):
+    prune = view.entry.prune
+    return prune.structure if prune is not None and isinstance(prune.structure, NM) else None
+
+
+def _export_leaf(leaf, view: LeafView):
+    if view.quant is None and view.mask is None:
+        return leaf
+    w = jnp.asarray(leaf)
+    mask = None if view.mask is None else np.asarray(view.mask)
+    if mask is not None:
+        w = apply_mask(w, view.mask)
+    spec, nm = view.quant, _nm(view)
+    if spec is None:
+        nm_array = None if nm is None else NMArray.from_dense(w, mask, nm.n, nm.m, nm.axis)
+        return _smallest(nm_array, SparseArray.from_dense(w, mask), w)
+    if spec.format == "pow2":
+        codes, emin = pow2_codes_of(w, spec.bits, spec.axis)
+        build = lambda m=None: Pow2Array.from_codes(codes, emin, spec.bits, w.dtype, m)
+        return build() if mask is None else _smallest(build(mask), build())
+    if spec.format in ("e4m3", "e5m2"):
+        values, scale = fp8_weight(w, spec)
+        dense = Fp8Array(values, scale, str(w.dtype))
+        return dense if mask is None else _smallest(
+            Fp8Array(SparseArray.from_dense(values, mask), scale, str(w.dtype)), dense)
+    return _integer(w, spec, view.learned, mask, nm)
+
+
+def _integer(w, spec, learned, mask, nm: NM | None):
+    """A QArray of ``w``'s codes: dense, bitmask-sparse or N:M, whichever is smallest."""
+    codes, q = weight_codes(w, spec, learned)
+    codes = codes.astype(jnp.int32)
+    bits = max(spec.bits, 2)  # binary codes are -1, 0, 1
+    build = lambda c, mask=None, group=q.group: QArray.from_codes(
+        c, q.scale, q.zero_point, bits, q.qmin, q.qmax, w.dtype, mask=mask, group=group)
+    dense = build(codes)
+    if mask is None:
+        return dense
+    return _smallest(_nm_codes(codes, mask, nm, q, build), build(codes, mask), dense)
+
+
+def _nm_codes(codes, mask, nm: NM | None, q, build):
+    """An NMArray of the kept codes, or None (no N:M rule, or scales it would split)."""
+    if nm is None:
+        return None
+    axis, group = nm.axis % codes.ndim, q.group
+    grouped_here = group is not None and group[0] == axis
+    if not grouped_here and q.scale.shape[axis] != 1:  # one scale per entry along the N:M axis
+        return None
+    if grouped_here:
+        if group[1] % nm.m:
+            return None
+        group = (axis, group[1] // nm.m * nm.n)
+    return NMArray.from_codes(codes, mask, nm.n, nm.m, axis, lambda c: build(c, group=group))
+
+
+def export(params, state):
+    """``params`` with every transformed leaf replaced by its compressed form.
+
+    ``state`` is the transform state (``t.init``/``jaxqp.state_of(opt_state)``), a
+    chain's tuple of states, or an optimizer state built by :func:`jaxqp.wrap`.
+    """
+    flat, treedef, views = leaf_views(params, state)
+    out = [_export_leaf(leaf, view) for (_, leaf), view in zip(flat, views)]
+    return jax.tree_util.tree_unflatten(treedef, out)

@@ -1,0 +1,312 @@
+"""ParamTransform: quantize and prune a parameter tree (transforms layer).
+
+A :class:`ParamTransform` is a NamedTuple of pure functions, like an optax
+``GradientTransformation``:
+
+* ``init(params) -> state``: resolves the rules and computes the first masks;
+* ``apply(params, state) -> params``: the tree the model sees: pruned entries
+  exactly 0, then fake-quantized (scales computed on the surviving weights);
+* ``update(params, state) -> state``: advances the step by one and recomputes
+  masks where the schedule says so (under ``lax.cond``: one compiled step);
+* ``masks(state) -> {path: bool array}``: the pruning masks, for
+  :func:`jaxqp.wrap` to keep pruned params exactly 0.
+
+Example:
+    >>> import jax.numpy as jnp, jaxqp
+    >>> t = jaxqp.transform([jaxqp.Rule(r"w", quant=jaxqp.QuantSpec(bits=8),
+    ...                                 prune=jaxqp.PruneSpec(sparsity=0.5))])
+    >>> params = {"w": jnp.array([[0.1, -0.4], [0.3, 0.2]])}
+    >>> state = t.init(params)
+    >>> t.apply(params, state)["w"]
+    Array([[ 0. , -0.4],
+           [ 0.3,  0. ]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from .._specs.rules import LeafPlan, Plan, Rule, _as_rules, resolve
+from ..numerics._formats import straight_through
+from ..numerics._masks import apply_mask
+from . import input_quantizer
+from .pruning import MaskInputs, masks_for
+from .weight_quantizer import fake_quant_weight, init_step
+
+Params = Any
+Masks = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformState:
+    """State of :func:`transform`: a pytree (a registered dataclass).
+
+    Attributes:
+      step: int32 scalar, optimizer updates applied so far.
+      masks: ``{path: bool array}`` for every pruned parameter (True keeps).
+      plan: static metadata (not a leaf): the resolved :class:`Plan`, so tools
+        such as :func:`jaxqp.summary` need no rules.
+      learned: trainable quantizer values, ``{"weights": {path: {"step": ...}},
+        "inputs": {kernel_path: {"alpha" | "step" | "offset": ...}}}``; gradients
+        reach them through ``jax.grad(..., argnums=(0, 1), allow_int=True)`` and
+        :func:`jaxqp.wrap` (see docs/design.md).
+      ranges: ``{kernel_path: {"lo", "hi", "count"}}`` of static input ranges.
+      scores: ``{path: float array}`` movement-pruning scores ``-sum_t w * g``.
+      key: uint32[2] PRNG key for stochastic rounding and random criteria (None without a seed).
+      calibrating: static flag set by :func:`jaxqp.calibrate`: inputs pass through
+        unquantized and their statistics are recorded.
+      frozen: static flag set by :func:`freeze_masks`: ``update`` keeps the masks.
+    """
+
+    step: jax.Array
+    masks: Masks
+    plan: Plan = dataclasses.field(repr=False)
+    learned: dict = dataclasses.field(default_factory=dict)
+    ranges: dict = dataclasses.field(default_factory=dict)
+    key: jax.Array | None = None
+    calibrating: bool = False
+    scores: dict = dataclasses.field(default_factory=dict)
+    frozen: bool = False
+
+
+jax.tree_util.register_dataclass(TransformState, data_fields=["step", "masks", "learned", "ranges", "key", "scores"],
+                                 meta_fields=["plan", "calibrating", "frozen"])
+
+
+def _no_masks(state) -> Masks:
+    del state
+    return {}
+
+
+class ParamTransform(NamedTuple):
+    """``(init, apply, update, masks)``: see the module docstring."""
+
+    init: Callable[[Params], Any]
+    apply: Callable[[Params, Any], Params]
+    update: Callable[[Params, Any], Any]
+    masks: Callable[[Any], Masks] = _no_masks
+
+
+def _describe_difference(want: Plan, got: Plan) -> str:
+    for a, b in zip(want.leaves, got.leaves):
+        if a != b:
+            return f"'{a.path}': the rules give {a}, the state holds {b}"
+    return "the number of leaves differs"
+
+
+def _checked(rules: tuple[Rule, ...], params, state, what: str) -> tuple[list, Any, Plan]:
+    if not isinstance(state, TransformState):
+        raise TypeError(
+            f"{what}: state must be the jaxqp state returned by t.init(params) "
+            f"(inside an optimizer: jaxqp.state_of(opt_state)), got {type(state).__name__}"
+        )
+    flat, treedef = state.plan.check(params)
+    plan = resolve(rules, params)
+    if plan != state.plan:
+        raise ValueError(
+            f"{what}: this state was made by a transform with other rules "
+            f"({_describe_difference(plan, state.plan)}). Fix: call t.init(params) with this transform."
+        )
+    return flat, treedef, plan
+
+
+def _needs_key(plan: Plan) -> bool:
+    return any((e.quant is not None and e.quant.rounding == "stochastic") or (e.prune is not None and e.prune.needs_key)
+               for e in plan.leaves)
+
+
+def needs_grads(state) -> bool:
+    """True if some transform state in ``state`` prunes by gradients (saliency, movement, RigL)."""
+    return any(e.prune is not None and e.prune.needs_grads for s in transform_states(state) for e in s.plan.leaves)
+
+
+def _initial_scores(plan: Plan) -> dict:
+    """Movement scores start at 0; Wanda input norms at 1 (plain magnitude until calibrated)."""
+    scores = {}
+    for e in plan.leaves:
+        if e.prune is not None and e.prune.criterion == "movement":
+            scores[e.path] = jnp.zeros(e.shape, jnp.float32)
+        if e.prune is not None and e.prune.criterion == "wanda":
+            if len(e.shape) < 2:
+                raise ValueError(f"'{e.path}' has shape {e.shape}: Wanda scores a kernel's input rows "
+                                 "(axis -2). Fix: match only kernels with the wanda rule.")
+            scores[e.path] = jnp.ones(e.shape[-2], jnp.float32)
+    return scores
+
+
+def _movement_scores(plan: Plan, flat, scores: dict, grads: dict | None) -> dict:
+    if grads is None:
+        return scores
+    leaves, entries = dict(flat), plan.by_path()
+    return {path: (score - jnp.asarray(leaves[path], score.dtype) * jnp.asarray(grads[path], score.dtype)
+                   if entries[path].prune.criterion == "movement" else score)
+            for path, score in scores.items()}
+
+
+def _initial_learned(plan: Plan, flat, masks: Masks) -> dict:
+    leaves = dict(flat)
+    weights, inputs = {}, {}
+    for entry in plan.leaves:
+        if entry.quant is not None and entry.quant.learned == "lsq":
+            w = jnp.asarray(leaves[entry.path])
+            if entry.path in masks:
+                w = apply_mask(w, masks[entry.path])
+            weights[entry.path] = {"step": init_step(w, entry.quant)}
+        if entry.act is not None and input_quantizer.init_learned(entry.act) is not None:
+            inputs[entry.path] = input_quantizer.init_learned(entry.act)
+    return {"weights": weights, "inputs": inputs} if weights or inputs else {}
+
+
+def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> ParamTransform:
+    """The quantize-and-prune transform of ``rules`` (first matching rule wins per leaf).
+
+    For a leaf with both specs, the mask is applied first and the quantizer is
+    calibrated on the survivors, so pruned weights stay exactly 0. ``seed``
+    makes the PRNG key that stochastic rounding draws from (stored in the state;
+    step ``s`` of leaf ``i`` uses ``fold_in(fold_in(key, s), i)``).
+    """
+    rules = _as_rules(rules)
+
+    def init(params) -> TransformState:
+        plan = resolve(rules, params)
+        flat, _ = plan.check(params)
+        if _needs_key(plan) and seed is None:
+            raise ValueError("a rule asks for randomness (QuantSpec(rounding='stochastic'), PruneSpec("
+                             "criterion='random') or RigL(grow='random')): give the transform a seed, "
+                             "e.g. jaxqp.transform(rules, seed=0)")
+        key = None if seed is None else jax.random.key_data(jax.random.key(seed))
+        scores = _initial_scores(plan)
+        masks = masks_for(plan, flat, None, 0, MaskInputs(key=key, scores=scores))
+        ranges = {e.path: input_quantizer.init_ranges(e.act) for e in plan.leaves
+                  if e.act is not None and e.act.range == "static"}
+        return TransformState(jnp.zeros((), jnp.int32), masks, plan, _initial_learned(plan, flat, masks),
+                              ranges, key, scores=scores)
+
+    def apply(params, state: TransformState):
+        flat, treedef, plan = _checked(rules, params, state, "t.apply")
+        out = [_apply_leaf(leaf, entry, state, i) for i, ((_, leaf), entry) in enumerate(zip(flat, plan.leaves))]
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    def update(params, state: TransformState, observed: dict | None = None, grads=None) -> TransformState:
+        """``grads`` (a tree like ``params``) feeds saliency, movement and RigL criteria."""
+        flat, _, plan = _checked(rules, params, state, "t.update")
+        step = state.step + 1
+        grads = None if grads is None else dict(plan.check(grads, "grads")[0])
+        scores = _movement_scores(plan, flat, state.scores, grads)
+        inputs = MaskInputs(grads, scores, state.key)
+        ranges = dict(state.ranges)
+        for path, seen in (observed or {}).items():
+            entry = plan.by_path().get(path)
+            if entry is not None and path in ranges and "lo" in seen:
+                ranges[path] = input_quantizer.update_ranges(entry.act, ranges[path], seen)
+        if state.frozen:
+            return dataclasses.replace(state, step=step, ranges=ranges)
+        return dataclasses.replace(state, step=step, masks=masks_for(plan, flat, state.masks, step, inputs),
+                                   ranges=ranges, scores=scores)
+
+    def masks(state: TransformState) -> Masks:
+        """The masks :func:`jaxqp.wrap` enforces on params (straight-through leaves train dense)."""
+        soft = {e.path for e in state.plan.leaves if e.prune is not None and e.prune.straight_through}
+        return {path: m for path, m in state.masks.items() if path not in soft}
+
+    return ParamTransform(init, apply, update, masks)
+
+
+def _apply_leaf(leaf, entry: LeafPlan, state: TransformState, index: int):
+    if entry.path in state.masks:  # a pruned leaf, or the bias of a Channels-pruned kernel
+        masked = apply_mask(leaf, state.masks[entry.path])
+        dense_grad = entry.prune is not None and (entry.prune.straight_through or entry.prune.regrow is not None)
+        leaf = straight_through(leaf, masked) if dense_grad else masked
+    if entry.quant is not None:
+        learned = state.learned.get("weights", {}).get(entry.path)
+        key = None
+        if entry.quant.rounding == "stochastic":
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step), index)
+        leaf = fake_quant_weight(leaf, entry.quant, learned, key)
+    return leaf
+
+
+def chain(*transforms: ParamTransform) -> ParamTransform:
+    """Applies ``transforms`` in order; the state is a tuple of their states.
+
+    Masks of the same path are combined with logical AND.
+
+    >>> import jaxqp
+    >>> t = jaxqp.chain(jaxqp.transform([jaxqp.Rule("w", prune=jaxqp.PruneSpec(sparsity=0.5))]),
+    ...                 jaxqp.transform([jaxqp.Rule("w", quant=jaxqp.QuantSpec(bits=4))]))
+    """
+    for i, t in enumerate(transforms):
+        if not isinstance(t, ParamTransform):
+            raise TypeError(f"chain argument {i} is {type(t).__name__}; pass jaxqp.ParamTransform values")
+
+    def init(params):
+        return tuple(t.init(params) for t in transforms)
+
+    def apply(params, state):
+        for t, s in zip(transforms, state, strict=True):
+            params = t.apply(params, s)
+        return params
+
+    def update(params, state, observed=None, grads=None):
+        extra = () if observed is None else (observed,)
+        kw = {} if grads is None else {"grads": grads}
+        return tuple(t.update(params, s, *extra, **kw) for t, s in zip(transforms, state, strict=True))
+
+    def masks(state) -> Masks:
+        merged: Masks = {}
+        for t, s in zip(transforms, state, strict=True):
+            for path, mask in t.masks(s).items():
+                merged[path] = merged[path] & mask if path in merged else mask
+        return merged
+
+    return ParamTransform(init, apply, update, masks)
+
+
+
+
+def _is_state(x) -> bool:
+    return isinstance(x, TransformState)
+
+
+def transform_states(tree) -> list[TransformState]:
+    """Every :class:`TransformState` in ``tree`` (a state, a chain's tuple, gradients of one), in order."""
+    return [n for n in jax.tree_util.tree_leaves(tree, is_leaf=_is_state) if _is_state(n)]
+
+
+def learned_of(tree) -> tuple[dict, ...]:
+    """The ``learned`` dicts of every transform state in ``tree``, in order."""
+    return tuple(s.learned for s in transform_states(tree))
+
+
+def map_states(tree, fn):
+    """``tree`` with every :class:`TransformState` ``s`` in it replaced by ``fn(s)``, in order."""
+    return jax.tree_util.tree_map(lambda n: fn(n) if _is_state(n) else n, tree, is_leaf=_is_state)
+
+
+def with_learned(tree, values: tuple[dict, ...]):
+    """``tree`` with the ``learned`` dicts of its transform states replaced, in order."""
+    values = iter(values)
+    return map_states(tree, lambda s: dataclasses.replace(s, learned=next(values)))
+
+
+def freeze_masks(tree, frozen: bool = True):
+    """``tree`` (a transform state, a chain's states or an optimizer state) with masks frozen.
+
+    From then on ``update`` (and :func:`jaxqp.wrap`) keeps every mask as it is: no
+    schedule refresh, no RigL regrowth; quantizers, ranges and learned values go on.
+    Use it to switch from pruning to a quantization-aware fine-tuning phase. The flag
+    is static, so the training step compiles once more.
+
+    >>> import jax.numpy as jnp, jaxqp
+    >>> t = jaxqp.transform([jaxqp.Rule("w", prune=jaxqp.PruneSpec(sparsity=jaxqp.polynomial(0.0, 0.5, 0, 2)))])
+    >>> params = {"w": jnp.array([1.0, -2.0, 3.0, 0.5])}
+    >>> state = jaxqp.freeze_masks(t.init(params))
+    >>> bool(t.update(params, state).masks["w"].all())
+    True
+    """
+    return map_states(tree, lambda s: dataclasses.replace(s, frozen=frozen))

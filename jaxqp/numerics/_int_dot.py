@@ -1,0 +1,151 @@
+"""An integer ``x @ W`` for training, equal to the fake-quant matmul (numerics layer: jax only).
+
+:func:`int_dense` quantizes ``x`` (per row or per tensor) and the already
+fake-quantized weight ``W`` (per output column) with symmetric *power-of-two*
+scales, multiplies the int8 codes with ``lax.dot_general`` into int32 and
+rescales. With power-of-two scales every step is exact in float32 as long as
+``K * qmax_x * qmax_w < 2**24`` (``K <= 1040`` for 8 x 8 bits): the float
+fake-quant matmul ``fq(x) @ fq(W)`` is then exact too, so both give the same
+bits. For larger ``K`` the integer result is the exact one and the float matmul
+rounds. The gradient is the fake-quant path's straight-through one:
+``dx = g W^T`` and ``dW = fq(x)^T g``.
+
+``W`` is re-quantized from its fake-quantized values: its codes times the
+recomputed power-of-two scale reproduce it exactly, whichever of the two
+decompositions (same scale, or a finer one when the largest code is below
+``qmax / 2``) comes out, so no scale needs to travel with the weight.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[0.5, -1.0, 0.25]])
+    >>> w = jnp.array([[1.0, 0.5], [-0.25, 2.0], [0.75, -1.0]])
+    >>> int_dense(x, w, 8, 8, True)
+    Array([[ 0.9375, -2.    ]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ._formats import pow2_ceil
+from ._linear import _finite_positive, reciprocal
+
+
+def pow2_codes(x: jax.Array, bits: int, axis: int | None) -> tuple[jax.Array, jax.Array]:
+    """Symmetric codes (int8) and power-of-two scales of 2-D ``x``, reduced over ``axis`` (None: all)."""
+    qmax = 2 ** (bits - 1) - 1
+    absmax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+    scale = pow2_ceil(_finite_positive(absmax * reciprocal(qmax)))
+    codes = jnp.clip(jnp.round(x / scale), -qmax, qmax)
+    return codes.astype(jnp.int8), scale
+
+
+MIN_ROWS = 4  # XLA's CPU integer dot is ~10x slower for one row than for four
+SWAP_MAX_ROWS = 64  # up to this many rows, the kernel-first operand order is faster
+
+
+def int8_dot_rows(codes: jax.Array, kernel_codes: jax.Array) -> jax.Array:
+    """``codes (n, in) . kernel_codes (out, in)`` contracted on ``in``: int32 ``(n, out)``.
+
+    Up to ``SWAP_MAX_ROWS`` rows, the dot is written ``kernel . codes`` (result
+    ``(out, n)``) and fenced with an optimization barrier before the transpose: XLA's
+    CPU int8 dot is 1.3-2x faster in that operand order for few rows, and without the
+    fence its layout pass folds the transpose back into the dot. For more rows the
+    plain order is faster (``benchmarks/int8_dot.py``).
+    """
+    if codes.shape[0] > SWAP_MAX_ROWS:
+        return jax.lax.dot_general(codes, kernel_codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    acc = jax.lax.dot_general(kernel_codes, codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    return jax.lax.optimization_barrier(acc).T
+
+
+BF16_CHUNK = 1024  # 1024 * 127 * 127 < 2**24: a chunk's partial sums are exact float32 integers
+BF16_MAX_WIDTH = 2048  # wider layers: the int8 dot is faster than the bf16 one (int8_dot.py)
+_BF16_EXACT = jax.lax.DotAlgorithmPreset.BF16_BF16_F32
+
+
+def bf16_int_dot(codes: jax.Array, carrier: jax.Array, carrier_in_axis: int = 1) -> jax.Array:
+    """The same int32 product as :func:`int8_dot_rows`, computed with bf16 carriers.
+
+    ``codes (n, in)`` (int8 or integer-valued float) and ``carrier (out, in)`` (bf16,
+    integers in [-127, 127]; ``(in, out)`` with ``carrier_in_axis=0``) hold every code
+    exactly; the dot multiplies them in bf16 with float32 accumulation
+    (``DotAlgorithmPreset.BF16_BF16_F32``, which forbids imprecise accumulation). Products
+    are below 2^14 and each chunk of ``BF16_CHUNK`` inputs sums to below 2^24 in
+    magnitude, so every partial sum is an exact float32 integer whatever the summation
+    order; the chunks are added in int32. On the CPU where this was tuned (AVX-512)
+    that is 0.45-0.7x the float32 time for 512- and 2048-wide layers at 128-512 rows,
+    where XLA's int8 dot gets 0.6-0.9x (``benchmarks/int8_dot.py``).
+    """
+    lhs = codes.astype(jnp.bfloat16)
+    dims = (((1,), (carrier_in_axis,)), ((), ()))
+    acc = None
+    for start in range(0, codes.shape[1], BF16_CHUNK):
+        chunk = jax.lax.slice_in_dim(carrier, start, min(start + BF16_CHUNK, codes.shape[1]), axis=carrier_in_axis)
+        part = jax.lax.dot_general(lhs[:, start:start + BF16_CHUNK], chunk, dims,
+                                   precision=_BF16_EXACT, preferred_element_type=jnp.float32)
+        part = part.astype(jnp.int32)
+        acc = part if acc is None else acc + part
+    return acc
+
+
+def uses_bf16(rows: int, n_in: int, n_out: int) -> bool:
+    """Whether :func:`exact_int_dot` takes the bf16 path for this shape (many rows, width <= 2048)."""
+    return rows > SWAP_MAX_ROWS and max(n_in, n_out) <= BF16_MAX_WIDTH
+
+
+def exact_int_dot(codes: jax.Array, kernel_codes: jax.Array, carrier: jax.Array | None = None) -> jax.Array:
+    """int32 ``codes (n, in) . kernel_codes (out, in)``, by the faster exact path for the shape.
+
+    With a bf16 ``carrier`` of the kernel codes and :func:`uses_bf16`, :func:`bf16_int_dot`;
+    otherwise :func:`int8_dot_rows`. Both return the same integers.
+    """
+    if carrier is not None and uses_bf16(codes.shape[0], *kernel_codes.shape[::-1]):
+        return bf16_int_dot(codes, carrier)
+    return int8_dot_rows(codes, kernel_codes)
+
+
+def padded_rows(x: jax.Array, n_in: int) -> tuple[jax.Array, int]:
+    """``x`` as ``(n, n_in)`` rows, zero-padded to at least ``MIN_ROWS``, and the real ``n``."""
+    rows = x.reshape(-1, n_in)
+    n = rows.shape[0]
+    if n < MIN_ROWS:
+        rows = jnp.concatenate([rows, jnp.zeros((MIN_ROWS - n, n_in), rows.dtype)])
+    return rows, n
+
+
+def _forward(x, w, x_bits, w_bits, per_token):
+    k = w.shape[0]
+    rows, n = padded_rows(x.astype(jnp.float32), k)
+    x_codes, x_scale = pow2_codes(rows, x_bits, 1 if per_token else None)
+    w_codes, w_scale = pow2_codes(w.astype(jnp.float32).T, w_bits, 1)  # (out, in): the fast dot layout
+    acc = exact_int_dot(x_codes, w_codes, w_codes.astype(jnp.bfloat16))  # the cast is dropped if unused
+    y = (acc.astype(jnp.float32) * x_scale * w_scale.T)[:n]
+    x_hat = (x_codes.astype(jnp.float32) * x_scale)[:n].reshape(x.shape)
+    return y.reshape(*x.shape[:-1], w.shape[1]).astype(x.dtype), x_hat
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def int_dense(x: jax.Array, w: jax.Array, x_bits: int, w_bits: int, per_token: bool) -> jax.Array:
+    """``fq(x) @ w`` computed in int8 x int8 -> int32; ``w`` is a fake-quantized ``(in, out)`` kernel."""
+    return _forward(x, w, x_bits, w_bits, per_token)[0]
+
+
+def _int_dense_fwd(x, w, x_bits, w_bits, per_token):
+    y, x_hat = _forward(x, w, x_bits, w_bits, per_token)
+    return y, (x_hat, w, jnp.zeros((), x.dtype))
+
+
+def _int_dense_bwd(x_bits, w_bits, per_token, residuals, g):
+    x_hat, w, x_dtype = residuals
+    k, out = w.shape
+    g2 = g.reshape(-1, out).astype(jnp.float32)
+    dx = (g2 @ w.astype(jnp.float32).T).reshape(x_hat.shape).astype(x_dtype.dtype)
+    dw = (x_hat.reshape(-1, k).T @ g2).astype(w.dtype)
+    return dx, dw
+
+
+int_dense.defvjp(_int_dense_fwd, _int_dense_bwd)

@@ -1,0 +1,175 @@
+"""Integer fake-quantization of single arrays (numerics layer: jax only).
+
+Conventions (DESIGN.md §4, pinned in ``tests/test_quant.py``):
+
+* rounding is half-to-even (``jnp.round``), done before the clip;
+* ``x_hat = (clip(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``;
+* symmetric scales use the narrow signed range ``[-(2^(b-1)-1), 2^(b-1)-1]`` and
+  zero point 0; affine scales use the full range and an integer zero point in it;
+* an all-zero tensor or channel gets scale 1.0 (finite), and 0 maps to exactly 0;
+* a scale divides a range by a constant as a product with the float32
+  reciprocal, e.g. ``absmax * f32(1 / qmax)``: XLA rewrites division by a
+  constant into that product under jit, so writing it so makes jit and eager
+  agree bit for bit;
+* arithmetic runs in float32 (or float64 for float64 inputs) and the result is
+  cast back to the input dtype;
+* the clipped straight-through estimator passes the gradient where
+  ``qmin <= x / scale + zero_point <= qmax`` (before rounding, as in LSQ) and
+  zero elsewhere; the ``"identity"`` variant passes it everywhere. Scales and
+  zero points computed from the data are treated as constants (no gradient).
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([0.5, -1.0, 0.26])
+    >>> scale = symmetric_scale(x, bits=8, axis=None)
+    >>> qmin, qmax = int_range(8, narrow=True)
+    >>> y = fake_quant(x, scale, None, qmin, qmax)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Axis = int | Sequence[int] | None
+SteKind = Literal["clipped", "identity"]
+
+
+def int_range(bits: int, *, signed: bool = True, narrow: bool = False) -> tuple[int, int]:
+    """Returns ``(qmin, qmax)`` of a ``bits``-wide integer.
+
+    ``narrow`` drops the most negative signed value so the range is symmetric:
+    ``int_range(8, narrow=True) == (-127, 127)``; ``int_range(8) == (-128, 127)``;
+    unsigned: ``int_range(8, signed=False) == (0, 255)``.
+    """
+    if signed:
+        qmax = 2 ** (bits - 1) - 1
+        qmin = -qmax if narrow else -qmax - 1
+        return qmin, qmax
+    return 0, 2**bits - 1
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """The float dtype quantization arithmetic runs in: float32, or float64 for float64."""
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def reduce_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
+    """Axes reduced when computing scales: all but the channel ``axis`` (None: all).
+
+    >>> reduce_axes(2, -1)
+    (0,)
+    """
+    if axis is None:
+        return tuple(range(ndim))
+    kept = (axis,) if isinstance(axis, int) else tuple(axis)
+    kept = {a % ndim for a in kept}
+    return tuple(a for a in range(ndim) if a not in kept)
+
+
+def reciprocal(n: int | float) -> np.float32:
+    """``1 / n`` rounded once to float32: the constant XLA multiplies by for ``x / n``."""
+    return np.float32(1.0) / np.float32(n)
+
+
+def _finite_positive(scale: jax.Array) -> jax.Array:
+    # A zero (or underflowed) scale would divide by zero: use 1.0 there, which
+    # maps an all-zero channel to exactly zero.
+    return jnp.where(scale > 0, scale, jnp.ones_like(scale))
+
+
+def symmetric_scale(x: jax.Array, bits: int, axis: Axis = -1, *, narrow: bool = True) -> jax.Array:
+    """Absmax scale ``max|x| * f32(1 / qmax)`` per channel along ``axis`` (None: per tensor).
+
+    The result keeps reduced dimensions (size 1) so it broadcasts against ``x``.
+    """
+    x = jnp.asarray(x, compute_dtype(x.dtype))
+    _, qmax = int_range(bits, narrow=narrow)
+    absmax = jnp.max(jnp.abs(x), axis=reduce_axes(x.ndim, axis), keepdims=True)
+    return _finite_positive(absmax * reciprocal(qmax))
+
+
+def affine_scale(x: jax.Array, bits: int, axis: Axis = -1) -> tuple[jax.Array, jax.Array]:
+    """Min/max scale and integer zero point (as a float array) over the full signed range.
+
+    The range is widened to include 0 so that 0 is represented exactly.
+    """
+    x = jnp.asarray(x, compute_dtype(x.dtype))
+    qmin, qmax = int_range(bits)
+    axes = reduce_axes(x.ndim, axis)
+    lo = jnp.minimum(jnp.min(x, axis=axes, keepdims=True), 0)
+    hi = jnp.maximum(jnp.max(x, axis=axes, keepdims=True), 0)
+    scale = _finite_positive((hi - lo) * reciprocal(qmax - qmin))
+    zero_point = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
+    return scale, zero_point
+
+
+def quantize(x, scale, zero_point, qmin: int, qmax: int) -> jax.Array:
+    """Integer codes ``clip(round(x / scale) + zero_point, qmin, qmax)`` as floats.
+
+    A code of zero is +0.0, never -0.0 (rounding -0.3 gives -0.0), so fake-quantized
+    values carry no sign on zero, exactly like values decoded from integer codes.
+    """
+    v = jnp.round(jnp.asarray(x, scale.dtype) / scale)
+    if zero_point is not None:
+        v = v + zero_point
+    v = jnp.clip(v, qmin, qmax)
+    return jnp.where(v == 0, jnp.zeros_like(v), v)
+
+
+def dequantize(q, scale, zero_point) -> jax.Array:
+    """``(q - zero_point) * scale``: the inverse of :func:`quantize` on its codes."""
+    if zero_point is not None:
+        q = q - zero_point
+    return q * scale
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _fake_quant(x, scale, zero_point, qmin, qmax, ste):
+    return dequantize(quantize(x, scale, zero_point, qmin, qmax), scale, zero_point)
+
+
+@_fake_quant.defjvp
+def _fake_quant_jvp(qmin, qmax, ste, primals, tangents):
+    x, scale, zero_point = primals
+    x_dot = tangents[0]
+    y = _fake_quant(x, scale, zero_point, qmin, qmax, ste)
+    if ste == "identity":
+        return y, x_dot
+    v = x / scale
+    if zero_point is not None:
+        v = v + zero_point
+    inside = (v >= qmin) & (v <= qmax)
+    return y, jnp.where(inside, x_dot, jnp.zeros_like(x_dot))
+
+
+def fake_quant(
+    x: jax.Array,
+    scale: jax.Array,
+    zero_point: jax.Array | None,
+    qmin: int,
+    qmax: int,
+    ste: SteKind = "clipped",
+) -> jax.Array:
+    """Quantize then dequantize ``x``, with a straight-through gradient.
+
+    ``scale`` and ``zero_point`` (None for symmetric) broadcast against ``x`` and
+    get no gradient. Returns an array of ``x``'s dtype.
+
+    >>> import jax.numpy as jnp
+    >>> fake_quant(jnp.array([0.3, 2.5, 9.0]), jnp.array(1.0), None, -7, 7)
+    Array([0., 2., 7.], dtype=float32)
+    """
+    if ste not in ("clipped", "identity"):
+        raise ValueError(f"ste={ste!r}: use 'clipped' or 'identity'")
+    dtype = compute_dtype(x.dtype)
+    scale = jax.lax.stop_gradient(jnp.asarray(scale, dtype))
+    if zero_point is not None:
+        zero_point = jax.lax.stop_gradient(jnp.asarray(zero_point, dtype))
+    y = _fake_quant(jnp.asarray(x, dtype), scale, zero_point, qmin, qmax, ste)
+    return y.astype(x.dtype)

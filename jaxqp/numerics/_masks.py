@@ -1,0 +1,202 @@
+"""Pruning masks of single arrays (numerics layer: jax only).
+
+A mask is a boolean array of the weight's shape: True keeps, False prunes.
+
+* :func:`magnitude_mask` prunes exactly ``round(sparsity * size)`` entries, the
+  smallest ``|x|`` first; ties are broken by flat (row-major) index, lower index
+  pruned first, so the result is deterministic. Entries already pruned by
+  ``prev_mask`` rank below every survivor, so masks only grow sparser while the
+  target sparsity does not fall. The count is computed in float32, exact for
+  arrays of up to 2**24 entries.
+* :func:`global_magnitude_masks` does the same across several arrays with one
+  threshold (ties: earlier array first), without concatenating them.
+* :func:`nm_mask`, :func:`channel_mask` and :func:`block_mask` are the structured variants.
+* :func:`threshold_mask` prunes every entry with ``|x| < threshold``.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> magnitude_mask(jnp.array([3.0, -1.0, 1.0, 2.0]), 0.5)
+    Array([ True, False, False,  True], dtype=bool)
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def prune_count(sparsity, size: int) -> jax.Array:
+    """Number of entries pruned for ``sparsity`` of ``size``: ``round(sparsity * size)``."""
+    count = jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
+    return jnp.clip(count, 0, size)
+
+
+def _sortable_scores(x: jax.Array, prev_mask: jax.Array | None) -> jax.Array:
+    # The bits of a non-negative float32, read as an integer, sort like the float.
+    # Shifted by one so that 0 is free for entries already pruned by prev_mask.
+    bits = jax.lax.bitcast_convert_type(jnp.abs(jnp.asarray(x, jnp.float32)), jnp.uint32) + jnp.uint32(1)
+    if prev_mask is not None:
+        bits = jnp.where(prev_mask, bits, jnp.uint32(0))
+    return bits.ravel()
+
+
+def _kth_smallest(scores: list[jax.Array], k: jax.Array) -> jax.Array:
+    """Smallest ``t`` with ``count(scores <= t) >= k`` (k >= 1) over several arrays.
+
+    Bisection on uint32: 32 counting passes, each summing per-array counts, instead
+    of a sort. Fast on every backend, and it never concatenates the arrays (so a
+    global threshold over a sharded model stays sharded).
+    """
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // jnp.uint32(2)
+        count = sum(jnp.sum(s <= mid, dtype=jnp.int32) for s in scores)
+        enough = count >= k
+        return jnp.where(enough, lo, mid + jnp.uint32(1)), jnp.where(enough, mid, hi)
+
+    _, hi = jax.lax.fori_loop(0, 32, body, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
+    return hi
+
+
+def global_magnitude_masks(xs: list[jax.Array], sparsity, prev_masks: list | None = None) -> list[jax.Array]:
+    """Prunes ``round(sparsity * total size)`` smallest ``|x|`` across all of ``xs`` at once.
+
+    One threshold for every array, found without concatenating them. Ties are
+    broken in order: earlier arrays first, then lower flat index. Returns one mask
+    per array.
+
+    >>> import jax.numpy as jnp
+    >>> a, b = global_magnitude_masks([jnp.array([5.0, 1.0]), jnp.array([2.0, 0.5, 3.0])], 0.4)
+    >>> a, b
+    (Array([ True, False], dtype=bool), Array([ True, False,  True], dtype=bool))
+    """
+    prev_masks = prev_masks if prev_masks is not None else [None] * len(xs)
+    scores = [_sortable_scores(x, p) for x, p in zip(xs, prev_masks, strict=True)]
+    k = prune_count(sparsity, sum(s.size for s in scores))
+    threshold = _kth_smallest(scores, jnp.maximum(k, 1))
+    need = k - sum(jnp.sum(s < threshold, dtype=jnp.int32) for s in scores)  # ties still to prune
+    masks, ties_before = [], jnp.zeros((), jnp.int32)
+    for x, s in zip(xs, scores):
+        ties = s == threshold
+        rank = ties_before + jnp.cumsum(ties, dtype=jnp.int32)
+        prune = (s < threshold) | (ties & (rank <= need))
+        masks.append(jnp.where(k > 0, ~prune, True).reshape(x.shape))
+        ties_before = ties_before + jnp.sum(ties, dtype=jnp.int32)
+    return masks
+
+
+def magnitude_mask(x: jax.Array, sparsity, prev_mask: jax.Array | None = None) -> jax.Array:
+    """Keeps the ``size - round(sparsity * size)`` largest-magnitude entries of ``x``.
+
+    ``sparsity`` may be a traced scalar (it comes from a schedule under jit).
+    """
+    return global_magnitude_masks([x], sparsity, [prev_mask])[0]
+
+
+def nm_mask(x: jax.Array, n: int, m: int, axis: int = -2, prev_mask: jax.Array | None = None) -> jax.Array:
+    """Keeps the ``n`` largest ``|x|`` in every group of ``m`` consecutive entries along ``axis``.
+
+    Ties: lower index pruned first; entries pruned by ``prev_mask`` go first; an
+    axis that is not a multiple of ``m`` is padded with entries that are pruned
+    before any real one, so its last group keeps ``min(n, its length)`` entries.
+
+    >>> import jax.numpy as jnp
+    >>> nm_mask(jnp.array([[1.0, -4.0, 3.0, 2.0, 5.0, 0.0]]), 2, 4, axis=-1)
+    Array([[False,  True,  True, False,  True,  True]], dtype=bool)
+    """
+    # real entries score bits + 2, entries pruned before 1, padding 0
+    scores = _sortable_scores(x, None).reshape(x.shape) + jnp.uint32(1)
+    if prev_mask is not None:
+        scores = jnp.where(prev_mask, scores, jnp.uint32(1))
+    moved = jnp.moveaxis(scores, axis, -1)
+    length = moved.shape[-1]
+    pad = -length % m
+    groups = jnp.pad(moved, [(0, 0)] * (moved.ndim - 1) + [(0, pad)]).reshape(*moved.shape[:-1], -1, m)
+    rank = jnp.argsort(jnp.argsort(groups, axis=-1, stable=True), axis=-1)
+    keep = (rank >= m - n).reshape(*moved.shape[:-1], length + pad)[..., :length]
+    return jnp.moveaxis(keep, -1, axis)
+
+
+def channel_mask(x: jax.Array, sparsity, axis: int = -1, prev_mask: jax.Array | None = None) -> jax.Array:
+    """Prunes the ``round(sparsity * channels)`` slices along ``axis`` with the smallest L2 norm.
+
+    Returns a mask of ``x``'s shape, constant along every axis but ``axis``; channels
+    pruned by ``prev_mask`` go first; ties: lower channel index first.
+
+    >>> import jax.numpy as jnp
+    >>> channel_mask(jnp.array([[3.0, 0.1, -2.0], [4.0, 0.2, 0.0]]), 0.34, axis=-1)
+    Array([[ True, False,  True],
+           [ True, False,  True]], dtype=bool)
+    """
+    axis = axis % x.ndim
+    others = tuple(a for a in range(x.ndim) if a != axis)
+    norms = jnp.sqrt(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32)), axis=others))
+    prev = None if prev_mask is None else jnp.any(prev_mask, axis=others)
+    keep = magnitude_mask(norms, sparsity, prev)
+    return jnp.broadcast_to(jnp.expand_dims(keep, others), x.shape)
+
+
+def block_mask(x: jax.Array, sparsity, block: tuple[int, int], axes: tuple[int, int] = (-2, -1),
+               prev_mask: jax.Array | None = None) -> jax.Array:
+    """Prunes the ``round(sparsity * blocks)`` blocks with the smallest L2 norm.
+
+    Blocks are ``block[0] x block[1]`` tiles of the two ``axes``, spanning every other
+    axis (a conv kernel's taps share the block); edges that are not a multiple of the
+    block form smaller blocks (never an error). Blocks pruned by ``prev_mask`` go
+    first; ties: lower block index (row-major) first.
+
+    >>> import jax.numpy as jnp
+    >>> block_mask(jnp.array([[1.0, 1.0, 0.1], [1.0, 1.0, 0.1]]), 0.5, (2, 2), axes=(0, 1))
+    Array([[ True,  True, False],
+           [ True,  True, False]], dtype=bool)
+    """
+    a0, a1 = (a % x.ndim for a in axes)
+    moved = jnp.moveaxis(jnp.asarray(x, jnp.float32), (a0, a1), (-2, -1))
+    rows, cols = moved.shape[-2:]
+    (br, bc), (nr, nc) = block, (-(-moved.shape[-2] // block[0]), -(-moved.shape[-1] // block[1]))
+    widths = [(0, 0)] * (moved.ndim - 2) + [(0, nr * br - rows), (0, nc * bc - cols)]
+    tiles = jnp.pad(jnp.square(moved), widths).reshape(*moved.shape[:-2], nr, br, nc, bc)
+    lead = tuple(range(moved.ndim - 2))
+    norms = jnp.sqrt(jnp.sum(tiles, axis=lead + (moved.ndim - 1, moved.ndim + 1)))  # (nr, nc)
+    prev = None
+    if prev_mask is not None:
+        kept = jnp.pad(jnp.moveaxis(prev_mask, (a0, a1), (-2, -1)), widths)
+        prev = jnp.any(kept.reshape(*moved.shape[:-2], nr, br, nc, bc), axis=lead + (moved.ndim - 1, moved.ndim + 1))
+    keep = magnitude_mask(norms, sparsity, prev)
+    full = jnp.repeat(jnp.repeat(keep, br, axis=0), bc, axis=1)[:rows, :cols]
+    return jnp.moveaxis(jnp.broadcast_to(full, moved.shape), (-2, -1), (a0, a1))
+
+
+def threshold_mask(x: jax.Array, threshold, prev_mask: jax.Array | None = None) -> jax.Array:
+    """Keeps entries with ``|x| >= threshold`` (and, if given, inside ``prev_mask``)."""
+    keep = jnp.abs(x) >= jnp.asarray(threshold, x.dtype)
+    return keep if prev_mask is None else keep & prev_mask
+
+
+def apply_mask(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """``x`` with pruned entries set to exactly 0 (their gradient is 0 too)."""
+    return jnp.where(mask, x, jnp.zeros_like(x))
+
+
+def erk_sparsities(shapes: list[tuple[int, ...]], sparsity: float) -> list[float]:
+    """Per-layer sparsities of the Erdos-Renyi-Kernel distribution for an overall ``sparsity``.
+
+    Densities ``eps * sum(shape) / prod(shape)``, capped at 1: layers that would exceed
+    it are made dense and ``eps`` is solved again over the rest, until none does.
+
+    >>> [round(s, 3) for s in erk_sparsities([(3, 3, 1, 16), (3, 3, 16, 32), (512, 10)], 0.9)]
+    [0.737, 0.981, 0.832]
+    """
+    sizes = [math.prod(s) for s in shapes]
+    raw = [sum(s) / n for s, n in zip(shapes, sizes)]
+    dense: set[int] = set()
+    while True:
+        budget = (1 - sparsity) * sum(sizes) - sum(sizes[i] for i in dense)
+        eps = budget / sum(raw[i] * sizes[i] for i in range(len(shapes)) if i not in dense)
+        over = {i for i in range(len(shapes)) if i not in dense and eps * raw[i] > 1}
+        if not over:
+            return [0.0 if i in dense else 1 - eps * raw[i] for i in range(len(shapes))]
+        dense |= over
