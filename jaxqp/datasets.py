@@ -25,12 +25,11 @@ def load_mnist1d(num_samples: int = 20000, seed: int = 42):
     """
     try:
         from mnist1d.data import get_dataset_args, make_dataset
+        from mnist1d.utils import ObjectView
     except ImportError:  # pragma: no cover - exercised only without the extra
         raise ImportError("MNIST-1D needs the mnist1d package: pip install 'jaxqp[examples]'") from None
-    args = get_dataset_args()
-    args.seed = seed
-    args.num_samples = int(num_samples)
-    data = make_dataset(args)
+    args = dict(vars(get_dataset_args()), seed=seed, num_samples=int(num_samples))
+    data = make_dataset(ObjectView(args))
     as_x = lambda a: np.asarray(a, np.float32)
     as_y = lambda a: np.asarray(a, np.int32)
     return (as_x(data["x"]), as_y(data["y"])), (as_x(data["x_test"]), as_y(data["y_test"]))

@@ -50,9 +50,9 @@ def load_digits(seed: int = 0):
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError:  # pragma: no cover - exercised only without the extra
         sys.exit("the demo needs scikit-learn: pip install 'jaxqp[examples]'")
-    data = sk_load_digits()
-    x = (data.data / 16.0).astype(np.float32)
-    y = data.target.astype(np.int32)
+    images, labels = sk_load_digits(return_X_y=True)
+    x = (np.asarray(images) / 16.0).astype(np.float32)
+    y = np.asarray(labels).astype(np.int32)
     order = np.random.default_rng(seed).permutation(len(x))
     split = int(0.8 * len(x))
     train, test = order[:split], order[split:]
@@ -95,7 +95,7 @@ def make_train_step(model: nn.Module, t: jaxqp.ParamTransform, tx):
         state = jaxqp.state_of(opt_state)
 
         def loss_fn(p):
-            logits = model.apply({"params": t.apply(p, state)}, x)
+            logits = jnp.asarray(model.apply({"params": t.apply(p, state)}, x))
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -132,7 +132,7 @@ def train(rules, data, steps: int, seed: int = 0, name: str = ""):
 def evaluate(params, t, state, data) -> tuple[float, float]:
     """Test accuracy (percent) and mean negative log-likelihood of the served weights."""
     _, (x_test, y_test) = data
-    logits = MLP().apply({"params": t.apply(params, state)}, x_test)
+    logits = jnp.asarray(MLP().apply({"params": t.apply(params, state)}, x_test))
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, y_test).mean()
     accuracy = 100.0 * jnp.mean(jnp.argmax(logits, -1) == y_test)
     return float(accuracy), float(nll)
@@ -196,10 +196,10 @@ def deploy(params, t, state, data) -> dict:
     }
 
 
-def run(steps: int, seed: int = 0) -> list[dict]:
-    """Trains every config and returns the table rows."""
+def run(steps: int, seed: int = 0) -> tuple[list[dict], dict]:
+    """Trains every config; returns the table rows and what :func:`deploy` measured for pruned+int8."""
     data = load_digits(seed)
-    rows = []
+    rows, deployed = [], {}
     for name, rules in configs(steps).items():
         params, t, state = train(rules, data, steps, seed, name)
         accuracy, nll = evaluate(params, t, state, data)
@@ -232,7 +232,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxqp.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jaxqp.demo", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1500, help="training steps per config (default 1500)")
     parser.add_argument("--quick", action="store_true", help="train 150 steps per config (for CI)")
     parser.add_argument("--seed", type=int, default=0)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import bits_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,12 +37,6 @@ def test_pack_layout_low_bits_first():
 
 def test_container_widths():
     assert [container_width(b) for b in (1, 2, 3, 4, 5, 7, 8, 9, 16)] == [1, 2, 3, 4, 5, 7, 8, 16, 16]
-
-
-def bits_equal(a, b):
-    """Bit-for-bit equality, so -0.0 and +0.0 differ."""
-    a, b = np.asarray(a), np.asarray(b)
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
 @settings(max_examples=40, deadline=None)

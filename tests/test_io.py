@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import struct
 
 import chex
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 import jaxqp
-from jaxqp import NM, PruneSpec, QArray, QuantSpec, Rule, SparseArray
+from jaxqp import PruneSpec, QArray, QuantSpec, Rule, SparseArray
 
 
 def exported_tree():
@@ -141,36 +142,26 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
         jaxqp.save(path, {1: jnp.ones(2)})
 
 
-def test_version_1_files_load_with_their_old_code_widths(tmp_path, monkeypatch):
-    """Version 1 stored 3-bit codes in 4-bit slots, 5-7-bit codes as int8 and N:M positions in 1/2/4/8-bit slots."""
-    import jaxqp._export.files as io
-    import jaxqp._export.nm_array as nm_array
-    import jaxqp._export.qarray as qarray
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
-    params = {name: jax.random.normal(jax.random.key(i), (64, 48)) for i, name in enumerate("abcde")}
-    rules = [Rule("a", quant=QuantSpec(bits=3)), Rule("b", quant=QuantSpec(bits=6, symmetric=False)),
-             Rule("c", quant=QuantSpec(bits=5), prune=PruneSpec(sparsity=0.9)),
-             Rule("d", quant=QuantSpec(bits=3), prune=PruneSpec(structure=NM(2, 8, axis=0))),
-             Rule("e", prune=PruneSpec(structure=NM(1, 32, axis=0)))]
-    t = jaxqp.transform(rules)
-    state = t.init(params)
-    want = t.apply(params, state)
-    old_width = io._v1_width
-    with monkeypatch.context() as m:  # write a genuine version 1 file
-        m.setattr(qarray, "container_width", old_width)
-        m.setattr(nm_array, "container_width", old_width)
-        m.setattr(io, "FORMAT_VERSION", 1)
-        old = jaxqp.export(params, state)
-        assert old["a"].codes.size == 64 * 48 // 2 and old["b"].codes.dtype == jnp.int8
-        path = tmp_path / "v1.jaxqp"
-        jaxqp.save(path, old)
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_committed_files_of_every_format_version_load_bit_exact(version):
+    """Files written by earlier releases (tests/fixtures/make_fixtures.py) load to the same weights.
+
+    Version 1 stored 3-bit codes in 4-bit slots, 5-7-bit codes as int8 and N:M positions in
+    1/2/4/8-bit slots; loading repacks them at today's widths.
+    """
+    path = FIXTURES / f"v{version}.jaxqp"
     header = json.loads(path.read_bytes()[8:8 + struct.unpack("<Q", path.read_bytes()[:8])[0]])
-    assert header["__metadata__"]["format_version"] == "1"
+    assert header["__metadata__"]["format_version"] == str(version)
     back = jaxqp.load(path)
-    new = jaxqp.export(params, state)
-    for name in params:
-        assert np.asarray(jaxqp.dequantize(back[name])).tobytes() == np.asarray(want[name]).tobytes(), name
-    assert back["a"].codes.size == new["a"].codes.size == 64 * 48 * 3 // 8  # repacked at 3 bits
-    assert back["b"].codes.dtype == jnp.uint8 and back["b"].codes.size == 64 * 48 * 6 // 8
-    assert back["d"].index.size == new["d"].index.size  # 3-bit positions
-    assert back["e"].index.size == new["e"].index.size == -(-(2 * 48 * 5) // 8)  # 5-bit positions
+    want = np.load(FIXTURES / "expected.npz")
+    assert sorted(back) == sorted(want.files) == list("abcde")
+    for name in want.files:
+        assert np.asarray(jaxqp.dequantize(back[name])).tobytes() == want[name].tobytes(), name
+    assert back["a"].codes.size == 64 * 16 * 3 // 8  # repacked at 3 bits
+    assert back["b"].codes.dtype == jnp.uint8 and back["b"].codes.size == 64 * 16 * 6 // 8
+    assert back["c"].bitmask is not None and back["c"].kept == round(0.1 * 64 * 16)
+    assert back["d"].index.size == -(-(2 * 64 // 8 * 16 * 3) // 8)  # 3-bit positions, 2 of every 8
+    assert back["e"].index.size == -(-(2 * 16 * 5) // 8)  # 5-bit positions, 1 of every 32

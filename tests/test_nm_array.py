@@ -4,15 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import bits_equal
 
 import jaxqp
 from jaxqp import NM, NMArray, PruneSpec, QArray, QuantSpec, Rule
 from jaxqp._export.nm_array import index_width, nm_positions
-
-
-def bits_equal(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
 def exported(shape, quant, nm, key=0):

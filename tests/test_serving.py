@@ -6,16 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import bits_equal
 
 import jaxqp
 from jaxqp import PruneSpec, QuantSpec, Rule
 from jaxqp.numerics._int_dot import MIN_ROWS, SWAP_MAX_ROWS, uses_bf16
 from jaxqp.serving import ServingKernel
-
-
-def bits_equal(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
 def reference_int8_matmul(x, kernel):

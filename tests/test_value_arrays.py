@@ -6,15 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import bits_equal
 
 import jaxqp
 from jaxqp import Fp8Array, Pow2Array, PruneSpec, QArray, QuantSpec, Rule, SparseArray
 from jaxqp.serving import ServingKernel
-
-
-def bits_equal(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
 def exported(w, quant, sparsity=None):

@@ -30,6 +30,8 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from .._transforms.activations import input_entries, quantize_input
@@ -118,12 +120,12 @@ def _integer_contraction(layer, x, spec) -> int | None:
     return None if n_contract is None or (spec.per_token and n_contract > 1) else n_contract
 
 
-def _integer_dense(x, kernel, bias, spec, n_contract: int = 1):
+def _integer_dense(x: jax.Array, kernel: jax.Array, bias, spec, n_contract: int = 1):
     """The layer's ``x . kernel (+ bias)`` with :func:`int_dense`, the kernel read as a ``(K, F)`` matrix."""
     contracted, features = kernel.shape[:n_contract], kernel.shape[n_contract:]
     k = math.prod(contracted)
-    y = int_dense(x.reshape(*x.shape[:x.ndim - n_contract], k), kernel.reshape(k, -1), spec.bits, spec.bits,
-                  spec.per_token)
+    y = jnp.asarray(int_dense(x.reshape(*x.shape[:x.ndim - n_contract], k), kernel.reshape(k, -1), spec.bits,
+                              spec.bits, spec.per_token))  # asarray: a typed Array out of the custom_vjp
     y = y.reshape(*y.shape[:-1], *features)
     return y if bias is None else y + bias.reshape(features).astype(y.dtype)
 

@@ -61,7 +61,7 @@ def _export_leaf(leaf, view: LeafView):
         return leaf
     w = jnp.asarray(leaf)
     mask = None if view.mask is None else np.asarray(view.mask)
-    if mask is not None:
+    if view.mask is not None:
         w = apply_mask(w, view.mask)
     spec, nm = view.quant, _nm(view)
     if spec is None:
@@ -97,13 +97,12 @@ def _nm_codes(codes, mask, nm: NM | None, q, build):
     if nm is None:
         return None
     axis, group = nm.axis % codes.ndim, q.group
-    grouped_here = group is not None and group[0] == axis
-    if not grouped_here and q.scale.shape[axis] != 1:  # one scale per entry along the N:M axis
-        return None
-    if grouped_here:
+    if group is not None and group[0] == axis:  # groups along the N:M axis shrink with it
         if group[1] % nm.m:
             return None
         group = (axis, group[1] // nm.m * nm.n)
+    elif q.scale.shape[axis] != 1:  # one scale per entry along the N:M axis
+        return None
     return NMArray.from_codes(codes, mask, nm.n, nm.m, axis, lambda c: build(c, group=group))
 
 

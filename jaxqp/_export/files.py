@@ -240,9 +240,12 @@ def _repacked(stored, bits: int, count: int, offset: int = 0):
 
 
 def _build(node, tensors: dict, path, version: int = FORMAT_VERSION):
-    def get(name):
+    def maybe(name) -> jax.Array | None:
+        return None if name is None else get(name)
+
+    def get(name) -> jax.Array:
         if name is None:
-            return None
+            raise _refuse(path, "the tree description leaves out a required tensor")
         if name not in tensors:
             raise _refuse(path, f"the tree names a tensor '{name}' that the file does not hold")
         return jnp.asarray(tensors[name])
@@ -267,7 +270,7 @@ def _build(node, tensors: dict, path, version: int = FORMAT_VERSION):
         codes = get(value["codes"])
         if version == 1:
             codes = _repacked(codes, static["bits"], static["kept"], static["qmin"])
-        q = QArray(codes, get(value["scale"]), get(value["zero_point"]), get(value["bitmask"]), **static)
+        q = QArray(codes, get(value["scale"]), maybe(value["zero_point"]), maybe(value["bitmask"]), **static)
         return _validated(q, path)
     if kind == "sparse":
         return _validated(SparseArray(get(value["values"]), get(value["bitmask"]), tuple(value["shape"])), path)

@@ -158,9 +158,11 @@ class NMArray(Compressed):
         if v.zero_point is None:
             return dense
         kept = self._scatter(jnp.ones(v.shape, bool), False)
-        return build(jnp.where(kept, codes, jnp.broadcast_to(dense._expanded(dense.zero_point), self.shape)))
+        return build(jnp.where(kept, codes, jnp.broadcast_to(dense._expanded(v.zero_point), self.shape)))
 
     def _dense_group(self):
+        if not isinstance(self.values, QArray):
+            return None
         group = self.values.group
         if group is None or group[0] != self.axis:
             return group

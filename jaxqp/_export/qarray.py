@@ -93,8 +93,9 @@ class QArray(Compressed):
         return cls(_store_codes(codes, bits, qmin), jnp.asarray(scale, jnp.float32), zp, bitmask,
                    shape, str(jnp.dtype(dtype)), int(bits), int(qmin), int(qmax), kept, group)
 
-    def _expanded(self, a):
-        if self.group is None or a is None:
+    def _expanded(self, a: jax.Array) -> jax.Array:
+        """A per-group ``a`` (scale or zero point) repeated to one entry per weight along the group axis."""
+        if self.group is None:
             return a
         axis, size = self.group
         return jax.lax.slice_in_dim(jnp.repeat(a, size, axis=axis), 0, self.shape[axis], axis=axis)

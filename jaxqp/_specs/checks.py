@@ -21,7 +21,7 @@ def check_bits(bits, owner: str) -> int:
     """``bits`` as an int in [1, 16], or a TypeError/ValueError naming ``owner`` and the fix."""
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
         raise TypeError(f"{owner}(bits={bits!r}): bits must be an int, e.g. {owner}(bits=8)")
-    if not MIN_BITS <= bits <= MAX_BITS:
+    if not MIN_BITS <= int(bits) <= MAX_BITS:
         raise ValueError(
             f"{owner}(bits={bits}): bits must lie in [{MIN_BITS}, {MAX_BITS}]; "
             f"e.g. {owner}(bits=8), or leave the tensor float by giving its rule no spec"
@@ -30,7 +30,7 @@ def check_bits(bits, owner: str) -> int:
 
 
 def check_percentile(p, owner: str) -> float:
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= 100:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < float(p) <= 100:
         raise ValueError(f"{owner}(percentile={p!r}): percentile must lie in (0, 100], e.g. percentile=99.99")
     return float(p)
 

@@ -232,6 +232,17 @@ class PruneSpec:
         object.__setattr__(self, "decay", float(d))
 
     @property
+    def schedule(self) -> Schedule:
+        """The sparsity schedule (a float given as ``sparsity=`` is a :func:`jaxqp.constant`).
+
+        Raises:
+            ValueError: if this spec prunes by ``threshold=`` or ``NM`` and has no schedule.
+        """
+        if not isinstance(self.sparsity, Schedule):
+            raise ValueError(f"{self!r} has no sparsity schedule (it prunes by threshold= or NM)")
+        return self.sparsity
+
+    @property
     def needs_grads(self) -> bool:
         return self.criterion in ("saliency", "movement") or (
             self.regrow is not None and self.regrow.grow == "gradient")

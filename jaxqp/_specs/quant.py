@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
+from ..numerics._linear import SteKind
 from .checks import check_bits, check_int, check_percentile, choice, short_repr
 
 FORMATS = ("int", "ternary", "pow2", "e4m3", "e5m2")
@@ -65,7 +66,7 @@ class QuantSpec:
     bits: int = 8
     symmetric: bool = True
     axis: int | tuple[int, ...] | None = -1
-    ste: str = "clipped"
+    ste: SteKind = "clipped"
     format: str = "int"
     signed: bool = True
     calibration: str = "max"

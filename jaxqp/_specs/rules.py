@@ -27,7 +27,7 @@ import numpy as np
 
 from .activation import ActSpec
 from .paths import paths_and_leaves
-from .prune import PruneSpec
+from .prune import Blocks, PruneSpec
 from .quant import QuantSpec
 
 _EXAMPLES = 6
@@ -156,10 +156,14 @@ def _check_fits(path: str, shape: tuple[int, ...], rule: Rule, index: int) -> No
         return -len(shape) <= axis < len(shape)
 
     structure = rule.prune.structure if rule.prune is not None else None
-    axes = getattr(structure, "axes", None) or ((structure.axis,) if structure is not None else ())
+    if isinstance(structure, Blocks):
+        field, axes = f"axes={structure.axes}", structure.axes
+    elif structure is not None:
+        field, axes = f"axis={structure.axis}", (structure.axis,)
+    else:
+        field, axes = "", ()
     for a in axes:
         if not in_range(a):
-            field = f"axes={structure.axes}" if hasattr(structure, "axes") else f"axis={structure.axis}"
             raise ValueError(f"{where} {type(structure).__name__}({field}) is out of range. {fix}")
     quant = rule.quant
     if rule.act is not None and rule.act.integer:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from .._specs.activation import ActSpec
 from ..numerics._formats import pow2_ceil
 from ..numerics._learned import lsq, lsq_grad_scale, pact
-from ..numerics._linear import compute_dtype, fake_quant, int_range
+from ..numerics._linear import SteKind, compute_dtype, fake_quant, int_range
 from ..numerics._ranges import calibrated_scale, observe_range, scale_from_range
 
 
@@ -45,19 +45,21 @@ def init_ranges(spec: ActSpec) -> dict | None:
     return {"lo": zero, "hi": zero, "count": jnp.zeros((), jnp.int32)}
 
 
-def init_learned(spec: ActSpec, lo: float | None = None, hi: float | None = None,
-                 absmean: float | None = None) -> dict | None:
-    """Initial learned values: from ``spec.init``, or from calibration statistics."""
+def init_learned(spec: ActSpec, lo: jax.Array | None = None, hi: jax.Array | None = None,
+                 absmean: jax.Array | None = None) -> dict | None:
+    """Initial learned values: from ``spec.init``, or from calibration statistics (all three given)."""
     qmin, qmax = bounds(spec)
     f32 = lambda v: jnp.asarray(v, jnp.float32)
+    if lo is None or hi is None or absmean is None:
+        lo = hi = absmean = None
     if spec.range == "pact":
-        top = spec.init if hi is None else (jnp.maximum(-lo, hi) if spec.symmetric else hi)
+        top = spec.init if lo is None or hi is None else (jnp.maximum(-lo, hi) if spec.symmetric else hi)
         return {"alpha": f32(top)}
     if spec.range == "lsq":
         step = spec.init / qmax if absmean is None else 2.0 * absmean / math.sqrt(qmax)
         return {"step": f32(step)}
     if spec.range == "lsq+":
-        if lo is None:
+        if lo is None or hi is None:
             return {"step": f32(2 * spec.init / (qmax - qmin)), "offset": f32(0.0)}
         step = jnp.maximum(hi - lo, 1e-8) / (qmax - qmin)
         return {"step": f32(step), "offset": f32(lo - qmin * step)}
@@ -71,6 +73,12 @@ def _all_axes(x) -> tuple[int, ...]:
 def _observe(x, spec: ActSpec):
     return observe_range(jax.lax.stop_gradient(x), _all_axes(x), spec.calibration,
                          symmetric=spec.symmetric, percentile=spec.percentile)
+
+
+def _state(values: dict | None, spec: ActSpec, what: str) -> dict:
+    if values is None:  # t.init makes them for every ActSpec that needs them
+        raise ValueError(f"{spec!r} needs its {what} in the transform state; build it with t.init(params)")
+    return values
 
 
 def fake_quant_input(x: jax.Array, spec: ActSpec, ranges: dict | None, learned: dict | None,
@@ -88,11 +96,12 @@ def fake_quant_input(x: jax.Array, spec: ActSpec, ranges: dict | None, learned: 
         scale, zp = calibrated_scale(jax.lax.stop_gradient(x), axes, qmin, qmax, symmetric=spec.symmetric,
                                      method=spec.calibration, percentile=spec.percentile)
         scale = pow2_ceil(scale) if spec.scale_pow2 else scale
-        ste = "identity" if spec.calibration == "max" else "clipped"
+        ste: SteKind = "identity" if spec.calibration == "max" else "clipped"
         y = fake_quant(x, scale, zp, qmin, qmax, ste)
     elif spec.range == "static":
         lo_b, hi_b = _observe(x, spec)
         observed = {"lo": lo_b.reshape(()), "hi": hi_b.reshape(())}
+        ranges = _state(ranges, spec, "static ranges")
         recorded = ranges["count"] > 0
         lo = jnp.where(recorded, ranges["lo"], lo_b)
         hi = jnp.where(recorded, ranges["hi"], hi_b)
@@ -100,10 +109,11 @@ def fake_quant_input(x: jax.Array, spec: ActSpec, ranges: dict | None, learned: 
         scale = pow2_ceil(scale) if spec.scale_pow2 else scale
         y = fake_quant(x, scale, zp, qmin, qmax, "clipped")
     elif spec.range == "pact":
-        y = pact(x, learned["alpha"], spec.bits, signed=spec.symmetric)
+        y = pact(x, _state(learned, spec, "learned clip")["alpha"], spec.bits, signed=spec.symmetric)
     else:
         features = math.prod(x.shape[1:]) if x.ndim > 1 else x.size
         g = lsq_grad_scale(features, qmax)
+        learned = _state(learned, spec, "learned step")
         y = lsq(x, learned["step"], qmin, qmax, g, learned.get("offset"))
     return y.astype(dtype), observed
 

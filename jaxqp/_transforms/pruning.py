@@ -20,6 +20,7 @@ import zlib
 from typing import NamedTuple
 
 import jax
+import jax.core
 import jax.numpy as jnp
 
 from .._specs.prune import NM, Blocks, Channels, PruneSpec
@@ -53,9 +54,16 @@ def leaf_key(key_data, path: str, step) -> jax.Array:
     return jax.random.fold_in(key, step)
 
 
+def pruned(entry: LeafPlan) -> PruneSpec:
+    """``entry``'s PruneSpec; only called for entries that prune."""
+    if entry.prune is None:
+        raise ValueError(f"'{entry.path}' is not pruned")  # unreachable from masks_for
+    return entry.prune
+
+
 def criterion_scores(leaf, entry: LeafPlan, inputs: MaskInputs, step):
     """What ``entry``'s criterion ranks (larger ``|score|`` keeps); gradient criteria fall back to ``|w|``."""
-    criterion = entry.prune.criterion
+    criterion = pruned(entry).criterion
     if criterion == "random":
         return jax.random.uniform(leaf_key(inputs.key, entry.path, step), jnp.shape(leaf))
     if criterion == "saliency" and inputs.grads is not None:
@@ -85,13 +93,13 @@ def _scheduled_mask(leaf, spec: PruneSpec, sparsity, prev):
 
 
 def _first_mask(leaf: jax.Array, entry: LeafPlan, inputs: MaskInputs) -> jax.Array:
-    spec = entry.prune
+    spec = pruned(entry)
     if spec.threshold is not None:
         mask = threshold_mask(leaf, spec.threshold)
     elif isinstance(spec.structure, NM):
         mask = nm_mask(leaf, spec.structure.n, spec.structure.m, spec.structure.axis)
     else:
-        mask = _scheduled_mask(criterion_scores(leaf, entry, inputs, 0), spec, spec.sparsity(0), None)
+        mask = _scheduled_mask(criterion_scores(leaf, entry, inputs, 0), spec, spec.schedule(0), None)
     return _follow_sharding(mask, leaf)
 
 
@@ -102,12 +110,12 @@ def _follow_sharding(mask: jax.Array, leaf) -> jax.Array:
 
 
 def _refresh_mask(leaf: jax.Array, entry: LeafPlan, prev: jax.Array, step, inputs: MaskInputs) -> jax.Array:
-    spec = entry.prune
+    spec = pruned(entry)
     if spec.threshold is not None:
         return threshold_mask(leaf, spec.threshold, prev)
     if isinstance(spec.structure, NM):
         return prev  # N:M masks are fixed from init on
-    schedule = spec.sparsity
+    schedule = spec.schedule
     mask = prev
     if schedule.refreshes:
         mask = jax.lax.cond(
@@ -148,32 +156,33 @@ def masks_for(plan: Plan, flat: list, prev: Masks | None, step, inputs: MaskInpu
             else:
                 masks[entry.path] = _refresh_mask(leaf, entry, prev[entry.path], step, inputs)
     for spec, entries in _groups(plan, "erk").items():
-        final = final_sparsity(spec.sparsity)
+        schedule = spec.schedule
+        final = final_sparsity(schedule)
         shares = erk_sparsities([e.shape for e in entries], final)
         for entry, share in zip(entries, shares):
             scale = share / final if final > 0 else 0.0
             leaf = jnp.asarray(leaves[entry.path])
             if prev is None:
-                masks[entry.path] = _follow_sharding(magnitude_mask(leaf, spec.sparsity(0) * scale), leaves[entry.path])
-            elif spec.sparsity.refreshes:
-                old = prev[entry.path]
-                masks[entry.path] = jax.lax.cond(spec.sparsity.update_at(step),
-                                                 lambda: magnitude_mask(leaf, spec.sparsity(step) * scale, old),
-                                                 lambda: old)
+                masks[entry.path] = _follow_sharding(magnitude_mask(leaf, schedule(0) * scale), leaves[entry.path])
+            elif schedule.refreshes:
+                old_mask = prev[entry.path]
+                masks[entry.path] = jax.lax.cond(schedule.update_at(step),
+                                                 lambda: magnitude_mask(leaf, schedule(step) * scale, old_mask),
+                                                 lambda: old_mask)
             else:
                 masks[entry.path] = prev[entry.path]
     for spec, entries in _groups(plan, "global").items():
         xs = [jnp.asarray(leaves[e.path]) for e in entries]
-        schedule = spec.sparsity
+        schedule = spec.schedule
         if prev is None:
             group = [_follow_sharding(m, leaves[e.path])
                      for m, e in zip(global_magnitude_masks(xs, schedule(0)), entries)]
         elif not schedule.refreshes:
             group = [prev[e.path] for e in entries]
         else:
-            old = [prev[e.path] for e in entries]
+            old_group = [prev[e.path] for e in entries]
             group = jax.lax.cond(schedule.update_at(step),
-                                 lambda: global_magnitude_masks(xs, schedule(step), old), lambda: old)
+                                 lambda: global_magnitude_masks(xs, schedule(step), old_group), lambda: old_group)
         masks.update({e.path: m for e, m in zip(entries, group)})
     return _with_bias_masks(plan, masks)
 
@@ -193,7 +202,9 @@ def _with_bias_masks(plan: Plan, masks: Masks) -> Masks:
         bias = _bias_path(entry)
         if bias is None or bias not in entries:
             continue
-        axis = entry.prune.structure.axis % len(entry.shape)
+        structure = pruned(entry).structure
+        assert isinstance(structure, Channels)  # _bias_path returned a path
+        axis = structure.axis % len(entry.shape)
         if entries[bias].shape != (entry.shape[axis],):
             continue
         if entries[bias].prune is not None:

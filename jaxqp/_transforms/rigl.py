@@ -44,7 +44,12 @@ def drop_and_grow(w: jax.Array, mask: jax.Array, grad: jax.Array | None, n, grow
     n = jnp.minimum(n, active)
     as_fraction = lambda count: count.astype(jnp.float32) / jnp.float32(size)
     dropped = magnitude_mask(w, as_fraction(size - active + n), mask)
-    score = jnp.abs(grad) if grow == "gradient" else jax.random.uniform(key, w.shape)
+    if grow == "gradient":
+        if grad is None:  # pruning.py refuses this before tracing; kept for direct callers
+            raise ValueError("drop_and_grow(grow='gradient') needs grad")
+        score = jnp.abs(grad)
+    else:
+        score = jax.random.uniform(key, w.shape)
     grown = magnitude_mask(score, as_fraction(size - n), ~dropped)  # keeps the n best inactive
     return jnp.where(n > 0, dropped | grown, mask)
 

@@ -6,7 +6,7 @@ A :class:`ParamTransform` is a NamedTuple of pure functions, like an optax
 * ``init(params) -> state``: resolves the rules and computes the first masks;
 * ``apply(params, state) -> params``: the tree the model sees: pruned entries
   exactly 0, then fake-quantized (scales computed on the surviving weights);
-* ``update(params, state) -> state``: advances the step by one and recomputes
+* ``update(params, state, observed=None, grads=None) -> state``: advances the step by one and recomputes
   masks where the schedule says so (under ``lax.cond``: one compiled step);
 * ``masks(state) -> {path: bool array}``: the pruning masks, for
   :func:`jaxqp.wrap` to keep pruned params exactly 0.
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -83,12 +83,28 @@ def _no_masks(state) -> Masks:
     return {}
 
 
+class UpdateFn(Protocol):
+    """``update(params, state, observed=None, grads=None) -> state``."""
+
+    def __call__(self, params: Params, state: Any, observed: dict | None = None, grads: Params | None = None) -> Any:
+        ...
+
+
 class ParamTransform(NamedTuple):
-    """``(init, apply, update, masks)``: see the module docstring."""
+    """``(init, apply, update, masks)``: see the module docstring.
+
+    Attributes:
+        init: ``init(params) -> state``.
+        apply: ``apply(params, state) -> params`` as the model sees them.
+        update: ``update(params, state, observed=None, grads=None) -> state``; ``observed``
+            are the layer-input statistics of :func:`jaxqp.linen_apply`/:func:`jaxqp.nnx_apply`,
+            ``grads`` (a tree like ``params``) feeds gradient criteria.
+        masks: ``masks(state) -> {path: bool array}`` that :func:`jaxqp.wrap` enforces.
+    """
 
     init: Callable[[Params], Any]
     apply: Callable[[Params, Any], Params]
-    update: Callable[[Params, Any], Any]
+    update: UpdateFn
     masks: Callable[[Any], Masks] = _no_masks
 
 
@@ -143,8 +159,9 @@ def _movement_scores(plan: Plan, flat, scores: dict, grads: dict | None) -> dict
     if grads is None:
         return scores
     leaves, entries = dict(flat), plan.by_path()
+    moving = {path for path, e in entries.items() if e.prune is not None and e.prune.criterion == "movement"}
     return {path: (score - jnp.asarray(leaves[path], score.dtype) * jnp.asarray(grads[path], score.dtype)
-                   if entries[path].prune.criterion == "movement" else score)
+                   if path in moving else score)
             for path, score in scores.items()}
 
 
@@ -202,7 +219,7 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> Param
         ranges = dict(state.ranges)
         for path, seen in (observed or {}).items():
             entry = plan.by_path().get(path)
-            if entry is not None and path in ranges and "lo" in seen:
+            if entry is not None and entry.act is not None and path in ranges and "lo" in seen:
                 ranges[path] = input_quantizer.update_ranges(entry.act, ranges[path], seen)
         if state.frozen:
             return dataclasses.replace(state, step=step, ranges=ranges)
@@ -225,7 +242,7 @@ def _apply_leaf(leaf, entry: LeafPlan, state: TransformState, index: int):
     if entry.quant is not None:
         learned = state.learned.get("weights", {}).get(entry.path)
         key = None
-        if entry.quant.rounding == "stochastic":
+        if entry.quant.rounding == "stochastic" and state.key is not None:  # no key: a clear error below
             key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step), index)
         leaf = fake_quant_weight(leaf, entry.quant, learned, key)
     return leaf
@@ -288,10 +305,10 @@ def map_states(tree, fn):
     return jax.tree_util.tree_map(lambda n: fn(n) if _is_state(n) else n, tree, is_leaf=_is_state)
 
 
-def with_learned(tree, values: tuple[dict, ...]):
+def with_learned(tree, values: Sequence[dict]):
     """``tree`` with the ``learned`` dicts of its transform states replaced, in order."""
-    values = iter(values)
-    return map_states(tree, lambda s: dataclasses.replace(s, learned=next(values)))
+    remaining = iter(values)
+    return map_states(tree, lambda s: dataclasses.replace(s, learned=next(remaining)))
 
 
 def freeze_masks(tree, frozen: bool = True):

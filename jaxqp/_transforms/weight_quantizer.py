@@ -57,8 +57,8 @@ class WeightQuantizer(NamedTuple):
         if self.group is None:
             return self.scale, self.zero_point
         axis, size = self.group
-        grow = lambda a: None if a is None else expand_groups(a, axis, size, shape[axis])
-        return grow(self.scale), grow(self.zero_point)
+        zero_point = None if self.zero_point is None else expand_groups(self.zero_point, axis, size, shape[axis])
+        return expand_groups(self.scale, axis, size, shape[axis]), zero_point
 
 
 def _group(spec: QuantSpec, ndim: int) -> tuple[int, int] | None:
@@ -157,7 +157,7 @@ def fake_quant_weight(w: jax.Array, spec: QuantSpec, learned: Learned | None = N
     q = weight_quantizer(w, spec, learned)
     scale, zp = q.expanded(w.shape)
     if spec.learned == "lsq":
-        count = math.prod(w.shape) // max(math.prod(learned["step"].shape), 1)
+        count = math.prod(w.shape) // max(math.prod(q.scale.shape), 1)  # entries per learned step
         x = jnp.asarray(w, linear.compute_dtype(w.dtype))
         return lsq(x, scale, q.qmin, q.qmax, lsq_grad_scale(count, q.qmax)).astype(w.dtype)
     ste = "identity" if spec.calibration == "max" else spec.ste

@@ -34,7 +34,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -121,7 +121,9 @@ def wrap(tx: optax.GradientTransformation, t: ParamTransform,
         learned = inner_learned.init(learned_of(t_state)) if _has_learned(t_state) else None
         return WrapState(inner.init(params), t_state, learned)
 
-    def update(updates, state: WrapState, params=None, observed=None, **extra_args):
+    def update(updates, state: optax.OptState, params=None, observed=None, **extra_args):
+        if not isinstance(state, WrapState):
+            raise TypeError(f"jaxqp.wrap: opt_state must come from this optimizer's init, got {type(state).__name__}")
         if params is None:
             raise ValueError(
                 "jaxqp.wrap needs the current params to keep pruned weights at 0: "
@@ -151,7 +153,7 @@ def wrap(tx: optax.GradientTransformation, t: ParamTransform,
         if learns:
             values = learned_of(state.transform)
             steps, learned_state = inner_learned.update(learned_of(state_grads), state.learned, values)
-            new_state = with_learned(new_state, optax.apply_updates(values, steps))
+            new_state = with_learned(new_state, cast(tuple, optax.apply_updates(values, steps)))
         masks = t.masks(new_state)
         if masks:
             updates = _mask_updates(updates, params, masks)

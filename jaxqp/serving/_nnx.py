@@ -65,9 +65,9 @@ def nnx_serving_model(graphdef, served, *rest) -> nnx.Module:
             continue
         parent = model
         for key in path[:-1]:
-            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+            parent = parent[key] if isinstance(key, int) else getattr(parent, str(key))
         if isinstance(path[-1], int):
             parent[path[-1]] = _swap(module)
         else:
-            setattr(parent, path[-1], _swap(module))
+            setattr(parent, str(path[-1]), _swap(module))
     return model

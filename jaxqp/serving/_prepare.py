@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.core
 import jax.numpy as jnp
 
 from .._export.nm_array import NMArray
