@@ -73,7 +73,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.pretrain, args.steps, args.seeds = 10, 20, 1
-    (x, y), (x_test, y_test) = data()
+    (x, y), (x_test, y_test) = data(args.quick)
     model = CNN1D()
     base = Run(model, [], model.init(jax.random.key(0), x[:1])["params"], 3e-3, args.pretrain)
     base.train(batches(x, y, args.pretrain, args.batch, seed=1000))

@@ -70,7 +70,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.pretrain, args.steps, args.seeds = 10, 10, 1
-    (x, y), (x_test, y_test) = data()
+    (x, y), (x_test, y_test) = data(args.quick)
     model = CNN1D()
     params = model.init(jax.random.key(0), x[:1])["params"]
     if args.protocol == "finetune":

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 import jaxqp
-from jaxqp.datasets import load_mnist1d
+from jaxqp.datasets import QUICK_SAMPLES, load_mnist1d
 
 
 class CNN(nn.Module):
@@ -45,9 +45,10 @@ RULES = [
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
-    steps = 60 if parser.parse_args(argv).quick else 3000
+    quick = parser.parse_args(argv).quick
+    steps = 60 if quick else 3000
 
-    (x_train, y_train), (x_test, y_test) = load_mnist1d()
+    (x_train, y_train), (x_test, y_test) = load_mnist1d(QUICK_SAMPLES if quick else 20000)
     model = CNN()
     params = model.init(jax.random.key(0), x_train[:1])["params"]
     t = jaxqp.transform(RULES)

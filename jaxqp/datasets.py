@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+QUICK_SAMPLES = 2000  # what --quick runs of the examples and benchmarks generate (under a second)
+
 
 def load_mnist1d(num_samples: int = 20000, seed: int = 42):
     """MNIST-1D (Greydanus 2020): signals of length 40, 10 classes, split 80/20 into train/test.

@@ -16,17 +16,19 @@ from jaxqp import _deprecated
 API_DOC = (pathlib.Path(__file__).parents[1] / "docs" / "api.md").read_text()
 
 # jaxqp 0.1.0's top-level __all__ (81 names), frozen: each must still resolve in 0.2.
-NAMES_0_1 = (
-    "ActSpec Blocks Channels Fp8Array GeneralKernel Int8Linear LeafPlan NM NMArray ParamTransform Plan "
-    "Pow2Array PruneSpec QArray QuantSpec QuantizedInput RigL Rule Schedule ServingKernel SparseArray Summary "
-    "TransformState WrapState affine_scale apply_mask binary block_mask calibrate chain channel_mask constant "
-    "dequantize expand_groups export export_serving fake_quant fake_quant_weight fp8_round freeze_masks "
-    "global_magnitude_masks group_view init_step int8_matmul int8_matmul_general int_bounds int_range iterative "
-    "linen_apply linen_serving_apply load load_serving lsq lsq_grad_scale magnitude_mask mse_range nm_mask "
-    "nnx_apply nnx_serving_model observe_range one_shot pact polynomial pow2_ceil pow2_values prepare "
-    "quantize_input resolve rewind save scale_from_range state_of stochastic_round straight_through summary "
-    "symmetric_scale threshold_mask transform weight_codes weight_quantizer wrap"
-).split()
+NAMES_0_1 = [
+    "ActSpec", "Blocks", "Channels", "Fp8Array", "GeneralKernel", "Int8Linear", "LeafPlan", "NM", "NMArray",
+    "ParamTransform", "Plan", "Pow2Array", "PruneSpec", "QArray", "QuantSpec", "QuantizedInput", "RigL", "Rule",
+    "Schedule", "ServingKernel", "SparseArray", "Summary", "TransformState", "WrapState", "affine_scale",
+    "apply_mask", "binary", "block_mask", "calibrate", "chain", "channel_mask", "constant", "dequantize",
+    "expand_groups", "export", "export_serving", "fake_quant", "fake_quant_weight", "fp8_round", "freeze_masks",
+    "global_magnitude_masks", "group_view", "init_step", "int8_matmul", "int8_matmul_general", "int_bounds",
+    "int_range", "iterative", "linen_apply", "linen_serving_apply", "load", "load_serving", "lsq",
+    "lsq_grad_scale", "magnitude_mask", "mse_range", "nm_mask", "nnx_apply", "nnx_serving_model",
+    "observe_range", "one_shot", "pact", "polynomial", "pow2_ceil", "pow2_values", "prepare", "quantize_input",
+    "resolve", "rewind", "save", "scale_from_range", "state_of", "stochastic_round", "straight_through",
+    "summary", "symmetric_scale", "threshold_mask", "transform", "weight_codes", "weight_quantizer", "wrap",
+]
 
 
 def isort_key(name: str):

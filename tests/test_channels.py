@@ -54,6 +54,7 @@ def test_filters_and_neurons_pruned_exactly_with_their_bias():
     assert set(state.masks) == {"Conv_0/kernel", "Conv_0/bias", "Dense_0/kernel", "Dense_0/bias"}
 
 
+@pytest.mark.slow  # trains or serves a whole model
 @pytest.mark.standard_promotion  # optax adam
 def test_channel_pruning_trains_with_a_schedule_and_exact_zeros():
     params = cnn_params()

@@ -42,6 +42,7 @@ def test_serving_benchmark_quick_writes_rows(tmp_path):
     assert sizes["sparse90+int8"] < sizes["int4"] < sizes["nm2:4+int8"] < sizes["int8"] < 0.3
 
 
+@pytest.mark.slow  # starts an interpreter
 def test_int8_dot_benchmark_quick_writes_rows(tmp_path):
     _, rows = run_quick([str(ROOT / "benchmarks" / "int8_dot.py")], tmp_path / "dot.json")
     assert [(r["shape"], r["rows"]) for r in rows] == [([256, 256], 4), ([256, 256], 64)]

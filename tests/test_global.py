@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxqp
@@ -26,13 +26,15 @@ def reference_global(arrays, sparsity):
     return out
 
 
-small = hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=2, max_side=7),
+# A few fixed shapes (edge sizes 1, odd, square), so jit compiles once per shape, not per example.
+small = hnp.arrays(np.float32, st.sampled_from([(1,), (7,), (3, 5), (1, 7), (7, 7)]),
                    elements=st.sampled_from([0.0, 1.0, -1.0, 0.5, 2.0, -3.0, 0.25]))
 
 
-@settings(max_examples=40, deadline=None)
 @given(a=small, b=small, c=small, sparsity=st.floats(0.0, 0.99))
 def test_matches_concatenated_reference(a, b, c, sparsity):
+    # Exact: masks are integer counts over |w| with ties broken by flat index, and the values
+    # are drawn from a small set on purpose so ties occur; no float arithmetic is compared.
     got = jaxqp.numerics.global_magnitude_masks([jnp.asarray(a), jnp.asarray(b), jnp.asarray(c)], sparsity)
     for g, w in zip(got, reference_global([a, b, c], sparsity)):
         np.testing.assert_array_equal(np.asarray(g), w)
@@ -54,6 +56,7 @@ def test_global_rule_over_a_tree():
     assert per_leaf[0] > per_leaf[1] > per_leaf[2]  # one threshold, so layers differ
 
 
+@pytest.mark.slow  # trains or serves a whole model
 @pytest.mark.standard_promotion
 def test_global_schedule_under_wrap_compiles_once():
     params = {"a": jax.random.normal(jax.random.key(1), (16, 8)), "b": jax.random.normal(jax.random.key(2), (8, 8))}

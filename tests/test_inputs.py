@@ -153,6 +153,7 @@ def test_calibrate_sets_static_ranges_and_learned_inits():
         jaxqp.calibrate(state, lambda s, x: (None, {}), batches)
 
 
+@pytest.mark.slow  # trains or serves a whole model
 @pytest.mark.standard_promotion  # optax.adam
 def test_training_with_every_input_kind_compiles_once():
     model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(16), nn.relu, nn.Dense(3)])

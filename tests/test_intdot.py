@@ -98,6 +98,7 @@ def nnx_outputs(module, x, act_specs):
     return outs
 
 
+@pytest.mark.slow  # trains or serves a whole model
 def test_linen_and_nnx_integer_layers_equal_the_fake_quant_model():
     x = jax.random.normal(jax.random.key(3), (16, 32))
     model = MLP()
@@ -118,6 +119,7 @@ def test_integer_spec_errors_name_the_rule():
         jaxqp.transform([Rule("w", quant=QuantSpec(bits=8), act=INT_SPEC)]).init(params)
 
 
+@pytest.mark.slow  # trains or serves a whole model
 def test_model_trained_with_integer_layers_serves_bit_for_bit():
     x = jax.random.normal(jax.random.key(5), (8, 32))
     model = MLP()
@@ -139,6 +141,7 @@ class Attention(nn.Module):
         return nn.MultiHeadDotProductAttention(num_heads=4)(x, x)
 
 
+@pytest.mark.slow  # trains or serves a whole model
 @pytest.mark.parametrize("per_token", [True, False])
 def test_dense_general_and_linear_general_integer_paths_equal_fake_quant(per_token, monkeypatch):
     import jaxqp._adapters.inputs as flax_inputs

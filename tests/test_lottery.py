@@ -10,6 +10,7 @@ import jaxqp
 from jaxqp import PruneSpec, QuantSpec, Rule
 
 
+@pytest.mark.slow  # trains or serves a whole model
 @pytest.mark.standard_promotion  # optax adam
 def test_rewind_keeps_early_values_of_survivors():
     params = {"a": jax.random.normal(jax.random.key(0), (12, 6)), "b": jnp.ones(6)}

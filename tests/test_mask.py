@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from jaxqp.numerics import apply_mask, magnitude_mask, threshold_mask
@@ -25,13 +25,14 @@ def test_ties_broken_by_lower_index_first():
     np.testing.assert_array_equal(np.asarray(mask), [[True, False], [False, True]])
 
 
-@settings(max_examples=50, deadline=None)
 @given(
-    x=hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=12),
+    # A few fixed shapes (sizes 1, odd, rank 3), so jit compiles once per shape, not per example.
+    x=hnp.arrays(np.float32, st.sampled_from([(1,), (12,), (3, 4), (12, 12), (5, 1, 7), (2, 3, 12)]),
                  elements=st.floats(-10, 10, width=32, allow_subnormal=False)),  # XLA flushes subnormals
     sparsity=st.floats(0.0, 0.99),
 )
 def test_exact_count_property(x, sparsity):
+    # Exact: the count is round(float32(sparsity) * size), computed the same way as the library.
     mask = np.asarray(jit_mask(jnp.asarray(x), sparsity))
     assert mask.shape == x.shape
     assert (~mask).sum() == int(np.round(np.float32(sparsity) * x.size))
@@ -91,9 +92,8 @@ def reference_mask(x, sparsity, prev=None):
     return keep.reshape(x.shape)
 
 
-@settings(max_examples=60, deadline=None)
 @given(
-    x=hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=2, max_side=30),
+    x=hnp.arrays(np.float32, st.sampled_from([(1,), (30,), (6, 5), (1, 30), (30, 30)]),
                  elements=st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, 1e-3, -7.0, 3e38])),
     sparsity=st.floats(0.0, 0.99),
     seed=st.integers(0, 2**16),

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxqp
@@ -30,14 +30,15 @@ def reference_nm(x, n, m, axis):
     return np.moveaxis(keep, -1, axis)
 
 
-@settings(max_examples=50, deadline=None)
 @given(
-    x=hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=11),
+    # A few fixed shapes (groups with and without a tail, rank 3), so jit compiles once per shape.
+    x=hnp.arrays(np.float32, st.sampled_from([(1,), (11,), (4, 8), (3, 11), (8, 5), (2, 3, 8), (5, 2, 11)]),
                  elements=st.sampled_from([0.0, 1.0, -1.0, 2.5, -3.0, 0.5, 7.0])),
     nm=st.sampled_from([(1, 2), (2, 4), (1, 4), (4, 8), (3, 5)]),
     axis_pick=st.integers(0, 2),
 )
 def test_matches_reference_and_every_group_holds_n(x, nm, axis_pick):
+    # Exact: a per-group stable ranking of |x|; values from a small set so that ties occur.
     n, m = nm
     axis = axis_pick % x.ndim
     got = np.asarray(jit_nm(jnp.asarray(x), n, m, axis))

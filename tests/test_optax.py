@@ -59,6 +59,7 @@ def kernels_zero_where_masked(params, state):
     return True
 
 
+@pytest.mark.slow  # trains or serves a whole model
 @pytest.mark.parametrize(
     "name, optimizer",
     [
@@ -181,6 +182,7 @@ def test_nnx_trains_with_exact_zeros():
     assert np.all(np.asarray(model.l1.kernel[...])[~mask] == 0.0)
 
 
+@pytest.mark.slow  # trains or serves a whole model
 def test_multisteps_around_wrap():
     model, params = linen_setup()
     t = jaxqp.transform(RULES)

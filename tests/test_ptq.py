@@ -10,6 +10,7 @@ from jaxqp import ActSpec, QuantSpec, Rule
 from jaxqp.demo import MLP, load_digits, train
 
 
+@pytest.mark.slow  # trains or serves a whole model
 @pytest.mark.standard_promotion  # optax.adam in the float training
 def test_int8_ptq_keeps_accuracy_within_half_a_point():
     data = load_digits()

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from jaxqp import QuantSpec, fake_quant_weight
@@ -165,14 +165,14 @@ def test_vmap_matches_loop():
 jit_fake_quant_weight = jax.jit(fake_quant_weight, static_argnums=1)
 jit_fake_quant = jax.jit(fake_quant, static_argnums=(3, 4))
 
+# A few fixed shapes (edge sizes 1, odd, square), so jit compiles once per shape, not per example.
 finite_arrays = hnp.arrays(
     np.float32,
-    hnp.array_shapes(min_dims=1, max_dims=2, min_side=1, max_side=16),
+    st.sampled_from([(1,), (7,), (1, 16), (16, 1), (5, 3), (16, 16)]),
     elements=st.floats(-1e3, 1e3, width=32),
 )
 
 
-@settings(max_examples=60, deadline=None)
 @given(x=finite_arrays, bits=st.integers(2, 16), symmetric=st.booleans())
 # Affine 8 bits over [0, 500]: 250 / (500/255) = 127.5 is a rounding tie, so the error is a
 # full half step and the float32 rounding of x_hat at magnitude 250 comes on top (issue 18).
@@ -193,9 +193,10 @@ def test_error_at_most_half_step(x, bits, symmetric):
     assert np.all(err <= bound), (err.max(), bound.min())
 
 
-@settings(max_examples=60, deadline=None)
 @given(x=finite_arrays, bits=st.integers(2, 16))
 def test_idempotent_with_same_scale(x, bits):
+    # Exact: once = float32(code * s); once * (1/s) is code within a few ulps, and codes are at
+    # most 2^15, so it is never near a .5 tie and rounds back to the same code.
     x = jnp.asarray(x)
     scale = symmetric_scale(x, bits, -1)
     qmin, qmax = int_range(bits, narrow=True)
@@ -204,7 +205,6 @@ def test_idempotent_with_same_scale(x, bits):
     np.testing.assert_array_equal(np.asarray(twice), np.asarray(once))
 
 
-@settings(max_examples=60, deadline=None)
 @given(x=finite_arrays, bits=st.integers(2, 16))
 def test_values_are_integer_multiples_of_scale(x, bits):
     x = jnp.asarray(x)
@@ -218,7 +218,6 @@ def test_values_are_integer_multiples_of_scale(x, bits):
     np.testing.assert_array_equal(y, codes.astype(np.float32) * scale.astype(np.float32))
 
 
-@settings(max_examples=60, deadline=None)
 @given(x=finite_arrays, bits=st.integers(2, 16), symmetric=st.booleans())
 def test_jit_equals_eager_bit_for_bit(x, bits, symmetric):
     # XLA turns x / constant into x * (1 / constant) under jit; scales are defined that way.

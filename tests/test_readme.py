@@ -11,6 +11,7 @@ import jaxqp
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.slow  # trains or serves a whole model
 @pytest.mark.standard_promotion  # the quickstart runs optax's adam
 def test_quickstart_and_export_run_as_written(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the export snippet writes model.jaxqp

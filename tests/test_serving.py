@@ -101,6 +101,7 @@ class MLP(nn.Module):
         return nn.Dense(10)(x)
 
 
+@pytest.mark.slow  # trains or serves a whole model
 def test_linen_serving_matches_float_model_within_activation_rounding():
     model = MLP()
     x = jax.random.normal(jax.random.key(8), (4, 256))
@@ -131,6 +132,7 @@ def test_serving_kernel_in_a_non_dense_module_is_refused():
         jaxqp.linen_serving_apply(model)(served, jnp.ones((2, 256)))
 
 
+@pytest.mark.slow  # trains or serves a whole model
 def test_jax_export_round_trip_of_the_serving_function():
     model = MLP()
     x = jax.random.normal(jax.random.key(10), (3, 256))
@@ -155,6 +157,7 @@ class NnxNet(nnx.Module):
         return self.blocks[1](jax.nn.relu(self.blocks[0](x)))
 
 
+@pytest.mark.slow  # trains or serves a whole model
 def test_nnx_serving_swaps_linears_and_matches_within_activation_rounding():
     model = NnxNet(nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -183,6 +186,7 @@ class Attention(nn.Module):
         return nn.MultiHeadDotProductAttention(num_heads=4)(x, x)
 
 
+@pytest.mark.slow  # trains or serves a whole model
 def test_dense_general_kernels_serve_in_int8_and_convs_fall_back():
     model = Attention()
     x = jax.random.normal(jax.random.key(10), (2, 16, 64))
