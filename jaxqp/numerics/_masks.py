@@ -187,8 +187,16 @@ def erk_sparsities(shapes: list[tuple[int, ...]], sparsity: float) -> list[float
     Densities ``eps * sum(shape) / prod(shape)``, capped at 1: layers that would exceed
     it are made dense and ``eps`` is solved again over the rest, until none does.
 
-    >>> [round(s, 3) for s in erk_sparsities([(3, 3, 1, 16), (3, 3, 16, 32), (512, 10)], 0.9)]
-    [0.737, 0.981, 0.832]
+    Args:
+      shapes: the shapes of the layers that share the budget.
+      sparsity: the overall fraction of zeros over all their entries, in [0, 1).
+
+    Returns:
+      One sparsity per shape, in order.
+
+    Example:
+      >>> print(*(round(s, 3) for s in erk_sparsities([(3, 3, 1, 16), (3, 3, 16, 32), (512, 10)], 0.9)))
+      0.737 0.981 0.832
     """
     sizes = [math.prod(s) for s in shapes]
     raw = [sum(s) / n for s, n in zip(shapes, sizes)]
