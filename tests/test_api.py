@@ -1,5 +1,6 @@
 """The public surface: sorted __all__ equal to the API reference, and 0.1 names as deprecated aliases."""
 
+import inspect
 import pathlib
 import re
 import subprocess
@@ -112,3 +113,27 @@ sys.modules["numerics_alone"] = module
 spec.loader.exec_module(module)
 print(sorted(m for m in sys.modules if m.split('.')[0] == 'flax'))
 """
+
+
+def public_objects():
+    for module in (jaxqp, jaxqp.numerics, jaxqp.serving):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if callable(obj) and not inspect.ismodule(obj):
+                yield f"{module.__name__}.{name}", obj
+
+
+@pytest.mark.parametrize("name,obj", list(public_objects()), ids=lambda v: v if isinstance(v, str) else "")
+def test_public_docstrings_have_google_sections(name, obj):
+    """Every public class documents its fields, every public function its arguments and result."""
+    doc = inspect.getdoc(getattr(obj, "__wrapped__", obj)) or inspect.getdoc(obj) or ""
+    if inspect.isclass(obj):
+        assert "Attributes:" in doc or "Args:" in doc, name
+        return
+    signature = inspect.signature(getattr(obj, "__wrapped__", obj))
+    if signature.parameters:
+        assert "Args:" in doc, name
+        for parameter in signature.parameters:
+            assert re.search(rf"^\s+\*{{0,2}}{parameter}:", doc, re.M), f"{name}: Args does not name {parameter}"
+    if signature.return_annotation not in (None, "None", inspect.Signature.empty):
+        assert "Returns:" in doc, name

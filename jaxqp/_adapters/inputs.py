@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -55,8 +56,23 @@ def _check_all_seen(wanted, seen: set, where: str) -> None:
         )
 
 
-def linen_apply(model: nn.Module, state, variables, *args, method=None, **kwargs):
-    """``(model.apply(variables, *args, ...), observed)`` with matched layer inputs quantized."""
+def linen_apply(
+    model: nn.Module, state: Any, variables: Any, *args: Any, method: Any = None, **kwargs: Any
+) -> tuple[Any, dict]:
+    """``(model.apply(variables, *args, ...), observed)`` with matched layer inputs quantized.
+
+    Args:
+      model: the unmodified linen model.
+      state: the transform state with the ``ActSpec`` rules.
+      variables: ``{"params": ...}`` (typically ``t.apply(params, state)``) and other collections.
+      *args: the model's inputs.
+      method: the module method to call, as in ``model.apply``.
+      **kwargs: keyword arguments of the call.
+
+    Returns:
+      ``(output, observed)``: the model's output and the statistics of static-range inputs
+      (``{}`` if none), for ``tx.update(..., observed=observed)``.
+    """
     wanted = input_entries(state)
     observed: dict = {}
     seen: set = set()
@@ -163,8 +179,19 @@ def _set_child(model, path, value) -> None:
         setattr(parent, path[-1], value)
 
 
-def nnx_apply(model: nnx.Module, state, *args, **kwargs):
-    """``(model(*args, **kwargs), observed)`` with matched NNX layer inputs quantized."""
+def nnx_apply(model: nnx.Module, state: Any, *args: Any, **kwargs: Any) -> tuple[Any, dict]:
+    """``(model(*args, **kwargs), observed)`` with matched NNX layer inputs quantized.
+
+    Args:
+      model: the unmodified NNX model (its ``Linear``/``Conv``/``Einsum`` layers are
+        swapped for quantizing wrappers during the call, then restored).
+      state: the transform state with the ``ActSpec`` rules.
+      *args: the model's inputs.
+      **kwargs: keyword arguments of the call.
+
+    Returns:
+      ``(output, observed)`` as for :func:`linen_apply`.
+    """
     wanted = input_entries(state)
     observed: dict = {}
     seen: set = set()

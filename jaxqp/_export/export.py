@@ -32,6 +32,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,11 +108,23 @@ def _nm_codes(codes, mask, nm: NM | None, q, build):
     return NMArray.from_codes(codes, mask, nm.n, nm.m, axis, lambda c: build(c, group=group))
 
 
-def export(params, state):
+def export(params: Any, state: Any) -> Any:
     """``params`` with every transformed leaf replaced by its compressed form.
 
     ``state`` is the transform state (``t.init``/``jaxqp.state_of(opt_state)``), a
     chain's tuple of states, or an optimizer state built by :func:`jaxqp.wrap`.
+
+    Args:
+      params: the trained params.
+      state: the transform state, a chain's states, or an optimizer state from :func:`jaxqp.wrap`.
+
+    Returns:
+      The tree with :class:`QArray`, :class:`SparseArray`, :class:`NMArray`,
+      :class:`Pow2Array` or :class:`Fp8Array` leaves where a spec applies; other leaves
+      unchanged. ``jaxqp.dequantize`` of it equals ``t.apply(params, state)`` bit for bit.
+
+    Raises:
+      ValueError: if ``state`` was not made for ``params``' tree.
     """
     flat, treedef, views = leaf_views(params, state)
     out = [_export_leaf(leaf, view) for (_, leaf), view in zip(flat, views)]

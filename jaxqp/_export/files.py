@@ -119,8 +119,16 @@ def _describe(node, path: str, writer: _Writer):
     )
 
 
-def save(path: str | os.PathLike, tree) -> None:
-    """Writes ``tree`` (typically ``jaxqp.export(params, state)``) to ``path`` atomically."""
+def save(path: str | os.PathLike, tree: Any) -> None:
+    """Writes ``tree`` (typically ``jaxqp.export(params, state)``) to ``path`` atomically.
+
+    Args:
+      path: the file to write (replaced atomically if it exists).
+      tree: a pytree of arrays and jaxqp containers (dicts, lists, tuples, None).
+
+    Raises:
+      TypeError: if a leaf is not an array or a jaxqp container (nothing is written).
+    """
     writer = _Writer()
     structure = _describe(tree, "", writer)
     header: dict[str, Any] = {}
@@ -303,8 +311,19 @@ def _validated(leaf, path):
         raise _refuse(path, f"a compressed leaf breaks its invariants ({err})") from None
 
 
-def load(path: str | os.PathLike):
-    """Reads a tree written by :func:`save`; refuses anything else with a ValueError."""
+def load(path: str | os.PathLike) -> Any:
+    """Reads a tree written by :func:`save`; refuses anything else with a ValueError.
+
+    Args:
+      path: the file.
+
+    Returns:
+      The tree, with the compressed containers it was saved with.
+
+    Raises:
+      ValueError: if the file is truncated, corrupt (a checksum differs), not a jaxqp file,
+        or of a newer format version than this jaxqp reads.
+    """
     with open(path, "rb") as f:
         blob = f.read()
     header, meta, start = _read_header(path, blob)

@@ -87,6 +87,14 @@ class NMArray(Compressed):
       position in its group, strictly increasing within a group and below ``m``;
     * entries at positions not stored are exactly 0.0 (stored slots past the end
       of a short last group are ignored).
+
+    Attributes:
+      values: the kept values (an array or a :class:`QArray`).
+      index: the packed positions of the kept values in their groups (uint8).
+      shape: the dense shape.
+      n: entries kept per group.
+      m: the group length.
+      axis: the axis groups run along (non-negative).
     """
 
     values: jax.Array | QArray

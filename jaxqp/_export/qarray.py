@@ -64,6 +64,19 @@ class QArray(Compressed):
     * ``zero_point`` is None (symmetric) or int32 of ``scale``'s shape, in range;
     * ``kept`` (static) is the number of stored codes: the size, unless sparse;
     * ``dtype`` is the float dtype :func:`dequantize` returns.
+
+    Attributes:
+      codes: the stored codes (int8, int16, or packed uint8 for 1-7 bits).
+      scale: float32 scale, of the tensor's rank (per channel or per group).
+      zero_point: int32 zero point like ``scale``, or None (symmetric).
+      bitmask: packed mask of kept entries when only they are stored, else None.
+      shape: the dense shape.
+      dtype: the dtype of the decoded weight.
+      bits: the code width.
+      qmin: the smallest code.
+      qmax: the largest code.
+      kept: the number of stored codes.
+      group: ``(axis, size)`` for per-group scales, else None.
     """
 
     codes: jax.Array

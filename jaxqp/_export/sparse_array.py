@@ -26,6 +26,11 @@ class SparseArray(Compressed):
 
     Invariants: ``bitmask`` holds ``shape``'s mask as packed bits (8 per byte);
     ``values`` is 1-D with one entry per set bit; pruned entries are exactly 0.0.
+
+    Attributes:
+      values: the kept values, 1-D, in row-major order.
+      bitmask: the mask as packed bits (uint8).
+      shape: the dense shape.
     """
 
     values: jax.Array

@@ -53,6 +53,11 @@ class Pow2Array(Compressed):
     with scale 1, ``qmin = -qmax`` and ``qmax = 2^(bits-1) - 1``; ``emin`` is int16
     of ``codes.shape``'s rank, broadcastable to it; ``dtype`` is the float dtype
     :meth:`dequantize` returns.
+
+    Attributes:
+      codes: a :class:`QArray` of signed exponent codes.
+      emin: the smallest exponent per channel (int16).
+      dtype: the dtype of the decoded weight.
     """
 
     codes: QArray
@@ -110,6 +115,11 @@ class Fp8Array(Compressed):
     e5m2) array of the weight's shape, or a :class:`SparseArray` of float8 values;
     ``scale`` is float32 (float64 for float64 weights), finite, positive and
     broadcastable to the shape.
+
+    Attributes:
+      values: float8 values (or a :class:`SparseArray` of them).
+      scale: the float scale per channel.
+      dtype: the dtype of the decoded weight.
     """
 
     values: jax.Array | SparseArray

@@ -29,8 +29,14 @@ class NM:
     axis whose length is not a multiple of ``m`` is padded: the last, shorter group
     keeps ``min(n, length)`` entries.
 
-    >>> NM(2, 4)
-    NM(n=2, m=4, axis=-2)
+    Attributes:
+      n: entries kept per group.
+      m: the group length (at most 32).
+      axis: the axis groups run along.
+
+    Example:
+      >>> NM(2, 4)
+      NM(n=2, m=4, axis=-2)
     """
 
     n: int
@@ -64,8 +70,14 @@ class Channels:
     its input rows (axis -2) of pruned channels are zeroed too, so the pruned channels
     can be removed from both layers. Its axis -2 must have one entry per channel.
 
-    >>> Channels()
-    Channels(axis=-1, bias=True, next=None)
+    Attributes:
+      axis: the channel axis.
+      bias: also mask the sibling bias of a kernel.
+      next: the exact path of the consuming layer's kernel, or None.
+
+    Example:
+      >>> Channels()
+      Channels(axis=-1, bias=True, next=None)
     """
 
     axis: int = -1
@@ -89,8 +101,14 @@ class Blocks:
     The fraction of blocks pruned comes from ``PruneSpec(sparsity=...)`` (a float or a
     schedule); the default axes are a kernel's (input, output) axes.
 
-    >>> Blocks(4, 4)
-    Blocks(rows=4, cols=4, axes=(-2, -1))
+    Attributes:
+      rows: the tile's extent along ``axes[0]``.
+      cols: the tile's extent along ``axes[1]``.
+      axes: the two axes tiled.
+
+    Example:
+      >>> Blocks(4, 4)
+      Blocks(rows=4, cols=4, axes=(-2, -1))
     """
 
     rows: int
@@ -117,8 +135,15 @@ class RigL:
     random (``grow="random"``: SET, Mocanu et al. 2018), so the sparsity never changes.
     Grown weights start at 0 and :func:`jaxqp.wrap` zeroes their optimizer moments.
 
-    >>> RigL(every=100, end=1000)
-    RigL(every=100, drop_fraction=0.3, end=1000, grow='gradient')
+    Attributes:
+      every: steps between updates.
+      drop_fraction: the fraction dropped at step 0 (cosine-decayed).
+      end: the last update step.
+      grow: "gradient" (RigL) or "random" (SET).
+
+    Example:
+      >>> RigL(every=100, end=1000)
+      RigL(every=100, drop_fraction=0.3, end=1000, grow='gradient')
     """
 
     every: int = 100

@@ -41,6 +41,12 @@ class Rule:
     (see :class:`jaxqp.ActSpec`). A rule with no spec excludes what it matches
     from later rules (first match wins), e.g. ``Rule(r"head/.*")`` before a
     catch-all rule.
+
+    Attributes:
+      pattern: a regex, ``re.fullmatch``-ed against each leaf's path (``a/b/kernel``).
+      quant: the weight's :class:`QuantSpec`, or None.
+      prune: the weight's :class:`PruneSpec`, or None.
+      act: the layer input's :class:`ActSpec`, or None.
     """
 
     pattern: str
@@ -68,7 +74,16 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True)
 class LeafPlan:
-    """What happens to one leaf: its path, shape, dtype and specs (None: untouched)."""
+    """What happens to one leaf: its path, shape, dtype and specs (None: untouched).
+
+    Attributes:
+      path: the leaf's path.
+      shape: its shape.
+      dtype: its dtype name.
+      quant: its :class:`QuantSpec`, or None.
+      prune: its :class:`PruneSpec`, or None.
+      act: its layer input's :class:`ActSpec`, or None.
+    """
 
     path: str
     shape: tuple[int, ...]
@@ -84,7 +99,11 @@ class LeafPlan:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The static result of :func:`resolve`: one :class:`LeafPlan` per leaf, in tree order."""
+    """The static result of :func:`resolve`: one :class:`LeafPlan` per leaf, in tree order.
+
+    Attributes:
+      leaves: one :class:`LeafPlan` per leaf of the tree, in tree order.
+    """
 
     leaves: tuple[LeafPlan, ...]
 
@@ -197,11 +216,21 @@ def _check_integer(where: str, shape, quant: QuantSpec | None) -> None:
         )
 
 
-def resolve(rules: Sequence[Rule] | Rule, params) -> Plan:
+def resolve(rules: Sequence[Rule] | Rule, params: Any) -> Plan:
     """Matches ``rules`` against the float leaves of ``params`` (first match wins).
 
     Raises ValueError if a rule matches no float leaf, listing some real paths.
     ``params`` may hold arrays or ``jax.ShapeDtypeStruct``s.
+
+    Args:
+      rules: the rules, or one rule.
+      params: the tree they apply to.
+
+    Returns:
+      The :class:`Plan`.
+
+    Raises:
+      ValueError: if a rule matches no float leaf or a spec does not fit its leaf.
     """
     rules = _as_rules(rules)
     flat, _ = paths_and_leaves(params)

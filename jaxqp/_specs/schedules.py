@@ -46,6 +46,9 @@ class Schedule:
 
     ``refreshes`` is a static flag: False when masks never change after ``init``,
     so the transform compiles no mask refresh at all.
+
+    Attributes:
+      refreshes: whether masks change after ``init`` (static).
     """
 
     refreshes = True
@@ -145,12 +148,27 @@ class Polynomial(Schedule):
 
 
 def constant(value: float) -> Constant:
-    """A fixed sparsity, applied from ``init`` on (pruning at initialization)."""
+    """A fixed sparsity, applied from ``init`` on (pruning at initialization).
+
+    Args:
+      value: the sparsity, in [0, 1).
+
+    Returns:
+      The schedule.
+    """
     return Constant(value)
 
 
 def one_shot(sparsity: float, step: int) -> OneShot:
-    """Prune to ``sparsity`` once, at optimizer step ``step``."""
+    """Prune to ``sparsity`` once, at optimizer step ``step``.
+
+    Args:
+      sparsity: the sparsity, in [0, 1).
+      step: the optimizer step at which to prune (0 before it).
+
+    Returns:
+      The schedule.
+    """
     return OneShot(sparsity, step)
 
 
@@ -162,6 +180,20 @@ def polynomial(
     At update steps ``t = begin, begin + every, ...`` (and at ``end``) the target is
     ``final + (initial - final) * (1 - (t - begin) / (end - begin)) ** power``; between
     them it holds its last value; it is 0 before ``begin`` and ``final`` from ``end`` on.
+
+    Args:
+      initial: the sparsity at ``begin``.
+      final: the sparsity from ``end`` on.
+      begin: the first pruning step.
+      end: the last pruning step.
+      every: steps between mask updates.
+      power: the exponent (3 in the paper).
+
+    Returns:
+      The schedule.
+
+    Raises:
+      ValueError: if the sparsities are outside [0, 1) or ``begin >= end``.
     """
     return Polynomial(initial, final, begin, end, every, power)
 
@@ -207,6 +239,15 @@ def iterative(final: float, rounds: int, every: int, begin: int = 0) -> Iterativ
     the sparsity is ``1 - (1 - final)^(r / rounds)``, ``final`` after the last; the
     steps in between retrain the survivors. Combine with :func:`jaxqp.rewind` for
     lottery tickets (rewind the survivors to early weights after each round).
+
+    Args:
+      final: the sparsity after the last round, in [0, 1).
+      rounds: the number of pruning rounds.
+      every: steps between rounds.
+      begin: the step of the first round.
+
+    Returns:
+      The schedule.
 
     Examples:
         >>> s = iterative(0.875, rounds=3, every=100)

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -45,7 +46,11 @@ def _row(leaf, view: LeafView) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
-    """Per-leaf rows (dicts with keys ``COLUMNS``) and totals; ``str()`` is a table."""
+    """Per-leaf rows (dicts with keys ``COLUMNS``) and totals; ``str()`` is a table.
+
+    Attributes:
+      rows: one dict per leaf, with the keys ``COLUMNS``.
+    """
 
     rows: tuple[dict, ...]
 
@@ -74,7 +79,15 @@ class Summary:
         return "\n".join([line(list(COLUMNS)), rule, *map(line, cells[:-1]), rule, line(cells[-1])])
 
 
-def summary(params, state) -> Summary:
-    """Per-layer table of ``params`` under the jaxqp ``state`` (or an optimizer state holding it)."""
+def summary(params: Any, state: Any) -> Summary:
+    """Per-layer table of ``params`` under the jaxqp ``state`` (or an optimizer state holding it).
+
+    Args:
+      params: the params.
+      state: the transform state or an optimizer state holding it.
+
+    Returns:
+      A :class:`Summary`; it prints as a table.
+    """
     flat, _, views = leaf_views(params, state)
     return Summary(tuple(_row(leaf, view) for (_, leaf), view in zip(flat, views)))

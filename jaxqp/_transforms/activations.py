@@ -73,11 +73,19 @@ def _entry(state, path: str) -> InputEntry:
     return entries[path]
 
 
-def quantize_input(x: jax.Array, state, path: str) -> tuple[jax.Array, dict]:
+def quantize_input(x: jax.Array, state: Any, path: str) -> tuple[jax.Array, dict]:
     """``(x_hat, observed)``: ``x`` as the layer of weight ``path`` should see it.
 
     ``observed`` is ``{path: statistics}`` for static ranges (pass the merged dicts
     of a step to ``tx.update(..., observed=...)``) and ``{}`` otherwise.
+
+    Args:
+      x: the layer's input.
+      state: the transform state.
+      path: the path of the layer's weight, as the rules match it (e.g. ``"Dense_0/kernel"``).
+
+    Returns:
+      ``(x_hat, observed)``.
     """
     e = _entry(state, path)
     y, seen = x, {}
@@ -88,7 +96,7 @@ def quantize_input(x: jax.Array, state, path: str) -> tuple[jax.Array, dict]:
     return y, ({path: seen} if seen else {})
 
 
-def calibrate(state, forward: Callable[[Any, Any], tuple[Any, dict]], batches: Iterable, params=None) -> Any:
+def calibrate(state: Any, forward: Callable[[Any, Any], tuple[Any, dict]], batches: Iterable, params: Any=None) -> Any:
     """Post-training calibration of every quantized input (PTQ).
 
     ``forward(state, batch) -> (output, observed)`` is the same quantized forward
@@ -103,6 +111,18 @@ def calibrate(state, forward: Callable[[Any, Any], tuple[Any, dict]], batches: I
     Kernels pruned with ``criterion="wanda"`` get the L2 norm of each input feature
     over all batches as their scores; given ``params``, their masks are recomputed
     from ``|w| * ||x||`` (one-shot Wanda pruning at the schedule's step-0 sparsity).
+
+    Args:
+      state: the transform state (``t.init(params)``), a chain's states or an optimizer state.
+      forward: ``forward(state, batch) -> (output, observed)``, the quantized forward.
+      batches: calibration batches, each passed to ``forward`` as it is.
+      params: the params, needed only to recompute Wanda masks.
+
+    Returns:
+      ``state`` with calibrated ranges, learned values and Wanda scores (and masks).
+
+    Raises:
+      ValueError: if ``batches`` is empty or ``forward`` observes no quantized input.
     """
     calibrating = map_states(state, lambda s: dataclasses.replace(s, calibrating=True))
     run = jax.jit(forward)

@@ -17,17 +17,29 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 
 from ..numerics._masks import apply_mask
 from .views import leaf_views
 
 
-def rewind(early_params, state):
+def rewind(early_params: Any, state: Any) -> Any:
     """``early_params`` with every entry that ``state`` prunes set to exactly 0.
 
     ``early_params`` must have the tree structure ``state`` was made for; ``state``
     may be a transform state, a chain's tuple of states or an optimizer state.
+
+    Args:
+      early_params: params saved early in training (the rewind point).
+      state: the state whose masks to apply.
+
+    Returns:
+      ``early_params`` with pruned entries exactly 0.
+
+    Raises:
+      ValueError: if ``early_params`` has another tree structure than ``state``'s plan.
     """
     flat, treedef, views = leaf_views(early_params, state)
     out = [leaf if view.mask is None else apply_mask(leaf, view.mask) for (_, leaf), view in zip(flat, views)]

@@ -186,6 +186,17 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> Param
     calibrated on the survivors, so pruned weights stay exactly 0. ``seed``
     makes the PRNG key that stochastic rounding draws from (stored in the state;
     step ``s`` of leaf ``i`` uses ``fold_in(fold_in(key, s), i)``).
+
+    Args:
+      rules: the rules, or one rule.
+      seed: seed of the PRNG key for stochastic rounding and random criteria.
+
+    Returns:
+      A :class:`ParamTransform` ``(init, apply, update, masks)``.
+
+    Raises:
+      ValueError: at ``init``, if a rule matches no float leaf or a spec does not fit the
+        leaf it matches (the message names the rule and the path).
     """
     rules = _as_rules(rules)
 
@@ -253,9 +264,16 @@ def chain(*transforms: ParamTransform) -> ParamTransform:
 
     Masks of the same path are combined with logical AND.
 
-    >>> import jaxqp
-    >>> t = jaxqp.chain(jaxqp.transform([jaxqp.Rule("w", prune=jaxqp.PruneSpec(sparsity=0.5))]),
-    ...                 jaxqp.transform([jaxqp.Rule("w", quant=jaxqp.QuantSpec(bits=4))]))
+    Args:
+      *transforms: the transforms, applied first to last.
+
+    Returns:
+      One :class:`ParamTransform`.
+
+    Example:
+      >>> import jaxqp
+      >>> t = jaxqp.chain(jaxqp.transform([jaxqp.Rule("w", prune=jaxqp.PruneSpec(sparsity=0.5))]),
+      ...                 jaxqp.transform([jaxqp.Rule("w", quant=jaxqp.QuantSpec(bits=4))]))
     """
     for i, t in enumerate(transforms):
         if not isinstance(t, ParamTransform):
@@ -311,7 +329,7 @@ def with_learned(tree, values: Sequence[dict]):
     return map_states(tree, lambda s: dataclasses.replace(s, learned=next(remaining)))
 
 
-def freeze_masks(tree, frozen: bool = True):
+def freeze_masks(tree: Any, frozen: bool = True) -> Any:
     """``tree`` (a transform state, a chain's states or an optimizer state) with masks frozen.
 
     From then on ``update`` (and :func:`jaxqp.wrap`) keeps every mask as it is: no
@@ -319,11 +337,19 @@ def freeze_masks(tree, frozen: bool = True):
     Use it to switch from pruning to a quantization-aware fine-tuning phase. The flag
     is static, so the training step compiles once more.
 
-    >>> import jax.numpy as jnp, jaxqp
-    >>> t = jaxqp.transform([jaxqp.Rule("w", prune=jaxqp.PruneSpec(sparsity=jaxqp.polynomial(0.0, 0.5, 0, 2)))])
-    >>> params = {"w": jnp.array([1.0, -2.0, 3.0, 0.5])}
-    >>> state = jaxqp.freeze_masks(t.init(params))
-    >>> bool(t.update(params, state).masks["w"].all())
-    True
+    Args:
+      tree: a transform state, a chain's states or an optimizer state holding them.
+      frozen: True to freeze, False to let masks refresh again.
+
+    Returns:
+      ``tree`` with every transform state's ``frozen`` flag set.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxqp
+      >>> t = jaxqp.transform([jaxqp.Rule("w", prune=jaxqp.PruneSpec(sparsity=jaxqp.polynomial(0.0, 0.5, 0, 2)))])
+      >>> params = {"w": jnp.array([1.0, -2.0, 3.0, 0.5])}
+      >>> state = jaxqp.freeze_masks(t.init(params))
+      >>> bool(t.update(params, state).masks["w"].all())
+      True
     """
     return map_states(tree, lambda s: dataclasses.replace(s, frozen=frozen))

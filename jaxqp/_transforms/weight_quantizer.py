@@ -145,6 +145,18 @@ def fake_quant_weight(w: jax.Array, spec: QuantSpec, learned: Learned | None = N
     is exact (the comparison ``|w| / scale <= qmax`` could misfire by one ulp at
     the largest entry). ``learned`` holds LSQ's step; ``key`` drives stochastic
     rounding.
+
+    Args:
+      w: the weight.
+      spec: how to quantize it.
+      learned: the learned values of ``spec.learned="lsq"`` (``{"step": ...}``).
+      key: the PRNG key of ``rounding="stochastic"``.
+
+    Returns:
+      The fake-quantized weight, of ``w``'s dtype.
+
+    Raises:
+      ValueError: if ``spec`` needs ``learned`` or ``key`` and it is not given.
     """
     if spec.format == "pow2":
         return straight_through(w, pow2_values(w, spec.bits, spec.axis))

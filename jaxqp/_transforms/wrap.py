@@ -46,7 +46,13 @@ from .transform import ParamTransform, learned_of, needs_grads, transform_states
 
 
 class WrapState(NamedTuple):
-    """Optimizer state of :func:`wrap`: the inner optimizer's, the transform's and ``learned_tx``'s."""
+    """Optimizer state of :func:`wrap`: the inner optimizer's, the transform's and ``learned_tx``'s.
+
+    Attributes:
+      inner: the wrapped optimizer's state.
+      transform: the :class:`TransformState` (or a chain's tuple).
+      learned: ``learned_tx``'s state, or None without learned values.
+    """
 
     inner: Any
     transform: Any
@@ -106,6 +112,18 @@ def wrap(tx: optax.GradientTransformation, t: ParamTransform,
     state back with :func:`state_of`. ``learned_tx`` updates learned quantizer
     values (default ``tx``; pass e.g. ``optax.adam(1e-3)`` to keep ``tx``'s
     weight decay off step sizes).
+
+    Args:
+      tx: the optimizer.
+      t: the transform.
+      learned_tx: the optimizer of learned quantizer values (default ``tx``).
+
+    Returns:
+      An optax transformation: ``init(params)`` and
+      ``update(grads, opt_state, params, observed=None)``.
+
+    Raises:
+      TypeError: if ``t`` is not a :class:`ParamTransform`.
     """
     if not isinstance(t, ParamTransform):
         raise TypeError(
@@ -162,10 +180,19 @@ def wrap(tx: optax.GradientTransformation, t: ParamTransform,
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def state_of(opt_state) -> Any:
+def state_of(opt_state: Any) -> Any:
     """The transform state inside an optimizer state built by :func:`wrap`.
 
     Looks through any nesting (``optax.chain``, ``MultiSteps``, ``inject_hyperparams``).
+
+    Args:
+      opt_state: the optimizer state.
+
+    Returns:
+      The :class:`TransformState` (or a chain's tuple of them).
+
+    Raises:
+      ValueError: if ``opt_state`` holds no jaxqp state.
     """
     found = [
         node

@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,15 @@ _SQRT_HALF = np.float32(np.sqrt(0.5))
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=())
 def straight_through(x: jax.Array, y: jax.Array) -> jax.Array:
-    """Returns ``y`` exactly, with the gradient of the identity in ``x`` (none in ``y``)."""
+    """Returns ``y`` exactly, with the gradient of the identity in ``x`` (none in ``y``).
+
+    Args:
+      x: the value whose gradient passes.
+      y: the value returned.
+
+    Returns:
+      ``y``.
+    """
     del x
     return y
 
@@ -80,7 +89,15 @@ def ternary_codes(x: jax.Array, axis: Axis) -> tuple[jax.Array, jax.Array]:
 
 
 def binary(x: jax.Array, axis: Axis = -1) -> jax.Array:
-    """``sign(x) * mean|x|`` per channel (no gradient rule; see ``straight_through``)."""
+    """``sign(x) * mean|x|`` per channel (no gradient rule; see ``straight_through``).
+
+    Args:
+      x: the tensor.
+      axis: the channel axis (None: per tensor).
+
+    Returns:
+      The binarized values.
+    """
     codes, scale = binary_codes(x, axis)
     return (codes * scale).astype(x.dtype)
 
@@ -96,6 +113,14 @@ def pow2_codes_of(x: jax.Array, bits: int, axis: Axis = -1) -> tuple[jax.Array, 
 
     ``levels = 2^(bits-1) - 1``; code ``c != 0`` means ``sign(c) * 2^(emin + |c| - 1)``,
     code 0 means 0; ``emin`` (int32, per channel) is the smallest exponent kept.
+
+    Args:
+      x: the tensor.
+      bits: the code width (``2^(bits-1) - 1`` exponents per channel).
+      axis: the channel axis (None: per tensor).
+
+    Returns:
+      ``(codes, emin)``.
     """
     x = jnp.asarray(x, compute_dtype(x.dtype))
     levels = 2 ** (bits - 1) - 1
@@ -107,8 +132,17 @@ def pow2_codes_of(x: jax.Array, bits: int, axis: Axis = -1) -> tuple[jax.Array, 
     return jnp.where((x == 0) | (k < emin), 0, codes), emin
 
 
-def pow2_from_codes(codes: jax.Array, emin: jax.Array, dtype) -> jax.Array:
-    """The values of :func:`pow2_codes_of`'s codes, computed in ``dtype``'s compute dtype, cast to it."""
+def pow2_from_codes(codes: jax.Array, emin: jax.Array, dtype: Any) -> jax.Array:
+    """The values of :func:`pow2_codes_of`'s codes, computed in ``dtype``'s compute dtype, cast to it.
+
+    Args:
+      codes: codes of :func:`pow2_codes_of`.
+      emin: the smallest exponent, per channel.
+      dtype: the dtype of the result.
+
+    Returns:
+      The values.
+    """
     work = compute_dtype(dtype)
     exponent = emin.astype(jnp.int32) + jnp.abs(codes) - 1
     value = jnp.sign(codes).astype(work) * jnp.ldexp(jnp.ones(codes.shape, work), exponent)
@@ -116,13 +150,29 @@ def pow2_from_codes(codes: jax.Array, emin: jax.Array, dtype) -> jax.Array:
 
 
 def pow2_values(x: jax.Array, bits: int, axis: Axis = -1) -> jax.Array:
-    """Power-of-two values with ``2^(bits-1) - 1`` exponents per channel; see the module doc."""
+    """Power-of-two values with ``2^(bits-1) - 1`` exponents per channel; see the module doc.
+
+    Args:
+      x: the tensor.
+      bits: the code width.
+      axis: the channel axis (None: per tensor).
+
+    Returns:
+      The power-of-two values, in ``x``'s dtype.
+    """
     codes, emin = pow2_codes_of(x, bits, axis)
     return pow2_from_codes(codes, emin, x.dtype)
 
 
 def pow2_ceil(scale: jax.Array) -> jax.Array:
-    """The smallest power of two ``>= scale`` (for positive finite ``scale``), exactly."""
+    """The smallest power of two ``>= scale`` (for positive finite ``scale``), exactly.
+
+    Args:
+      scale: positive scales.
+
+    Returns:
+      The powers of two.
+    """
     mantissa, exponent = jnp.frexp(scale)
     exponent = jnp.where(mantissa == 0.5, exponent - 1, exponent)
     return jnp.ldexp(jnp.ones_like(scale), exponent)
@@ -140,7 +190,15 @@ def fp8_cast(x: jax.Array, fmt: str) -> jax.Array:
 
 
 def fp8_round(x: jax.Array, fmt: str) -> jax.Array:
-    """``x`` saturated to the fp8 range, cast to float8 (nearest even) and back."""
+    """``x`` saturated to the fp8 range, cast to float8 (nearest even) and back.
+
+    Args:
+      x: the values.
+      fmt: "e4m3" or "e5m2".
+
+    Returns:
+      The rounded values, in ``x``'s dtype.
+    """
     return fp8_cast(x, fmt).astype(x.dtype)
 
 
@@ -152,6 +210,14 @@ def fp8_scale(x: jax.Array, fmt: str, axis: Axis = -1) -> jax.Array:
 
 
 def stochastic_round(x: jax.Array, key: jax.Array) -> jax.Array:
-    """``floor(x + u)`` with ``u ~ U[0, 1)``: unbiased, ``E[result] = x``."""
+    """``floor(x + u)`` with ``u ~ U[0, 1)``: unbiased, ``E[result] = x``.
+
+    Args:
+      x: the values.
+      key: a PRNG key.
+
+    Returns:
+      The rounded values.
+    """
     u = jax.random.uniform(key, x.shape, x.dtype)
     return jnp.floor(x + u)

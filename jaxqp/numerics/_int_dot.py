@@ -79,6 +79,14 @@ def bf16_int_dot(codes: jax.Array, carrier: jax.Array, carrier_in_axis: int = 1)
     order; the chunks are added in int32. On the CPU where this was tuned (AVX-512)
     that is 0.45-0.7x the float32 time for 512- and 2048-wide layers at 128-512 rows,
     where XLA's int8 dot gets 0.6-0.9x (``benchmarks/int8_dot.py``).
+
+    Args:
+      codes: ``(n, in)`` integer codes.
+      carrier: the kernel codes as bf16, ``(out, in)`` (or ``(in, out)``).
+      carrier_in_axis: the input axis of ``carrier``.
+
+    Returns:
+      The int32 ``(n, out)`` product.
     """
     lhs = codes.astype(jnp.bfloat16)
     dims = (((1,), (carrier_in_axis,)), ((), ()))
@@ -102,6 +110,14 @@ def exact_int_dot(codes: jax.Array, kernel_codes: jax.Array, carrier: jax.Array 
 
     With a bf16 ``carrier`` of the kernel codes and :func:`uses_bf16`, :func:`bf16_int_dot`;
     otherwise :func:`int8_dot_rows`. Both return the same integers.
+
+    Args:
+      codes: ``(n, in)`` int8 codes.
+      kernel_codes: ``(out, in)`` int8 kernel codes.
+      carrier: the kernel codes as bf16, or None.
+
+    Returns:
+      The int32 ``(n, out)`` product.
     """
     if carrier is not None and uses_bf16(codes.shape[0], *kernel_codes.shape[::-1]):
         return bf16_int_dot(codes, carrier)
@@ -130,7 +146,18 @@ def _forward(x, w, x_bits, w_bits, per_token):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def int_dense(x: jax.Array, w: jax.Array, x_bits: int, w_bits: int, per_token: bool) -> jax.Array:
-    """``fq(x) @ w`` computed in int8 x int8 -> int32; ``w`` is a fake-quantized ``(in, out)`` kernel."""
+    """``fq(x) @ w`` computed in int8 x int8 -> int32; ``w`` is a fake-quantized ``(in, out)`` kernel.
+
+    Args:
+      x: ``(..., in)`` float input.
+      w: ``(in, out)`` fake-quantized kernel.
+      x_bits: the input's code width.
+      w_bits: the kernel's code width.
+      per_token: one input scale per row (else one per tensor).
+
+    Returns:
+      ``fq(x) @ w`` in ``x``'s dtype; its gradient is that of the fake-quant forward.
+    """
     return _forward(x, w, x_bits, w_bits, per_token)[0]
 
 

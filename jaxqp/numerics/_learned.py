@@ -35,7 +35,15 @@ MIN_STEP = 1e-8
 
 
 def lsq_grad_scale(count: int, qmax: int) -> float:
-    """``1 / sqrt(N * qmax)``: Esser et al.'s step-size gradient scale for ``N`` entries per step."""
+    """``1 / sqrt(N * qmax)``: Esser et al.'s step-size gradient scale for ``N`` entries per step.
+
+    Args:
+      count: entries that share one step.
+      qmax: the largest code.
+
+    Returns:
+      The scale.
+    """
     return float(1.0 / (max(count, 1) * max(qmax, 1)) ** 0.5)
 
 
@@ -61,7 +69,19 @@ def _lsq_jvp(qmin, qmax, grad_scale, primals, tangents):
 
 def lsq(x: jax.Array, step: jax.Array, qmin: int, qmax: int, grad_scale: float,
         offset: jax.Array | None = None) -> jax.Array:
-    """LSQ (``offset`` None) or LSQ+ fake-quant of ``x``; ``step``/``offset`` broadcast to ``x``."""
+    """LSQ (``offset`` None) or LSQ+ fake-quant of ``x``; ``step``/``offset`` broadcast to ``x``.
+
+    Args:
+      x: the values.
+      step: the learned step size.
+      qmin: the smallest code.
+      qmax: the largest code.
+      grad_scale: the step's gradient scale (:func:`lsq_grad_scale`).
+      offset: LSQ+'s learned offset, or None.
+
+    Returns:
+      The fake-quantized values, with LSQ's gradients for ``step`` and ``offset``.
+    """
     step = jnp.maximum(jnp.asarray(step, x.dtype), MIN_STEP)
     off = jnp.zeros((), x.dtype) if offset is None else jnp.asarray(offset, x.dtype)
     return _lsq(x, step, off, qmin, qmax, float(grad_scale))
@@ -89,7 +109,17 @@ def _pact_jvp(qmax, signed, primals, tangents):
 
 
 def pact(x: jax.Array, alpha: jax.Array, bits: int, signed: bool = False) -> jax.Array:
-    """PACT fake-quant of ``x`` clipped to ``[0, alpha]`` (or ``[-alpha, alpha]`` if signed)."""
+    """PACT fake-quant of ``x`` clipped to ``[0, alpha]`` (or ``[-alpha, alpha]`` if signed).
+
+    Args:
+      x: the values.
+      alpha: the learned clip.
+      bits: the code width.
+      signed: clip to ``[-alpha, alpha]``.
+
+    Returns:
+      The fake-quantized values, with PACT's gradient for ``alpha``.
+    """
     qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
     alpha = jnp.maximum(jnp.asarray(alpha, x.dtype), MIN_STEP)
     return _pact(x, alpha, qmax, bool(signed))

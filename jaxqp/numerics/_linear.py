@@ -46,6 +46,14 @@ def int_range(bits: int, *, signed: bool = True, narrow: bool = False) -> tuple[
     ``narrow`` drops the most negative signed value so the range is symmetric:
     ``int_range(8, narrow=True) == (-127, 127)``; ``int_range(8) == (-128, 127)``;
     unsigned: ``int_range(8, signed=False) == (0, 255)``.
+
+    Args:
+      bits: the width, 1 to 16.
+      signed: a signed range.
+      narrow: drop the most negative value (symmetric signed range).
+
+    Returns:
+      ``(qmin, qmax)``.
     """
     if signed:
         qmax = 2 ** (bits - 1) - 1
@@ -87,6 +95,15 @@ def symmetric_scale(x: jax.Array, bits: int, axis: Axis = -1, *, narrow: bool = 
     """Absmax scale ``max|x| * f32(1 / qmax)`` per channel along ``axis`` (None: per tensor).
 
     The result keeps reduced dimensions (size 1) so it broadcasts against ``x``.
+
+    Args:
+      x: the tensor.
+      bits: the code width.
+      axis: channel axis (or axes) with their own scale; None: one per tensor.
+      narrow: use the narrow range ``qmax = 2^(bits-1) - 1``.
+
+    Returns:
+      The scale.
     """
     x = jnp.asarray(x, compute_dtype(x.dtype))
     _, qmax = int_range(bits, narrow=narrow)
@@ -98,6 +115,14 @@ def affine_scale(x: jax.Array, bits: int, axis: Axis = -1) -> tuple[jax.Array, j
     """Min/max scale and integer zero point (as a float array) over the full signed range.
 
     The range is widened to include 0 so that 0 is represented exactly.
+
+    Args:
+      x: the tensor.
+      bits: the code width.
+      axis: channel axis (or axes) with their own scale; None: one per tensor.
+
+    Returns:
+      ``(scale, zero_point)``, both with the reduced axes kept as size 1.
     """
     x = jnp.asarray(x, compute_dtype(x.dtype))
     qmin, qmax = int_range(bits)
@@ -109,11 +134,21 @@ def affine_scale(x: jax.Array, bits: int, axis: Axis = -1) -> tuple[jax.Array, j
     return scale, zero_point
 
 
-def quantize(x, scale, zero_point, qmin: int, qmax: int) -> jax.Array:
+def quantize(x: jax.Array, scale: jax.Array, zero_point: jax.Array | None, qmin: int, qmax: int) -> jax.Array:
     """Integer codes ``clip(round(x / scale) + zero_point, qmin, qmax)`` as floats.
 
     A code of zero is +0.0, never -0.0 (rounding -0.3 gives -0.0), so fake-quantized
     values carry no sign on zero, exactly like values decoded from integer codes.
+
+    Args:
+      x: the values.
+      scale: positive scale, broadcast against ``x``.
+      zero_point: the zero point, or None.
+      qmin: the smallest code.
+      qmax: the largest code.
+
+    Returns:
+      The codes, as floats of ``x``'s compute dtype.
     """
     v = jnp.round(jnp.asarray(x, scale.dtype) / scale)
     if zero_point is not None:
@@ -122,8 +157,17 @@ def quantize(x, scale, zero_point, qmin: int, qmax: int) -> jax.Array:
     return jnp.where(v == 0, jnp.zeros_like(v), v)
 
 
-def dequantize(q, scale, zero_point) -> jax.Array:
-    """``(q - zero_point) * scale``: the inverse of :func:`quantize` on its codes."""
+def dequantize(q: jax.Array, scale: jax.Array, zero_point: jax.Array | None) -> jax.Array:
+    """``(q - zero_point) * scale``: the inverse of :func:`quantize` on its codes.
+
+    Args:
+      q: integer codes (any dtype).
+      scale: the scale, broadcast against ``q``.
+      zero_point: the zero point, or None (symmetric).
+
+    Returns:
+      The float values.
+    """
     if zero_point is not None:
         q = q - zero_point
     return q * scale
@@ -161,9 +205,21 @@ def fake_quant(
     ``scale`` and ``zero_point`` (None for symmetric) broadcast against ``x`` and
     get no gradient. Returns an array of ``x``'s dtype.
 
-    >>> import jax.numpy as jnp
-    >>> fake_quant(jnp.array([0.3, 2.5, 9.0]), jnp.array(1.0), None, -7, 7)
-    Array([0., 2., 7.], dtype=float32)
+    Args:
+      x: the values.
+      scale: positive scale, broadcast against ``x``.
+      zero_point: integer-valued zero point, or None (symmetric).
+      qmin: the smallest code.
+      qmax: the largest code.
+      ste: "clipped" (gradient 1 inside the range, 0 outside) or "identity".
+
+    Returns:
+      ``dequantize(quantize(x))`` in ``x``'s dtype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> fake_quant(jnp.array([0.3, 2.5, 9.0]), jnp.array(1.0), None, -7, 7)
+      Array([0., 2., 7.], dtype=float32)
     """
     if ste not in ("clipped", "identity"):
         raise ValueError(f"ste={ste!r}: use 'clipped' or 'identity'")

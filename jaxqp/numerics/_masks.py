@@ -27,8 +27,16 @@ import jax
 import jax.numpy as jnp
 
 
-def prune_count(sparsity, size: int) -> jax.Array:
-    """Number of entries pruned for ``sparsity`` of ``size``: ``round(sparsity * size)``."""
+def prune_count(sparsity: float | jax.Array, size: int) -> jax.Array:
+    """Number of entries pruned for ``sparsity`` of ``size``: ``round(sparsity * size)``.
+
+    Args:
+      sparsity: the fraction (may be traced).
+      size: the number of entries.
+
+    Returns:
+      The count, int32.
+    """
     count = jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
     return jnp.clip(count, 0, size)
 
@@ -61,17 +69,28 @@ def _kth_smallest(scores: list[jax.Array], k: jax.Array) -> jax.Array:
     return hi
 
 
-def global_magnitude_masks(xs: list[jax.Array], sparsity, prev_masks: list | None = None) -> list[jax.Array]:
+def global_magnitude_masks(
+    xs: list[jax.Array], sparsity: float | jax.Array, prev_masks: list | None = None
+) -> list[jax.Array]:
     """Prunes ``round(sparsity * total size)`` smallest ``|x|`` across all of ``xs`` at once.
 
     One threshold for every array, found without concatenating them. Ties are
     broken in order: earlier arrays first, then lower flat index. Returns one mask
     per array.
 
-    >>> import jax.numpy as jnp
-    >>> a, b = global_magnitude_masks([jnp.array([5.0, 1.0]), jnp.array([2.0, 0.5, 3.0])], 0.4)
-    >>> a, b
-    (Array([ True, False], dtype=bool), Array([ True, False,  True], dtype=bool))
+    Args:
+      xs: the arrays that share the budget.
+      sparsity: the fraction of all their entries pruned (may be traced).
+      prev_masks: earlier masks whose pruned entries go first.
+
+    Returns:
+      One mask per array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> a, b = global_magnitude_masks([jnp.array([5.0, 1.0]), jnp.array([2.0, 0.5, 3.0])], 0.4)
+      >>> a, b
+      (Array([ True, False], dtype=bool), Array([ True, False,  True], dtype=bool))
     """
     prev_masks = prev_masks if prev_masks is not None else [None] * len(xs)
     scores = [_sortable_scores(x, p) for x, p in zip(xs, prev_masks, strict=True)]
@@ -88,10 +107,18 @@ def global_magnitude_masks(xs: list[jax.Array], sparsity, prev_masks: list | Non
     return masks
 
 
-def magnitude_mask(x: jax.Array, sparsity, prev_mask: jax.Array | None = None) -> jax.Array:
+def magnitude_mask(x: jax.Array, sparsity: float | jax.Array, prev_mask: jax.Array | None = None) -> jax.Array:
     """Keeps the ``size - round(sparsity * size)`` largest-magnitude entries of ``x``.
 
     ``sparsity`` may be a traced scalar (it comes from a schedule under jit).
+
+    Args:
+      x: the tensor.
+      sparsity: the fraction pruned (may be traced).
+      prev_mask: an earlier mask; its pruned entries go first (they stay pruned).
+
+    Returns:
+      The mask, True where kept.
     """
     return global_magnitude_masks([x], sparsity, [prev_mask])[0]
 
@@ -103,9 +130,20 @@ def nm_mask(x: jax.Array, n: int, m: int, axis: int = -2, prev_mask: jax.Array |
     axis that is not a multiple of ``m`` is padded with entries that are pruned
     before any real one, so its last group keeps ``min(n, its length)`` entries.
 
-    >>> import jax.numpy as jnp
-    >>> nm_mask(jnp.array([[1.0, -4.0, 3.0, 2.0, 5.0, 0.0]]), 2, 4, axis=-1)
-    Array([[False,  True,  True, False,  True,  True]], dtype=bool)
+    Args:
+      x: the tensor.
+      n: entries kept per group.
+      m: the group length.
+      axis: the axis groups run along (-2: a Dense kernel's input axis).
+      prev_mask: an earlier mask whose pruned entries go first.
+
+    Returns:
+      The mask, of ``x``'s shape.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> nm_mask(jnp.array([[1.0, -4.0, 3.0, 2.0, 5.0, 0.0]]), 2, 4, axis=-1)
+      Array([[False,  True,  True, False,  True,  True]], dtype=bool)
     """
     # real entries score bits + 2, entries pruned before 1, padding 0
     scores = _sortable_scores(x, None).reshape(x.shape) + jnp.uint32(1)
@@ -120,16 +158,28 @@ def nm_mask(x: jax.Array, n: int, m: int, axis: int = -2, prev_mask: jax.Array |
     return jnp.moveaxis(keep, -1, axis)
 
 
-def channel_mask(x: jax.Array, sparsity, axis: int = -1, prev_mask: jax.Array | None = None) -> jax.Array:
+def channel_mask(
+    x: jax.Array, sparsity: float | jax.Array, axis: int = -1, prev_mask: jax.Array | None = None
+) -> jax.Array:
     """Prunes the ``round(sparsity * channels)`` slices along ``axis`` with the smallest L2 norm.
 
     Returns a mask of ``x``'s shape, constant along every axis but ``axis``; channels
     pruned by ``prev_mask`` go first; ties: lower channel index first.
 
-    >>> import jax.numpy as jnp
-    >>> channel_mask(jnp.array([[3.0, 0.1, -2.0], [4.0, 0.2, 0.0]]), 0.34, axis=-1)
-    Array([[ True, False,  True],
-           [ True, False,  True]], dtype=bool)
+    Args:
+      x: the tensor.
+      sparsity: fraction of channels pruned (may be traced).
+      axis: the channel axis.
+      prev_mask: an earlier mask whose pruned channels go first.
+
+    Returns:
+      The mask, of ``x``'s shape.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> channel_mask(jnp.array([[3.0, 0.1, -2.0], [4.0, 0.2, 0.0]]), 0.34, axis=-1)
+      Array([[ True, False,  True],
+             [ True, False,  True]], dtype=bool)
     """
     axis = axis % x.ndim
     others = tuple(a for a in range(x.ndim) if a != axis)
@@ -139,7 +189,7 @@ def channel_mask(x: jax.Array, sparsity, axis: int = -1, prev_mask: jax.Array | 
     return jnp.broadcast_to(jnp.expand_dims(keep, others), x.shape)
 
 
-def block_mask(x: jax.Array, sparsity, block: tuple[int, int], axes: tuple[int, int] = (-2, -1),
+def block_mask(x: jax.Array, sparsity: float | jax.Array, block: tuple[int, int], axes: tuple[int, int] = (-2, -1),
                prev_mask: jax.Array | None = None) -> jax.Array:
     """Prunes the ``round(sparsity * blocks)`` blocks with the smallest L2 norm.
 
@@ -148,10 +198,21 @@ def block_mask(x: jax.Array, sparsity, block: tuple[int, int], axes: tuple[int, 
     block form smaller blocks (never an error). Blocks pruned by ``prev_mask`` go
     first; ties: lower block index (row-major) first.
 
-    >>> import jax.numpy as jnp
-    >>> block_mask(jnp.array([[1.0, 1.0, 0.1], [1.0, 1.0, 0.1]]), 0.5, (2, 2), axes=(0, 1))
-    Array([[ True,  True, False],
-           [ True,  True, False]], dtype=bool)
+    Args:
+      x: the tensor.
+      sparsity: fraction of blocks pruned (may be traced).
+      block: the tile, ``(rows, cols)``.
+      axes: the two axes tiled.
+      prev_mask: an earlier mask whose pruned blocks go first.
+
+    Returns:
+      The mask, of ``x``'s shape.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> block_mask(jnp.array([[1.0, 1.0, 0.1], [1.0, 1.0, 0.1]]), 0.5, (2, 2), axes=(0, 1))
+      Array([[ True,  True, False],
+             [ True,  True, False]], dtype=bool)
     """
     a0, a1 = (a % x.ndim for a in axes)
     moved = jnp.moveaxis(jnp.asarray(x, jnp.float32), (a0, a1), (-2, -1))
@@ -170,14 +231,31 @@ def block_mask(x: jax.Array, sparsity, block: tuple[int, int], axes: tuple[int, 
     return jnp.moveaxis(jnp.broadcast_to(full, moved.shape), (-2, -1), (a0, a1))
 
 
-def threshold_mask(x: jax.Array, threshold, prev_mask: jax.Array | None = None) -> jax.Array:
-    """Keeps entries with ``|x| >= threshold`` (and, if given, inside ``prev_mask``)."""
+def threshold_mask(x: jax.Array, threshold: float | jax.Array, prev_mask: jax.Array | None = None) -> jax.Array:
+    """Keeps entries with ``|x| >= threshold`` (and, if given, inside ``prev_mask``).
+
+    Args:
+      x: the tensor.
+      threshold: the magnitude below which entries are pruned.
+      prev_mask: an earlier mask to intersect with.
+
+    Returns:
+      The mask.
+    """
     keep = jnp.abs(x) >= jnp.asarray(threshold, x.dtype)
     return keep if prev_mask is None else keep & prev_mask
 
 
 def apply_mask(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """``x`` with pruned entries set to exactly 0 (their gradient is 0 too)."""
+    """``x`` with pruned entries set to exactly 0 (their gradient is 0 too).
+
+    Args:
+      x: the values.
+      mask: True where kept, broadcast against ``x``.
+
+    Returns:
+      ``x`` with pruned entries +0.0.
+    """
     return jnp.where(mask, x, jnp.zeros_like(x))
 
 

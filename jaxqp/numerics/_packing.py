@@ -45,7 +45,15 @@ def _check_width(width: int) -> None:
 
 
 def pack(codes: jax.Array, width: int) -> jax.Array:
-    """Packs unsigned ``codes`` (each < 2**width) into a flat uint8 array."""
+    """Packs unsigned ``codes`` (each < 2**width) into a flat uint8 array.
+
+    Args:
+      codes: unsigned codes.
+      width: bits per code, 1 to 8.
+
+    Returns:
+      The packed bytes (little-endian bitstream).
+    """
     _check_width(width)
     flat = jnp.ravel(codes).astype(jnp.uint8)
     if 8 % width:  # codes straddle bytes: go through the bitstream
@@ -59,7 +67,16 @@ def pack(codes: jax.Array, width: int) -> jax.Array:
 
 
 def unpack(packed: jax.Array, width: int, size: int) -> jax.Array:
-    """The first ``size`` codes of ``packed``, as a flat uint8 array."""
+    """The first ``size`` codes of ``packed``, as a flat uint8 array.
+
+    Args:
+      packed: bytes from :func:`pack`.
+      width: bits per code.
+      size: the number of codes.
+
+    Returns:
+      The codes.
+    """
     _check_width(width)
     if 8 % width:
         bits = jnp.unpackbits(packed, count=size * width, bitorder="little").reshape(size, width)
@@ -71,12 +88,27 @@ def unpack(packed: jax.Array, width: int, size: int) -> jax.Array:
 
 
 def pack_mask(mask: jax.Array) -> jax.Array:
-    """A boolean mask as packed bits (8 entries per byte)."""
+    """A boolean mask as packed bits (8 entries per byte).
+
+    Args:
+      mask: a boolean mask.
+
+    Returns:
+      The packed bits, uint8.
+    """
     return pack(mask.astype(jnp.uint8), 1)
 
 
 def unpack_mask(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """The boolean mask of ``shape`` stored by :func:`pack_mask`."""
+    """The boolean mask of ``shape`` stored by :func:`pack_mask`.
+
+    Args:
+      packed: bytes from :func:`pack_mask`.
+      shape: the mask's shape.
+
+    Returns:
+      The mask.
+    """
     size = 1
     for d in shape:
         size *= d

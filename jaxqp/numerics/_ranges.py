@@ -40,10 +40,22 @@ MSE_RATIOS = np.float32(1.0) - np.float32(0.025) * np.arange(25, dtype=np.float3
 CALIBRATIONS = ("max", "percentile", "mse")
 
 
-def group_view(x: jax.Array, axis: Axis, group_axis: int, group_size: int, pad=0.0):
+def group_view(
+    x: jax.Array, axis: Axis, group_axis: int, group_size: int, pad: float = 0.0
+) -> tuple[jax.Array, tuple[int, ...]]:
     """``x`` with ``group_axis`` split into ``(groups, group_size)`` and the axes to reduce.
 
     The reduced axes are every axis except the channel ``axis`` and the group index.
+
+    Args:
+      x: the tensor.
+      axis: the channel axis (or axes).
+      group_axis: the axis split into groups.
+      group_size: entries per group (the last group is padded).
+      pad: the padding value.
+
+    Returns:
+      ``(view, reduce_axes)``.
     """
     ndim = x.ndim
     ga = group_axis % ndim
@@ -60,15 +72,36 @@ def group_view(x: jax.Array, axis: Axis, group_axis: int, group_size: int, pad=0
 
 
 def expand_groups(scale: jax.Array, group_axis: int, group_size: int, length: int) -> jax.Array:
-    """A per-group array (``ceil(length/g)`` along ``group_axis``) repeated to ``length``."""
+    """A per-group array (``ceil(length/g)`` along ``group_axis``) repeated to ``length``.
+
+    Args:
+      scale: the per-group array.
+      group_axis: the grouped axis.
+      group_size: entries per group.
+      length: the axis length to repeat to.
+
+    Returns:
+      The repeated array.
+    """
     ga = group_axis % scale.ndim
     full = jnp.repeat(scale, group_size, axis=ga)
     return jax.lax.slice_in_dim(full, 0, length, axis=ga)
 
 
-def observe_range(x: jax.Array, axes, method: str = "max", *, symmetric: bool = True,
+def observe_range(x: jax.Array, axes: tuple[int, ...], method: str = "max", *, symmetric: bool = True,
                   percentile: float = 99.99) -> tuple[jax.Array, jax.Array]:
-    """``(lo, hi)`` over ``axes`` (kept as size 1), widened to include 0; NaN entries ignored."""
+    """``(lo, hi)`` over ``axes`` (kept as size 1), widened to include 0; NaN entries ignored.
+
+    Args:
+      x: the tensor.
+      axes: the axes reduced.
+      method: "max" (min/max) or "percentile".
+      symmetric: ``(-m, m)`` with ``m = max|x|`` (or its percentile).
+      percentile: the percentile of ``method='percentile'``.
+
+    Returns:
+      ``(lo, hi)``.
+    """
     x = jnp.asarray(x, compute_dtype(x.dtype))
     if method == "percentile":
         q = jnp.asarray(percentile, x.dtype)
@@ -87,11 +120,23 @@ def observe_range(x: jax.Array, axes, method: str = "max", *, symmetric: bool = 
     return jnp.minimum(lo, 0), jnp.maximum(hi, 0)
 
 
-def scale_from_range(lo, hi, qmin: int, qmax: int, *, symmetric: bool) -> tuple[jax.Array, jax.Array | None]:
+def scale_from_range(
+    lo: jax.Array, hi: jax.Array, qmin: int, qmax: int, *, symmetric: bool
+) -> tuple[jax.Array, jax.Array | None]:
     """Scale (finite, positive) and zero point (None if symmetric) for the range ``[lo, hi]``.
 
     Symmetric: ``max(|lo|, hi) * f32(1/qmax)`` (unsigned: ``hi * f32(1/qmax)``).
     Affine: ``(hi - lo) * f32(1/(qmax - qmin))`` and ``clip(round(qmin - lo/scale))``.
+
+    Args:
+      lo: the range's low end (<= 0).
+      hi: the range's high end (>= 0).
+      qmin: the smallest code.
+      qmax: the largest code.
+      symmetric: zero point 0.
+
+    Returns:
+      ``(scale, zero_point)``.
     """
     if symmetric:
         top = hi if qmin == 0 else jnp.maximum(-lo, hi)
@@ -100,8 +145,21 @@ def scale_from_range(lo, hi, qmin: int, qmax: int, *, symmetric: bool) -> tuple[
     return scale, jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
 
 
-def mse_range(x: jax.Array, axes, qmin: int, qmax: int, *, symmetric: bool) -> tuple[jax.Array, jax.Array]:
-    """The range (max range times a ratio of :data:`MSE_RATIOS`) with the least squared error."""
+def mse_range(
+    x: jax.Array, axes: tuple[int, ...], qmin: int, qmax: int, *, symmetric: bool
+) -> tuple[jax.Array, jax.Array]:
+    """The range (max range times a ratio of :data:`MSE_RATIOS`) with the least squared error.
+
+    Args:
+      x: the tensor.
+      axes: the axes reduced.
+      qmin: the smallest code.
+      qmax: the largest code.
+      symmetric: a symmetric range.
+
+    Returns:
+      ``(lo, hi)``.
+    """
     x = jnp.asarray(x, compute_dtype(x.dtype))
     lo0, hi0 = observe_range(x, axes, "max", symmetric=symmetric)
 

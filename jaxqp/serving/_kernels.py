@@ -47,6 +47,13 @@ class ServingKernel(Compressed):
     ``BF16_MAX_WIDTH`` inputs and outputs, where the exact bf16 dot is faster for many
     rows (see :func:`jaxqp.numerics.bf16_int_dot`); it costs 2 more bytes per weight in
     memory, not in files.
+
+    Attributes:
+      codes: int8 ``(out, in)`` codes.
+      scale: float32 ``(out,)`` scales.
+      dtype: the dtype of the served output.
+      pow2: power-of-two input row scales (static).
+      carrier: ``codes`` as bfloat16, or None.
     """
 
     codes: jax.Array
@@ -81,6 +88,13 @@ class GeneralKernel(Compressed):
     with values in [-127, 127]; ``scale`` is float32 of the kernel's rank, size 1 on
     every axis but possibly the last, finite and positive; ``dequantize()`` equals the
     QArray it was prepared from bit for bit; ``carrier`` as for :class:`ServingKernel`.
+
+    Attributes:
+      codes: int8 codes in the kernel's layout.
+      scale: float32 scale of the kernel's rank.
+      dtype: the dtype of the served output.
+      pow2: power-of-two input row scales (static).
+      carrier: ``codes`` as bfloat16, or None.
     """
 
     codes: jax.Array
@@ -108,7 +122,14 @@ jax.export.register_pytree_node_serialization(
 
 
 def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Symmetric int8 codes of each row of 2-D ``x`` and the float32 scale per row."""
+    """Symmetric int8 codes of each row of 2-D ``x`` and the float32 scale per row.
+
+    Args:
+      x: a 2-D float array.
+
+    Returns:
+      ``(codes, scale)``: int8 codes and the float32 ``(rows, 1)`` scale.
+    """
     x = x.astype(jnp.float32)
     scale = jnp.max(jnp.abs(x), axis=1, keepdims=True) * reciprocal(127)
     scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
@@ -117,7 +138,15 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def int8_matmul(x: jax.Array, kernel: ServingKernel) -> jax.Array:
-    """``x @ W`` over the last axis of ``x``, with int8 activations and weights."""
+    """``x @ W`` over the last axis of ``x``, with int8 activations and weights.
+
+    Args:
+      x: ``(..., in)`` float input.
+      kernel: the prepared kernel.
+
+    Returns:
+      ``(..., out)`` in ``x``'s dtype.
+    """
     n_in = kernel.codes.shape[1]
     if x.shape[-1] != n_in:
         raise ValueError(f"int8_matmul: x has {x.shape[-1]} features, the kernel expects {n_in}")
@@ -134,6 +163,14 @@ def int8_matmul_general(x: jax.Array, kernel: GeneralKernel, n_contract: int) ->
     The kernel's codes are read as a ``(K, F)`` matrix (a free reshape of its own layout):
     each row of ``x`` is quantized like :func:`int8_matmul`'s, the int32 result rescaled by
     the row scale and the kernel's scale, and reshaped to ``(..., *features)``.
+
+    Args:
+      x: the input.
+      kernel: the prepared kernel.
+      n_contract: how many trailing axes of ``x`` are contracted.
+
+    Returns:
+      The output, in ``x``'s dtype.
     """
     contracted, features = kernel.shape[:n_contract], kernel.shape[n_contract:]
     if tuple(x.shape[x.ndim - n_contract:]) != contracted:

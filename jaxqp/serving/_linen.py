@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -104,8 +106,16 @@ def _general_to_float(model, params, args, kwargs):
         params, is_leaf=_is_general)
 
 
-def linen_serving_apply(model: nn.Module):
-    """``apply(params, *args, **kwargs)`` running ``model`` on a :func:`jaxqp.prepare`-d tree."""
+def linen_serving_apply(model: nn.Module) -> Callable:
+    """``apply(params, *args, **kwargs)`` running ``model`` on a :func:`jaxqp.prepare`-d tree.
+
+    Args:
+      model: the linen model the params were trained for.
+
+    Returns:
+      ``apply(served, *args, **kwargs)``: ``nn.Dense`` layers whose kernel is a
+      :class:`jaxqp.serving.ServingKernel` run the int8 dot, other layers run as usual.
+    """
 
     def apply(params, *args, **kwargs):
         params = _general_to_float(model, params, args, kwargs)

@@ -19,13 +19,20 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 from flax import nnx
 
 from ._kernels import GeneralKernel, ServingKernel, int8_matmul
 
 
 class Int8Linear(nnx.Module):
-    """``x @ W + b`` with ``W`` a :class:`ServingKernel` (int8 activations and weights)."""
+    """``x @ W + b`` with ``W`` a :class:`ServingKernel` (int8 activations and weights).
+
+    Args:
+      kernel: the ``nnx.Param`` holding the layer's :class:`ServingKernel`.
+      bias: the ``nnx.Param`` of the bias, or None.
+    """
 
     def __init__(self, kernel: nnx.Param, bias: nnx.Param | None):
         self.kernel = kernel
@@ -54,8 +61,17 @@ def _decode_general(model) -> None:
             kernel.set_value(kernel.get_value().dequantize())
 
 
-def nnx_serving_model(graphdef, served, *rest) -> nnx.Module:
-    """The merged model with every served ``nnx.Linear`` running the int8 path."""
+def nnx_serving_model(graphdef: Any, served: Any, *rest: Any) -> nnx.Module:
+    """The merged model with every served ``nnx.Linear`` running the int8 path.
+
+    Args:
+      graphdef: the model's graph definition (``nnx.split(model)[0]``).
+      served: the prepared params state (``jaxqp.prepare`` of the exported state).
+      *rest: other states to merge (e.g. batch statistics).
+
+    Returns:
+      The NNX model, with served ``nnx.Linear`` layers replaced by :class:`Int8Linear`.
+    """
     model = nnx.merge(graphdef, served, *rest)
     _decode_general(model)
     if _is_served_linear(model):

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.core
@@ -92,7 +93,7 @@ def _prepare_leaf(leaf, min_int_size: int, pow2_inputs: bool, dense_general: boo
     return leaf
 
 
-def prepare(tree, min_int_size: int = MIN_INT_SIZE, pow2_inputs: bool = False, dense_general: bool = False):
+def prepare(tree: Any, min_int_size: int = MIN_INT_SIZE, pow2_inputs: bool = False, dense_general: bool = False) -> Any:
     """The serving tree of an exported tree (see the module docstring).
 
     ``pow2_inputs=True`` quantizes inputs with power-of-two row scales: use it for
@@ -102,6 +103,16 @@ def prepare(tree, min_int_size: int = MIN_INT_SIZE, pow2_inputs: bool = False, d
     axes as :class:`GeneralKernel` for linen ``nn.DenseGeneral`` layers (attention
     projections); :func:`jaxqp.linen_serving_apply` decodes those that no such layer
     uses (e.g. convolutions) to float at each call, so leave it off for CNNs.
+
+    Args:
+      tree: an exported tree (``jaxqp.export`` or ``jaxqp.load``).
+      min_int_size: kernels with fewer entries are served from dequantized float weights.
+      pow2_inputs: quantize inputs with power-of-two row scales.
+      dense_general: also prepare kernels of 3+ axes for ``nn.DenseGeneral``.
+
+    Returns:
+      The tree with :class:`ServingKernel` (or :class:`GeneralKernel`) leaves for int8
+      kernels and float arrays elsewhere.
     """
     is_leaf = lambda x: isinstance(x, (QArray, SparseArray, NMArray, Pow2Array, Fp8Array))
     return jax.tree_util.tree_map(lambda x: _prepare_leaf(x, min_int_size, pow2_inputs, dense_general), tree,

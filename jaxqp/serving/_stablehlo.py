@@ -9,25 +9,43 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
 
-def export_serving(apply_fn, *example_args) -> bytes:
+def export_serving(apply_fn: Callable, *example_args: Any) -> bytes:
     """Serializes ``jax.jit(apply_fn)`` for these argument shapes as StableHLO (``jax.export``).
 
     ``example_args`` may be arrays, prepared trees or ``jax.ShapeDtypeStruct``s; only
     their shapes and dtypes are recorded. Run the result with :func:`load_serving`.
 
-    >>> import jax, jax.numpy as jnp, jaxqp
-    >>> blob = jaxqp.export_serving(lambda x: 2 * x, jnp.ones(3))
-    >>> jaxqp.load_serving(blob)(jnp.ones(3))
-    Array([2., 2., 2.], dtype=float32)
+    Args:
+      apply_fn: the serving function, e.g. ``jaxqp.linen_serving_apply(model)``.
+      *example_args: its arguments (or their shapes).
+
+    Returns:
+      The serialized bytes.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxqp
+      >>> blob = jaxqp.export_serving(lambda x: 2 * x, jnp.ones(3))
+      >>> jaxqp.load_serving(blob)(jnp.ones(3))
+      Array([2., 2., 2.], dtype=float32)
     """
     specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), example_args)
     return bytes(jax.export.export(jax.jit(apply_fn))(*specs).serialize())
 
 
-def load_serving(blob: bytes):
-    """The function serialized by :func:`export_serving`, ready to call (it runs compiled)."""
+def load_serving(blob: bytes) -> Callable:
+    """The function serialized by :func:`export_serving`, ready to call (it runs compiled).
+
+    Args:
+      blob: bytes from :func:`export_serving`.
+
+    Returns:
+      A callable taking the same arguments as the exported function.
+    """
     return jax.export.deserialize(bytearray(blob)).call
