@@ -26,10 +26,18 @@ def test_demo_quick_writes_the_table(tmp_path):
     by = {r["config"]: r for r in rows}
     assert by["pruned"]["sparsity"] == 0.8 and by["pruned+int8"]["sparsity"] == 0.8
     assert by["float32"]["sparsity"] == 0.0 and by["float32"]["bytes_compressed"] == by["float32"]["bytes_float"]
-    assert by["pruned+int8"]["bytes_compressed"] < by["int8"]["bytes_compressed"] < by["float32"]["bytes_float"]
-    assert all(r["accuracy"] > 80 for r in rows), rows  # 150 steps already learn digits
-    assert "pruned weights exactly 0.0" in stdout
-    assert "export -> save -> load -> jit serve" in stdout and "file size" in stdout
+    # The README's table: stored bytes depend only on shapes, bits and sparsity, so they are exact.
+    assert {n: (r["bytes_float"], r["bytes_compressed"]) for n, r in by.items()} == {
+        "float32": (295080, 295080), "int8": (295080, 77200), "pruned": (295080, 69744),
+        "pruned+int8": (295080, 27736)}
+    assert all(r["accuracy"] > 95 for r in rows), rows  # 96.1-98.1% measured after 150 steps
+    assert "pruned weights exactly 0.0 in params and in t.apply(params, state): yes" in stdout
+    assert "export -> save -> load -> jit serve" in stdout
+    file_line = next(line for line in stdout.splitlines() if "file size" in line)
+    file_bytes, float_file_bytes = (int(w) for w in file_line.split() if w.isdigit())
+    assert file_bytes / float_file_bytes < 0.11  # README: 0.105x
+    served = next(line for line in stdout.splitlines() if "served from the loaded file" in line)
+    assert f"{by['pruned+int8']['accuracy']:.2f}%" in served  # the loaded file serves the trained accuracy
 
 
 @pytest.mark.slow

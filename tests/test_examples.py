@@ -20,7 +20,7 @@ def load(name):
 @pytest.mark.standard_promotion
 def test_nnx_quickstart_quick(capsys):
     accuracy, params, state = load("nnx_quickstart").main(["--quick"])
-    assert accuracy > 0.5
+    assert accuracy > 0.85  # 90.3% measured: 60 steps already learn digits with a 90%-sparse int8 layer
     mask = np.asarray(state.masks["l1/kernel"])
     kernel = np.asarray(params["l1"]["kernel"][...])
     assert (~mask).sum() == round(0.9 * mask.size) and np.all(kernel[~mask] == 0.0)
@@ -32,7 +32,7 @@ def test_nnx_quickstart_quick(capsys):
 @pytest.mark.standard_promotion
 def test_prune_cnn_quick(capsys):
     accuracy, params, state = load("prune_cnn").main(["--quick"])
-    assert accuracy > 0.5
+    assert accuracy > 0.9  # 95.6% measured with half the filters and 60% of the neurons gone
     filters = np.asarray(state.masks["Conv_0/kernel"]).any(axis=(0, 1, 2))
     neurons = np.asarray(state.masks["Dense_0/kernel"]).any(axis=0)
     assert filters.sum() == 16 and neurons.sum() == 40
@@ -45,7 +45,7 @@ def test_prune_cnn_quick(capsys):
 @pytest.mark.standard_promotion
 def test_qat_cnn_mnist1d_quick(capsys):
     accuracy = load("qat_cnn_mnist1d").main(["--quick"])
-    assert accuracy > 0.2  # 10 classes; 60 steps of 4-bit QAT
+    assert accuracy > 0.35  # 43% measured: 60 steps of w4a8 QAT on 1600 signals, 4x chance (10%)
     out = capsys.readouterr().out
     assert "input of Conv_0/kernel" in out and "Dense_1/kernel" in out
 
