@@ -90,11 +90,9 @@ class GeneralKernel(Compressed):
     QArray it was prepared from bit for bit; ``carrier`` as for :class:`ServingKernel`.
 
     Attributes:
-      codes: int8 codes in the kernel's layout.
+      codes: int8 codes in the kernel's own layout.
       scale: float32 scale of the kernel's rank.
-      dtype: the dtype of the served output.
-      pow2: power-of-two input row scales (static).
-      carrier: ``codes`` as bfloat16, or None.
+      dtype: as for :class:`ServingKernel` (so are ``pow2`` and ``carrier``).
     """
 
     codes: jax.Array
