@@ -12,6 +12,12 @@ when Qwix is installed, Qwix's int8 PTQ model (``qwix-ptq-int8``: int8 weights
 and dynamic int8 inputs). Each cell is the median over interleaved repeats,
 divided by the float median of the same cell.
 
+Memory: ``served_bytes_ratio``, the bytes of every array in the prepared tree (codes,
+scales, bf16 carriers, float fallbacks), divided by the bytes of the float32 params, per
+model and config. A third model, a byte-level transformer language model (d_model 128, 4
+heads, MLP 512, 2 blocks, vocabulary 256; every layer is under ``MIN_INT_SIZE``), is measured
+for latency and memory too.
+
 Bytes: the saved file (``jaxqp.save``) of each export of the MLP, divided by the
 saved float32 file.
 
@@ -56,6 +62,27 @@ class Block(nn.Module):
         h = nn.LayerNorm()(x)
         h = nn.Dense(4 * self.d_model)(h)
         return x + nn.Dense(self.d_model)(nn.gelu(h))
+
+
+class TinyLM(nn.Module):
+    """Byte-level transformer LM: embedding, ``blocks`` pre-norm blocks, a Dense head."""
+
+    d_model: int = 128
+    heads: int = 4
+    blocks: int = 2
+    vocab: int = 256
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(self.vocab, self.d_model)(tokens)
+        for _ in range(self.blocks):
+            x = Block(self.d_model, self.heads)(x)
+        return nn.Dense(self.vocab)(nn.LayerNorm()(x))
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of every array in ``tree`` (containers' codes, scales and carriers included)."""
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
 
 
 def exports(params):
@@ -106,6 +133,9 @@ def qwix_ptq(model, params, x):
 def latency_rows(model_name, model, params, make_input, batches, configs, repeats, calls):
     float_apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
     served = {name: jaxqp.prepare(export_tree(params, rules), dense_general=True) for name, rules in configs.items()}
+    memory = {name: tree_bytes(tree) / tree_bytes(params) for name, tree in served.items()}
+    print(f"{model_name:<12} served bytes / float params: "
+          + " | ".join(f"{name} {ratio:.3f}x" for name, ratio in memory.items()), flush=True)
     serve = jax.jit(jaxqp.linen_serving_apply(model))
     peer = qwix_ptq(model, params, make_input(batches[0]))
     rows = []
@@ -120,6 +150,7 @@ def latency_rows(model_name, model, params, make_input, batches, configs, repeat
         for name in [n for n in fns if n != "float32"]:
             rows.append({"model": model_name, "batch": batch, "config": name,
                          "latency_ratio": round(t[name] / t["float32"], 4),
+                         "served_bytes_ratio": round(memory[name], 4) if name in memory else None,
                          "latency_ms": round(t[name] * 1e3, 3), "float_ms": round(t["float32"] * 1e3, 3)})
             cells.append(f"{name} {t[name] / t['float32']:.2f}x")
         head = f"{model_name:<12} batch {batch:>4}: float {t['float32'] * 1e3:8.2f} ms | "
@@ -167,6 +198,11 @@ def main(argv=None):
     rows += latency_rows("transformer", block, block_params,
                          lambda b: jax.random.normal(jax.random.key(b), (b, 16, d_model)),
                          batches, exports(block_params), args.repeats, args.calls)
+    lm = TinyLM(d_model=32 if args.quick else 128)
+    lm_params = lm.init(jax.random.key(2), jnp.ones((1, 64), jnp.int32))["params"]
+    rows += latency_rows("tiny_lm", lm, lm_params,
+                         lambda b: jax.random.randint(jax.random.key(b), (b, 64), 0, 256),
+                         batches, exports(lm_params), args.repeats, args.calls)
     rows += bytes_rows(mlp_params, configs)
     write_json(args.json, rows)
     return rows

@@ -45,7 +45,9 @@ def test_serving_benchmark_quick_writes_rows(tmp_path):
     _, rows = run_quick([str(ROOT / "benchmarks" / "serving.py")], tmp_path / "serving.json")
     latency = [r for r in rows if "latency_ratio" in r]
     sizes = {r["config"]: r["bytes_ratio"] for r in rows if "bytes_ratio" in r}
-    assert {(r["model"], r["batch"]) for r in latency} == {(m, b) for m in ("mlp256", "transformer") for b in (1, 4)}
+    models = ("mlp256", "transformer", "tiny_lm")
+    assert {(r["model"], r["batch"]) for r in latency} == {(m, b) for m in models for b in (1, 4)}
+    assert all(r["served_bytes_ratio"] > 0 for r in latency if r["config"] in sizes)
     assert set(sizes) == {"int8", "int4", "nm2:4+int8", "sparse90+int8"}
     assert sizes["sparse90+int8"] < sizes["int4"] < sizes["nm2:4+int8"] < sizes["int8"] < 0.3
 
