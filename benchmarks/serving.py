@@ -195,14 +195,17 @@ def main(argv=None):
                         batches, configs, args.repeats, args.calls)
     block = Block(d_model, 8)
     block_params = block.init(jax.random.key(1), jnp.ones((1, 16, d_model)))["params"]
+    block_configs = exports(block_params)
+    if args.quick:  # exporting is eager and compiles per leaf shape: one config keeps the check short
+        block_configs = {"int8": block_configs["int8"]}
     rows += latency_rows("transformer", block, block_params,
                          lambda b: jax.random.normal(jax.random.key(b), (b, 16, d_model)),
-                         batches, exports(block_params), args.repeats, args.calls)
+                         batches, block_configs, args.repeats, args.calls)
     lm = TinyLM(d_model=32, blocks=1) if args.quick else TinyLM()
     seq = 8 if args.quick else 64
     lm_params = lm.init(jax.random.key(2), jnp.ones((1, seq), jnp.int32))["params"]
     lm_configs = exports(lm_params)
-    if args.quick:  # exporting is eager and compiles per leaf shape: one config keeps the check short
+    if args.quick:
         lm_configs = {"int8": lm_configs["int8"]}
     rows += latency_rows("tiny_lm", lm, lm_params,
                          lambda b: jax.random.randint(jax.random.key(b), (b, seq), 0, 256),

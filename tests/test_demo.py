@@ -47,7 +47,9 @@ def test_serving_benchmark_quick_writes_rows(tmp_path):
     sizes = {r["config"]: r["bytes_ratio"] for r in rows if "bytes_ratio" in r}
     models = ("mlp256", "transformer", "tiny_lm")
     assert {(r["model"], r["batch"]) for r in latency} == {(m, b) for m in models for b in (1, 4)}
-    assert {r["config"] for r in latency if r["model"] == "tiny_lm"} == {"int8"}  # quick mode
+    configs = {m: {r["config"] for r in latency if r["model"] == m} for m in models}
+    assert configs == {"mlp256": {"int8", "int4", "nm2:4+int8", "sparse90+int8"},
+                       "transformer": {"int8"}, "tiny_lm": {"int8"}}  # quick mode
     # Served memory follows from the shapes. 256x256 kernels serve as int8 codes + a bf16 carrier
     # + float32 scales (3 bytes a weight), biases stay float; the two small models' layers are all
     # under MIN_INT_SIZE and are served as dequantized float32 (today's prepare: 1.0x).
