@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 import jaxqp
 from jaxqp.datasets import QUICK_SAMPLES, load_mnist1d
@@ -52,6 +53,7 @@ class Run:
 
     def __init__(self, model, rules, params, lr: float, steps: int, learned_lr: float | None = None):
         self.model = model
+        self.steps = steps
         self.t = jaxqp.transform(rules)
         schedule = optax.cosine_decay_schedule(lr, steps)
         learned_tx = None if learned_lr is None else optax.adam(learned_lr)
@@ -73,8 +75,9 @@ class Run:
         updates, opt_state = self.tx.update(grads, opt_state, params, observed=observed)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    def train(self, batches) -> None:
-        for x, y in batches:
+    def train(self, batches, label: str = "") -> None:
+        """Runs the step on every batch, with a progress bar on a terminal (none in logs)."""
+        for x, y in tqdm(batches, total=self.steps, desc=label, unit="step", disable=None, leave=False):
             self.params, self.opt_state, _ = self.step(self.params, self.opt_state, x, y)
         jax.block_until_ready(self.params)
 

@@ -76,14 +76,14 @@ def main(argv=None):
     (x, y), (x_test, y_test) = data(args.quick)
     model = CNN1D()
     base = Run(model, [], model.init(jax.random.key(0), x[:1])["params"], 3e-3, args.pretrain)
-    base.train(batches(x, y, args.pretrain, args.batch, seed=1000))
+    base.train(batches(x, y, args.pretrain, args.batch, seed=1000), "float32 pretrain")
 
     results: dict[str, list[dict]] = {name: [] for name in configs(args.steps)}
     for seed in range(args.seeds):
         runs = {}
         for name, rules in configs(args.steps).items():
             runs[name] = run = Run(model, rules, base.params, 1e-3, args.steps)
-            run.train(batches(x, y, args.steps, args.batch, seed=seed))
+            run.train(batches(x, y, args.steps, args.batch, seed=seed), f"{name} seed {seed}")
             pruned = [p for p in PRUNED if any(rule.matches(p) for rule in rules)] or list(PRUNED)
             results[name].append({**run.evaluate(x_test, y_test), "sparsity": sparsity(run.params, pruned)})
     timed = time_configs(runs, x, y, args.batch, args.quick)

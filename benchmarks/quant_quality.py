@@ -75,7 +75,7 @@ def main(argv=None):
     params = model.init(jax.random.key(0), x[:1])["params"]
     if args.protocol == "finetune":
         base = Run(model, [], params, 3e-3, args.pretrain)
-        base.train(batches(x, y, args.pretrain, args.batch, seed=1000))
+        base.train(batches(x, y, args.pretrain, args.batch, seed=1000), "float32 pretrain")
         start, lr, steps = base.params, 1e-3, args.steps
     else:
         start, lr, steps = params, 3e-3, args.pretrain + args.steps
@@ -91,7 +91,7 @@ def main(argv=None):
                 continue
             try:
                 runs[name] = run = Run(net, rules, start, lr, steps, learned_lr=args.learned_lr)
-                run.train(batches(x, y, steps, args.batch, seed=seed))
+                run.train(batches(x, y, steps, args.batch, seed=seed), f"{name} seed {seed}")
                 metrics[name].append({**run.evaluate(x_test, y_test), "frozen": unchanged_kernels(start, run.params)})
             except Exception as err:  # a peer that does not compile or run here: report it, go on
                 failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"

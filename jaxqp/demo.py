@@ -72,16 +72,13 @@ def configs(steps: int) -> dict[str, list[jaxqp.Rule]]:
     }
 
 
-def _progress(name: str, done: int, total: int, loss: float, start: float) -> None:
-    if done != total and not sys.stderr.isatty():
-        return  # a log file gets the final line only
-    width = 30
-    filled = width * done // total
-    bar = "#" * filled + "." * (width - filled)
-    sys.stderr.write(f"\r{name:>12} [{bar}] {done}/{total} loss {loss:.4f} {time.time() - start:5.1f}s")
-    if done == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+def progress_bar(total: int, name: str):
+    """A tqdm bar on stderr, drawn only on a terminal (``disable=None``): logs stay clean."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - exercised only without the extra
+        sys.exit("the demo needs tqdm: pip install 'jaxqp[examples]'")
+    return tqdm(total=total, desc=f"{name:>12}", unit="step", disable=None, leave=True, file=sys.stderr)
 
 
 def make_train_step(model: nn.Module, t: jaxqp.ParamTransform, tx):
@@ -119,13 +116,19 @@ def train(rules, data, steps: int, seed: int = 0, name: str = ""):
     rng = np.random.default_rng(seed)
     start = time.time()
     order = np.array([], np.int64)
-    for i in range(steps):
-        if len(order) < BATCH:
-            order = np.concatenate([order, rng.permutation(len(x_train))])
-        batch, order = order[:BATCH], order[BATCH:]
-        params, opt_state, loss = step(params, opt_state, x_train[batch], y_train[batch])
-        if (i + 1) % max(steps // 50, 1) == 0 or i + 1 == steps:
-            _progress(name, i + 1, steps, float(loss), start)
+    every = max(steps // 50, 1)
+    with progress_bar(steps, name) as bar:
+        for i in range(steps):
+            if len(order) < BATCH:
+                order = np.concatenate([order, rng.permutation(len(x_train))])
+            batch, order = order[:BATCH], order[BATCH:]
+            params, opt_state, loss = step(params, opt_state, x_train[batch], y_train[batch])
+            if (i + 1) % every == 0 or i + 1 == steps:
+                bar.update(i + 1 - bar.n)
+                bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+        if bar.disable:  # not a terminal: a log file gets the final line only
+            print(f"{name:>12} {steps}/{steps} steps, loss {float(loss):.4f}, {time.time() - start:.1f}s",
+                  file=sys.stderr)
     return params, t, jaxqp.state_of(opt_state)
 
 

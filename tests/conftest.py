@@ -9,8 +9,8 @@ The fast tier (``python -m pytest -m "not slow"``) skips what trains models or s
 interpreters (``@pytest.mark.slow`` on the test), and runs only a spread sample of the large
 parametrized grids listed in ``GRID_SAMPLES``; the full run (CI) runs every case.
 
-Hypothesis runs derandomized by default (profile ``ci``, 50 examples per property; ``fast``, the
-same first 15, in the fast tier): every run on every machine draws the same examples, so CI
+Hypothesis runs derandomized by default (profile ``ci``, 50 examples per property; ``fast``, 15,
+in the fast tier): every run on every machine draws the same examples, so CI
 does not depend on the draw. Developers hunt for new counterexamples on
 purpose with ``HYPOTHESIS_PROFILE=random python -m pytest tests`` (fresh random draws each run);
 a failure found that way is pinned with ``@example(...)`` in the test.
@@ -49,8 +49,8 @@ def _strict_dtype_promotion(request):
 
 
 # Parametrized grids whose full sweep is slow: {test function: cases kept in the fast tier}.
-# The kept cases are evenly spread over the grid in collection order (always its first and
-# last case); the others are marked slow.
+# The kept cases are evenly spread over the grid in collection order (its first case, and its
+# last when more than one is kept); the others are marked slow.
 GRID_SAMPLES = {
     "test_export_stores_nm_and_decodes_bit_for_bit": 3,
     "test_int_dense_equals_fake_quant_forward_and_gradients": 1,
