@@ -90,14 +90,13 @@ def bf16_int_dot(codes: jax.Array, carrier: jax.Array, carrier_in_axis: int = 1)
     """
     lhs = codes.astype(jnp.bfloat16)
     dims = (((1,), (carrier_in_axis,)), ((), ()))
-    acc = jnp.zeros((codes.shape[0], carrier.shape[1 - carrier_in_axis]), jnp.int32)
+    parts = []
     for start in range(0, codes.shape[1], BF16_CHUNK):
         chunk = jax.lax.slice_in_dim(carrier, start, min(start + BF16_CHUNK, codes.shape[1]), axis=carrier_in_axis)
         part = jax.lax.dot_general(lhs[:, start:start + BF16_CHUNK], chunk, dims,
                                    precision=_BF16_EXACT, preferred_element_type=jnp.float32)
-        part = part.astype(jnp.int32)
-        acc = acc + part
-    return acc
+        parts.append(part.astype(jnp.int32))
+    return functools.reduce(jnp.add, parts)  # the chunks' sum in int32, no zero start
 
 
 def uses_bf16(rows: int, n_in: int, n_out: int) -> bool:

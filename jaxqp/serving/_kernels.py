@@ -34,7 +34,18 @@ from ..numerics._linear import reciprocal
 
 
 @dataclasses.dataclass(frozen=True)
-class ServingKernel(Compressed):
+class _Int8Codes(Compressed):
+    """The fields both int8 serving kernels hold (a private base: adapters dispatch on the subclasses)."""
+
+    codes: jax.Array
+    scale: jax.Array
+    dtype: str
+    pow2: bool = False
+    carrier: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingKernel(_Int8Codes):
     """An int8 weight ready for :func:`int8_matmul`.
 
     Invariants: ``codes`` is int8 of shape ``(out, in)`` with values in
@@ -56,11 +67,6 @@ class ServingKernel(Compressed):
       carrier: ``codes`` as bfloat16, or None.
     """
 
-    codes: jax.Array
-    scale: jax.Array
-    dtype: str
-    pow2: bool = False
-    carrier: jax.Array | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -81,7 +87,7 @@ jax.export.register_pytree_node_serialization(  # so jax.export can carry prepar
 
 
 @dataclasses.dataclass(frozen=True)
-class GeneralKernel(Compressed):
+class GeneralKernel(_Int8Codes):
     """An int8 ``nn.DenseGeneral`` kernel of 3 or more axes, for :func:`int8_matmul_general`.
 
     Invariants: ``codes`` is int8 in the kernel's own layout ``(*contracted, *features)``
@@ -95,11 +101,6 @@ class GeneralKernel(Compressed):
       dtype: as for :class:`ServingKernel` (so are ``pow2`` and ``carrier``).
     """
 
-    codes: jax.Array
-    scale: jax.Array
-    dtype: str
-    pow2: bool = False
-    carrier: jax.Array | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
