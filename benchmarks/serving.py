@@ -1,25 +1,26 @@
 """Serving latency and stored bytes: float vs jaxqp's exported models, in one process.
 
-Latency: a jitted forward pass of (a) a 2-layer 4096-wide MLP and (b) a small
-transformer block (d_model 512, 8 heads, MLP 2048, 16 tokens per sequence; its
-attention projections are `DenseGeneral` layers, served in int8 with
-``prepare(..., dense_general=True)``), at
-batch 1, 2, 8, 32 and 256, for float32 and for the jaxqp int8 and int4 exports
-and 2:4 + int8 and 90%-sparse + int8 exports (``jaxqp.prepare`` +
-``jaxqp.linen_serving_apply``: Dense layers run int8 x int8 -> int32 matmuls,
-everything else stays float; sparse codes are densified for the matmul), and,
-when Qwix is installed, Qwix's int8 PTQ model (``qwix-ptq-int8``: int8 weights
-and dynamic int8 inputs). Each cell is the median over interleaved repeats,
+Latency: a jitted forward pass of (a) a 2-layer 4096-wide MLP, (b) a small transformer
+block (d_model 512, 8 heads, MLP 2048, 16 tokens per sequence; its attention projections
+are `DenseGeneral` layers, served from codes with ``prepare(..., dense_general=True)``) and
+(c) a byte-level transformer language model (d_model 128, 4 heads, MLP 512, 2 blocks,
+vocabulary 256, 64 tokens), at batch 1, 2, 8, 32 and 256, for float32 and for the jaxqp
+int8, int4, 2:4 + int8 and 90%-sparse + int8 exports of every Dense, DenseGeneral and Embed
+weight (``jaxqp.prepare`` + ``jaxqp.linen_serving_apply``), and, when Qwix is installed,
+Qwix's int8 PTQ model (``qwix-ptq-int8``). Each matmul takes the path ``prepare`` measured
+fastest on this machine for its shape and row bucket; the ``path`` key counts the matmuls
+of each cell by path. For the language model, ``int8+keep_float`` also keeps a float copy
+of each weight (the speed objective). Each cell is the median over interleaved repeats,
 divided by the float median of the same cell.
 
 Memory: ``served_bytes_ratio``, the bytes of every array in the prepared tree (codes,
-scales, bf16 carriers, float fallbacks), divided by the bytes of the float32 params, per
-model and config. A third model, a byte-level transformer language model (d_model 128, 4
-heads, MLP 512, 2 blocks, vocabulary 256; every layer is under ``MIN_INT_SIZE``), is measured
-for latency and memory too.
+scales, kept float copies, float leaves), divided by the bytes of the float32 params.
 
 Bytes: the saved file (``jaxqp.save``) of each export of the MLP, divided by the
 saved float32 file.
+
+The first JSON row records the machine: CPU model, flags (avx512_vnni, avx_vnni,
+avx512_bf16, amx), backend and jax version.
 
     python benchmarks/serving.py --json serving.json
 """
@@ -39,6 +40,7 @@ import numpy as np
 from _common import write_json
 
 import jaxqp
+from jaxqp.numerics._path_choice import cpu_info, machine_key, record_paths
 
 
 class MLP(nn.Module):
@@ -87,7 +89,7 @@ def tree_bytes(tree) -> int:
 
 def exports(params):
     """The export configs: name -> rules."""
-    kernel = r".*/kernel"
+    kernel = r".*/(kernel|embedding)"  # every Dense, DenseGeneral and Embed weight
     return {
         "int8": [jaxqp.Rule(kernel, quant=jaxqp.QuantSpec(bits=8))],
         "int4": [jaxqp.Rule(kernel, quant=jaxqp.QuantSpec(bits=4))],
@@ -130,9 +132,20 @@ def qwix_ptq(model, params, x):
     return jax.jit(lambda p, x: quantized.apply({"params": p}, x)), qwix.quantize_params(params, abstract)
 
 
-def latency_rows(model_name, model, params, make_input, batches, configs, repeats, calls):
+def path_counts(used) -> dict:
+    """How many matmuls of a traced forward pass took each path."""
+    counts: dict = {}
+    for entry in used:
+        counts[entry["path"]] = counts.get(entry["path"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def latency_rows(model_name, model, params, make_input, batches, configs, repeats, calls, keep_float=()):
     float_apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
     served = {name: jaxqp.prepare(export_tree(params, rules), dense_general=True) for name, rules in configs.items()}
+    for name in keep_float:  # the speed objective: a float copy of each weight next to its codes
+        served[f"{name}+keep_float"] = jaxqp.prepare(export_tree(params, configs[name]), dense_general=True,
+                                                     keep_float=True)
     memory = {name: tree_bytes(tree) / tree_bytes(params) for name, tree in served.items()}
     print(f"{model_name:<12} served bytes / float params: "
           + " | ".join(f"{name} {ratio:.3f}x" for name, ratio in memory.items()), flush=True)
@@ -145,14 +158,21 @@ def latency_rows(model_name, model, params, make_input, batches, configs, repeat
         args = {"float32": (params, x), **{name: (tree, x) for name, tree in served.items()}}
         if peer is not None:
             fns["qwix-ptq-int8"], args["qwix-ptq-int8"] = peer[0], (peer[1], x)
+        paths = {}
+        for name, tree in served.items():  # trace (and measure paths) before timing
+            with record_paths() as used:
+                jax.block_until_ready(serve(tree, x))
+            paths[name] = path_counts(used)
         t = time_calls(fns, args, repeats, calls)
         cells = []
         for name in [n for n in fns if n != "float32"]:
             rows.append({"model": model_name, "batch": batch, "config": name,
                          "latency_ratio": round(t[name] / t["float32"], 4),
                          "served_bytes_ratio": round(memory[name], 4) if name in memory else None,
-                         "latency_ms": round(t[name] * 1e3, 3), "float_ms": round(t["float32"] * 1e3, 3)})
-            cells.append(f"{name} {t[name] / t['float32']:.2f}x")
+                         "path": paths.get(name), "latency_ms": round(t[name] * 1e3, 3),
+                         "float_ms": round(t["float32"] * 1e3, 3)})
+            chosen = " [" + ",".join(f"{p}:{c}" for p, c in paths[name].items()) + "]" if name in paths else ""
+            cells.append(f"{name} {t[name] / t['float32']:.2f}x{chosen}")
         head = f"{model_name:<12} batch {batch:>4}: float {t['float32'] * 1e3:8.2f} ms | "
         print(head + " | ".join(cells), flush=True)
     return rows
@@ -185,14 +205,17 @@ def main(argv=None):
     if args.quick:
         width, d_model, batches, args.repeats, args.calls = 256, 64, [1, 4], 2, 2
 
-    print(f"backend {jax.default_backend()} ({platform.processor() or platform.machine()}), "
+    cpu = cpu_info()
+    print(f"backend {jax.default_backend()} ({cpu['model']}; {', '.join(cpu['flags'])}), "
           f"median of {args.repeats} x {args.calls} calls\n")
+    machine = [{"machine": machine_key(), "cpu": cpu["model"], "cpu_flags": cpu["flags"],
+                "processor": platform.processor() or platform.machine()}]
     mlp = MLP(width)
     mlp_params = mlp.init(jax.random.key(0), jnp.ones((1, width)))["params"]
     configs = exports(mlp_params)
-    rows = latency_rows(f"mlp{width}", mlp, mlp_params,
-                        lambda b: jax.random.normal(jax.random.key(b), (b, width)),
-                        batches, configs, args.repeats, args.calls)
+    rows = machine + latency_rows(f"mlp{width}", mlp, mlp_params,
+                                  lambda b: jax.random.normal(jax.random.key(b), (b, width)),
+                                  batches, configs, args.repeats, args.calls)
     block = Block(d_model, 8)
     block_params = block.init(jax.random.key(1), jnp.ones((1, 16, d_model)))["params"]
     block_configs = exports(block_params)
@@ -209,7 +232,7 @@ def main(argv=None):
         lm_configs = {"int8": lm_configs["int8"]}
     rows += latency_rows("tiny_lm", lm, lm_params,
                          lambda b: jax.random.randint(jax.random.key(b), (b, seq), 0, 256),
-                         batches, lm_configs, args.repeats, args.calls)
+                         batches, lm_configs, args.repeats, args.calls, keep_float=("int8",))
     rows += bytes_rows(mlp_params, configs)
     write_json(args.json, rows)
     return rows

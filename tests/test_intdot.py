@@ -127,10 +127,11 @@ def test_model_trained_with_integer_layers_serves_bit_for_bit():
     t = jaxqp.transform([Rule(r".*/kernel", quant=W_SPEC, act=INT_SPEC)])
     state = t.init(params)
     trained, _ = jax.jit(lambda p, s: jaxqp.linen_apply(model, s, {"params": t.apply(p, s)}, x))(params, state)
-    served = jaxqp.prepare(jaxqp.export(params, state), min_int_size=1, pow2_inputs=True)
-    assert all(served[k]["kernel"].pow2 for k in ("Dense_0", "Dense_1"))
-    out = jax.jit(jaxqp.linen_serving_apply(model))(served, x)
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(trained))
+    for path in ("int8", "int8_t", "bf16"):  # every integer path; the float path skips the input rounding
+        served = jaxqp.prepare(jaxqp.export(params, state), pow2_inputs=True, path=path)
+        assert all(served[k]["kernel"].pow2 for k in ("Dense_0", "Dense_1"))
+        out = jax.jit(jaxqp.linen_serving_apply(model))(served, x)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(trained))
 
 
 class Attention(nn.Module):

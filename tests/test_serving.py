@@ -1,5 +1,7 @@
 """Serving: int8 matmul exactness, prepare, and the linen adapter."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,8 +12,10 @@ from helpers import bits_equal
 
 import jaxqp
 from jaxqp import PruneSpec, QuantSpec, Rule
-from jaxqp.numerics._int_dot import MIN_ROWS, SWAP_MAX_ROWS, uses_bf16
-from jaxqp.serving import ServingKernel
+from jaxqp.numerics._int_dot import MIN_ROWS
+from jaxqp.serving import PATHS, ServingKernel
+
+INT_PATHS = ("int8", "int8_t", "bf16")  # the paths that compute the same integers
 
 
 def reference_int8_matmul(x, kernel):
@@ -20,29 +24,72 @@ def reference_int8_matmul(x, kernel):
     scale = np.max(np.abs(x), axis=1, keepdims=True) * (np.float32(1) / np.float32(127))
     scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
     codes = np.clip(np.round(x / scale), -127, 127).astype(np.int64)
-    acc = codes @ np.asarray(kernel.codes, np.int64).T
+    acc = codes @ np.asarray(kernel.int8_codes(), np.int64).T
     return (acc.astype(np.float32) * scale * np.asarray(kernel.scale)).astype(np.float32)
 
 
-def served_kernel(shape=(256, 300), bits=8, seed=0, **spec):
+def served_kernel(shape=(256, 300), bits=8, seed=0, path="auto", **spec):
     params = {"w": jax.random.normal(jax.random.key(seed), shape)}
     t = jaxqp.transform([Rule("w", quant=QuantSpec(bits=bits, **spec))])
     state = t.init(params)
     packed = jaxqp.export(params, state)
-    return params, t, state, packed, jaxqp.prepare(packed, min_int_size=1)
+    return params, t, state, packed, jaxqp.prepare(packed, path=path)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 32, 64, 65, 200])  # padded, kernel-first and rows-first dots
-def test_int8_matmul_is_exact_integer_arithmetic(rows):
-    assert (MIN_ROWS, SWAP_MAX_ROWS) == (4, 64)  # the parametrization straddles both switches
-    *_, served = served_kernel()
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("path", INT_PATHS)
+@pytest.mark.parametrize("rows", [1, 3, 5, 65, 200])  # padded to MIN_ROWS, and not
+def test_int8_matmul_is_exact_integer_arithmetic(rows, path, bits):
+    assert MIN_ROWS == 4
+    *_, served = served_kernel(bits=bits, path=path)
     kernel = served["w"]
-    assert isinstance(kernel, ServingKernel) and kernel.codes.dtype == jnp.int8 and kernel.codes.shape == (300, 256)
-    assert bits_equal(kernel.carrier, kernel.codes.astype(jnp.bfloat16))  # rows > 64 take the exact bf16 dot
-    assert uses_bf16(rows, 256, 300) == (rows > SWAP_MAX_ROWS)
+    assert isinstance(kernel, ServingKernel) and kernel.codes_shape == (300, 256) and kernel.path == path
+    # codes stay codes in memory: int8, or two 4-bit codes per byte
+    assert kernel.codes.dtype == (jnp.int8 if bits == 8 else jnp.uint8)
+    assert kernel.codes.shape == ((300, 256) if bits == 8 else (300, 128))
     x = jax.random.normal(jax.random.key(1), (rows, 256))
     got = np.asarray(jax.jit(jaxqp.serving.int8_matmul)(x, kernel))
     np.testing.assert_array_equal(got, reference_int8_matmul(x, kernel))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_float_path_is_the_dequantized_matmul_and_auto_equals_its_choice(bits):
+    *_, served = served_kernel(bits=bits, path="float")
+    kernel = served["w"]
+    x = jax.random.normal(jax.random.key(1), (6, 256))
+    want = np.asarray(x, np.float64) @ np.asarray(kernel.dequantize(), np.float64)
+    # the same float32 matmul, up to XLA's summation order (the decoded weight may be read transposed)
+    got = np.asarray(jax.jit(jaxqp.serving.int8_matmul)(x, kernel))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    auto = dataclasses.replace(kernel, path="auto")
+    got = np.asarray(jax.jit(jaxqp.serving.int8_matmul)(x, auto))
+    chosen = jaxqp.serving.describe({"w": auto}, rows=[6]).rows[0]["paths"][8]  # 6 rows: bucket 8
+    assert chosen in PATHS
+    pinned = dataclasses.replace(kernel, path=chosen)
+    np.testing.assert_array_equal(got, np.asarray(jax.jit(jaxqp.serving.int8_matmul)(x, pinned)))
+
+
+def test_keep_float_keeps_the_decoded_weight_for_the_float_path():
+    params, t, state, packed, _ = served_kernel()
+    kept = jaxqp.prepare(packed, keep_float=True, path="float")["w"]
+    assert bits_equal(kept.float_weight, t.apply(params, state)["w"])
+    assert jaxqp.serving.describe({"w": kept}).rows[0]["bytes"] == 300 * 256 * (1 + 4) + 300 * 4
+    x = jax.random.normal(jax.random.key(1), (6, 256))
+    np.testing.assert_array_equal(np.asarray(jaxqp.serving.int8_matmul(x, kept)),
+                                  np.asarray(x @ t.apply(params, state)["w"]))
+    with pytest.raises(ValueError, match=r"path='fast'; expected one of \('auto', 'int8'"):
+        jaxqp.prepare(packed, path="fast")
+    with pytest.raises(TypeError, match="keep_float=1 must be True or False"):
+        jaxqp.prepare(packed, keep_float=1)
+
+
+@pytest.mark.parametrize("bits, ratio", [(8, 0.2539), (4, 0.1289)])
+def test_served_memory_is_codes_and_scales(bits, ratio):
+    *_, served = served_kernel(shape=(256, 256), bits=bits)
+    # (256 * 256 codes of bits / 8 bytes + 256 float32 scales) / (256 * 256 * 4 float bytes)
+    report = jaxqp.serving.describe(served)
+    assert report.served_bytes == 256 * 256 * bits // 8 + 256 * 4
+    assert round(report.served_bytes / (256 * 256 * 4), 4) == ratio
 
 
 def test_int8_matmul_keeps_leading_axes_and_zero_rows():
@@ -75,7 +122,7 @@ def test_int8_matmul_error_is_activation_rounding_only():
     assert np.all(np.abs(y - exact) <= bound * 1.001 + 1e-4)
 
 
-def test_prepare_falls_back_to_float():
+def test_prepare_falls_back_to_float_only_where_codes_cannot_serve():
     params = {"small": jax.random.normal(jax.random.key(4), (8, 8)),
               "affine": jax.random.normal(jax.random.key(5), (256, 256)),
               "conv": jax.random.normal(jax.random.key(6), (3, 3, 64, 64)),
@@ -86,9 +133,12 @@ def test_prepare_falls_back_to_float():
     state = t.init(params)
     served = jaxqp.prepare(jaxqp.export(params, state))
     applied = t.apply(params, state)
-    for name in ("small", "affine", "conv"):
-        assert isinstance(served[name], jax.Array), name  # decoded once: the float path
+    for name in ("affine", "conv"):  # zero points, and N-D kernels without dense_general
+        assert isinstance(served[name], jax.Array), name  # decoded once
         assert np.asarray(served[name]).tobytes() == np.asarray(applied[name]).tobytes()
+    assert isinstance(served["small"], ServingKernel)  # any size stays codes
+    assert bits_equal(served["small"].dequantize(), applied["small"])
+    assert isinstance(jaxqp.prepare(jaxqp.export(params, state), min_int_size=65)["small"], jax.Array)
     assert isinstance(served["pruned"], ServingKernel)  # sparse codes are densified for serving
     assert np.asarray(served["pruned"].dequantize()).tobytes() == np.asarray(applied["pruned"]).tobytes()
 
@@ -108,7 +158,7 @@ def test_linen_serving_matches_float_model_within_activation_rounding():
     params = model.init(jax.random.key(9), x)["params"]
     t = jaxqp.transform([Rule(r".*/kernel", quant=QuantSpec(bits=8))])
     state = t.init(params)
-    served = jaxqp.prepare(jaxqp.export(params, state), min_int_size=1)
+    served = jaxqp.prepare(jaxqp.export(params, state), path="int8")
     assert isinstance(served["Dense_0"]["kernel"], ServingKernel)
     serve = jax.jit(jaxqp.linen_serving_apply(model))
     got = np.asarray(serve(served, x))
@@ -123,13 +173,53 @@ def test_linen_serving_matches_float_model_within_activation_rounding():
     assert serve._cache_size() == 1
 
 
-def test_serving_kernel_in_a_non_dense_module_is_refused():
-    model = nn.DenseGeneral(300)
+class Custom(nn.Module):
+    """A layer jaxqp has no integer path for: its kernel must be decoded to float."""
+
+    @nn.compact
+    def __call__(self, x):
+        return x @ self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], 300))
+
+
+@pytest.mark.parametrize("model", [nn.DenseGeneral(300), Custom()], ids=["dense_general_2d", "custom"])
+def test_a_kernel_in_other_modules_serves_from_codes_or_decodes(model):
     params = model.init(jax.random.key(0), jnp.ones((1, 256)))["params"]
     t = jaxqp.transform([Rule("kernel", quant=QuantSpec(bits=8))])
-    served = jaxqp.prepare(jaxqp.export(params, t.init(params)), min_int_size=1)
-    with pytest.raises(TypeError, match="only nn.Dense runs the integer path"):
-        jaxqp.linen_serving_apply(model)(served, jnp.ones((2, 256)))
+    state = t.init(params)
+    served = jaxqp.prepare(jaxqp.export(params, state), path="int8")
+    x = jax.random.normal(jax.random.key(1), (2, 256))
+    got = np.asarray(jax.jit(jaxqp.linen_serving_apply(model))(served, x))
+    if isinstance(model, Custom):  # decoded inside the jitted function: the float model's numbers
+        want = model.apply({"params": t.apply(params, state)}, x)
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-5)  # XLA may fuse the decode
+    else:  # a DenseGeneral over the last axis is a Dense: the integer path
+        bias = np.asarray(served["bias"])
+        np.testing.assert_array_equal(got, reference_int8_matmul(x, served["kernel"]) + bias)
+
+
+class TinyLM(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+        embed = nn.Embed(64, 32)
+        return embed.attend(nn.Dense(32)(embed(tokens)))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_embedding_lookup_decodes_only_rows_from_codes(bits):
+    model = TinyLM()
+    tokens = jnp.array([[1, 5, 63], [0, 0, 7]])
+    params = model.init(jax.random.key(0), tokens)["params"]
+    t = jaxqp.transform([Rule(r".*/(kernel|embedding)", quant=QuantSpec(bits=bits))])
+    state = t.init(params)
+    served = jaxqp.prepare(jaxqp.export(params, state), path="float")
+    table = served["Embed_0"]["embedding"]
+    assert isinstance(table, ServingKernel) and table.bits == bits
+    applied = t.apply(params, state)
+    np.testing.assert_array_equal(np.asarray(table.lookup(tokens)),
+                                  np.asarray(applied["Embed_0"]["embedding"])[np.asarray(tokens)])
+    got = jax.jit(jaxqp.linen_serving_apply(model))(served, tokens)
+    want = model.apply({"params": applied}, tokens)  # the float path everywhere: the float model's numbers
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow  # trains or serves a whole model
@@ -138,7 +228,7 @@ def test_jax_export_round_trip_of_the_serving_function():
     x = jax.random.normal(jax.random.key(10), (3, 256))
     params = model.init(jax.random.key(11), x)["params"]
     t = jaxqp.transform([Rule(r".*/kernel", quant=QuantSpec(bits=8))])
-    served = jaxqp.prepare(jaxqp.export(params, t.init(params)), min_int_size=1)
+    served = jaxqp.prepare(jaxqp.export(params, t.init(params)))
     apply = jaxqp.linen_serving_apply(model)
     blob = jaxqp.export_serving(apply, served, x)
     assert isinstance(blob, bytes) and len(blob) > 0
@@ -163,7 +253,7 @@ def test_nnx_serving_swaps_linears_and_matches_within_activation_rounding():
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     t = jaxqp.transform([Rule(r".*/kernel", quant=QuantSpec(bits=8))])
     state = t.init(params)
-    served = jaxqp.prepare(jaxqp.export(params, state), min_int_size=1)
+    served = jaxqp.prepare(jaxqp.export(params, state), path="int8")
     serving = jaxqp.nnx_serving_model(graphdef, served, rest)
     assert isinstance(serving.l1, jaxqp.serving.Int8Linear) and isinstance(serving.blocks[1], jaxqp.serving.Int8Linear)
     assert serving.blocks[1].bias is None and isinstance(serving.norm, nnx.LayerNorm)
@@ -194,7 +284,7 @@ def test_dense_general_kernels_serve_in_int8_and_convs_fall_back():
     t = jaxqp.transform([Rule(r".*/kernel", quant=QuantSpec(bits=8))])
     state = t.init(params)
     exported = jaxqp.export(params, state)
-    served = jaxqp.prepare(exported, min_int_size=1, dense_general=True)
+    served = jaxqp.prepare(exported, dense_general=True, path="int8")
     attention = served["MultiHeadDotProductAttention_0"]
     kernels = [attention[k]["kernel"] for k in ("query", "key", "value", "out")]
     assert all(isinstance(k, jaxqp.serving.GeneralKernel) for k in kernels)
@@ -205,17 +295,41 @@ def test_dense_general_kernels_serve_in_int8_and_convs_fall_back():
     want = np.asarray(model.apply({"params": t.apply(params, state)}, x))
     np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05)  # activation rounding only
     assert not np.array_equal(got, want)  # the int8 path really ran
-    plain = jaxqp.prepare(exported, min_int_size=1)  # default: N-D kernels decoded once, float path
+    plain = jaxqp.prepare(exported)  # default: N-D kernels decoded once, float path
     assert isinstance(plain["MultiHeadDotProductAttention_0"]["query"]["kernel"], jax.Array)
-    # the projection alone equals the integer reference: 32 rows (int8 dot) and 128 rows (bf16 dot)
-    kernel = attention["query"]["kernel"]
-    assert bits_equal(kernel.carrier, kernel.codes.astype(jnp.bfloat16))
-    for xs in (x, jax.random.normal(jax.random.key(12), (8, 16, 64))):
+    # the projection alone equals the integer reference on every integer path
+    for path, xs in zip(INT_PATHS, (x, jax.random.normal(jax.random.key(12), (8, 16, 64)), x), strict=True):
+        kernel = dataclasses.replace(attention["query"]["kernel"], path=path)
         q = jaxqp.serving.int8_matmul_general(xs, kernel, 1)
-        codes = np.asarray(kernel.codes, np.int64).reshape(64, -1)
+        codes = np.asarray(kernel.int8_codes(), np.int64).reshape(64, -1)
         rows = np.asarray(xs).reshape(-1, 64)
         scale = np.max(np.abs(rows), axis=1, keepdims=True) * (np.float32(1) / np.float32(127))
         xc = np.clip(np.round(rows / scale), -127, 127).astype(np.int64)
         w_scale = np.broadcast_to(np.asarray(kernel.scale), (64, 4, 16)).reshape(64, -1)[0]
         ref = ((xc @ codes).astype(np.float32) * scale.astype(np.float32) * w_scale).reshape(*xs.shape[:2], 4, 16)
         np.testing.assert_array_equal(np.asarray(q), ref)
+
+
+class NnxLM(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(64, 32, rngs=rngs)
+        self.proj = nnx.Linear(32, 32, rngs=rngs)
+        self.conv = nnx.Conv(32, 32, (3,), rngs=rngs)  # no integer path: decoded in place
+
+    def __call__(self, tokens):
+        return self.embed.attend(self.conv(self.proj(self.embed(tokens))))
+
+
+def test_nnx_serving_swaps_embeddings_and_decodes_other_kernels():
+    model = NnxLM(nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    t = jaxqp.transform([Rule(r".*/(kernel|embedding)", quant=QuantSpec(bits=4))])
+    state = t.init(params)
+    served = jaxqp.prepare(jaxqp.export(params, state), path="float", dense_general=True)
+    assert isinstance(served["conv"]["kernel"].get_value(), jaxqp.serving.GeneralKernel)
+    serving = jaxqp.nnx_serving_model(graphdef, served)
+    assert isinstance(serving.embed, jaxqp.serving.Int8Embed) and isinstance(serving.proj, jaxqp.serving.Int8Linear)
+    assert isinstance(serving.conv.kernel.get_value(), jax.Array)
+    tokens = jnp.array([[3, 1, 63, 0]])
+    want = nnx.merge(graphdef, t.apply(params, state))(tokens)
+    np.testing.assert_allclose(np.asarray(serving(tokens)), np.asarray(want), rtol=1e-5, atol=1e-5)

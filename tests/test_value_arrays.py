@@ -1,5 +1,6 @@
 """Pow2Array and Fp8Array: compact power-of-two and fp8 leaves, exact through export, files and serving."""
 
+import dataclasses
 import os
 
 import jax
@@ -140,14 +141,16 @@ def test_low_bit_pow2_serves_as_an_exact_int8_kernel(bits):
     # every scale is a power of two, every code 0 or +-2^j
     scale = np.asarray(kernel.scale)
     assert np.all(np.frexp(scale)[0] == 0.5)
-    magnitudes = np.unique(np.abs(np.asarray(kernel.codes)))
+    magnitudes = np.unique(np.abs(np.asarray(kernel.int8_codes())))
     assert set(magnitudes.tolist()) <= {0} | {2 ** j for j in range(2 ** (bits - 1) - 1)}
     # the int8 matmul on it is the integer product of the row codes and these codes, rescaled
     x = normal((8, 512), key=9)
     codes, row_scale = jaxqp.serving.quantize_rows(x)
-    acc = np.asarray(codes, np.int64) @ np.asarray(kernel.codes, np.int64).T
+    acc = np.asarray(codes, np.int64) @ np.asarray(kernel.int8_codes(), np.int64).T
     want = acc.astype(np.float32) * np.asarray(row_scale) * scale
-    np.testing.assert_array_equal(np.asarray(jaxqp.serving.int8_matmul(x, kernel)), want)
+    for path in ("int8", "int8_t", "bf16"):
+        pinned = dataclasses.replace(kernel, path=path)
+        np.testing.assert_array_equal(np.asarray(jaxqp.serving.int8_matmul(x, pinned)), want)
 
 
 def test_other_value_leaves_serve_as_float():
@@ -158,7 +161,8 @@ def test_other_value_leaves_serve_as_float():
         served = jaxqp.prepare({"w": leaf})["w"]
         assert isinstance(served, jax.Array) and bits_equal(served, applied)
     small, applied = exported(normal((16, 8)), QuantSpec(bits=4, format="pow2"))
-    assert bits_equal(jaxqp.prepare({"w": small})["w"], applied)  # below min_int_size: float
+    assert bits_equal(jaxqp.prepare({"w": small}, min_int_size=129)["w"], applied)  # below min_int_size: float
+    assert bits_equal(jaxqp.prepare({"w": small})["w"].dequantize(), applied)  # by default: codes
 
 
 def test_summary_counts_the_compact_bytes():

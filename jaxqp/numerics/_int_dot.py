@@ -99,6 +99,42 @@ def bf16_int_dot(codes: jax.Array, carrier: jax.Array, carrier_in_axis: int = 1)
     return functools.reduce(jnp.add, parts)  # the chunks' sum in int32, no zero start
 
 
+INT_FORMS = ("int8", "int8_t", "bf16")
+
+
+def int_dot(codes: jax.Array, kernel_codes: jax.Array, form: str, kernel_in_axis: int = 1) -> jax.Array:
+    """int32 ``codes (n, in)`` times int8 ``kernel_codes`` contracted on ``in``, by one exact form.
+
+    Every form returns the same integers; which is fastest depends on the machine
+    (``jaxqp.numerics`` measures it, see ``_path_choice``):
+
+    * ``"int8"``: XLA's int8 dot with int32 accumulation, rows first;
+    * ``"int8_t"``: the same dot written kernel first and fenced with an optimization
+      barrier before the transpose (faster for few rows on some CPUs);
+    * ``"bf16"``: :func:`bf16_int_dot` on a bf16 copy of the kernel made inside the
+      computation (fast where bf16 is native).
+
+    Args:
+      codes: ``(n, in)`` int8 codes.
+      kernel_codes: int8 ``(out, in)`` (``kernel_in_axis=1``) or ``(in, out)`` (``0``).
+      form: one of ``INT_FORMS``.
+      kernel_in_axis: the input axis of ``kernel_codes``.
+
+    Returns:
+      The int32 ``(n, out)`` product.
+    """
+    if form == "int8":
+        return jax.lax.dot_general(codes, kernel_codes, (((1,), (kernel_in_axis,)), ((), ())),
+                                   preferred_element_type=jnp.int32)
+    if form == "int8_t":
+        acc = jax.lax.dot_general(kernel_codes, codes, (((kernel_in_axis,), (1,)), ((), ())),
+                                  preferred_element_type=jnp.int32)
+        return jax.lax.optimization_barrier(acc).T
+    if form == "bf16":
+        return bf16_int_dot(codes, kernel_codes.astype(jnp.bfloat16), carrier_in_axis=kernel_in_axis)
+    raise ValueError(f"form={form!r}: expected one of {INT_FORMS}")
+
+
 def uses_bf16(rows: int, n_in: int, n_out: int) -> bool:
     """Whether :func:`exact_int_dot` takes the bf16 path for this shape (many rows, width <= 2048)."""
     return rows > SWAP_MAX_ROWS and max(n_in, n_out) <= BF16_MAX_WIDTH

@@ -113,3 +113,44 @@ def unpack_mask(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     for d in shape:
         size *= d
     return unpack(packed, 1, size).astype(bool).reshape(shape)
+
+
+def pack_nibbles(codes: jax.Array) -> jax.Array:
+    """Signed 4-bit ``codes`` (in [-8, 7]) two per byte along the last axis, in two halves.
+
+    Unlike :func:`pack` (one bitstream over the flattened array) every row along the last
+    axis is packed on its own, so a matrix stays a matrix: ``(..., n)`` becomes
+    ``(..., m)`` uint8 with ``m = ceil(n / 2)``; byte ``j`` holds code ``j`` in its low
+    bits and code ``m + j`` in its high bits. Halves, not neighbours, share a byte so that
+    :func:`unpack_nibbles` is two shifts and a concatenation, which XLA runs at memory
+    speed (an interleaved layout unpacks 3x slower on CPU).
+
+    Args:
+      codes: integer codes in [-8, 7].
+
+    Returns:
+      The packed uint8 array.
+    """
+    codes = jnp.asarray(codes).astype(jnp.int8)
+    m = -(-codes.shape[-1] // 2)
+    if codes.shape[-1] % 2:
+        codes = jnp.concatenate([codes, jnp.zeros((*codes.shape[:-1], 1), jnp.int8)], axis=-1)
+    low = codes[..., :m].astype(jnp.uint8) & jnp.uint8(15)
+    high = codes[..., m:].astype(jnp.uint8) << jnp.uint8(4)
+    return low | high
+
+
+def unpack_nibbles(packed: jax.Array, n: int) -> jax.Array:
+    """The int8 codes of :func:`pack_nibbles`: ``(..., n)`` from ``(..., ceil(n / 2))`` bytes.
+
+    Args:
+      packed: bytes from :func:`pack_nibbles`.
+      n: the length of the last axis.
+
+    Returns:
+      int8 codes in [-8, 7].
+    """
+    signed = jax.lax.bitcast_convert_type(packed, jnp.int8)
+    low = jnp.left_shift(signed, jnp.int8(4)) >> jnp.int8(4)  # arithmetic shifts keep the sign
+    high = signed >> jnp.int8(4)
+    return jnp.concatenate([low, high], axis=-1)[..., :n]

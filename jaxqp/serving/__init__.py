@@ -13,17 +13,21 @@ Example:
     (4, 256)
 """
 
-from ._kernels import GeneralKernel, ServingKernel, int8_matmul, int8_matmul_general, quantize_rows
+from ._describe import describe
+from ._kernels import PATHS, GeneralKernel, ServingKernel, int8_matmul, int8_matmul_general, quantize_rows
 from ._linen import linen_serving_apply
-from ._nnx import Int8Linear, nnx_serving_model
+from ._nnx import Int8Embed, Int8Linear, nnx_serving_model
 from ._prepare import MIN_INT_SIZE, prepare
 from ._stablehlo import export_serving, load_serving
 
 __all__ = [
     "MIN_INT_SIZE",
+    "PATHS",
     "GeneralKernel",
+    "Int8Embed",
     "Int8Linear",
     "ServingKernel",
+    "describe",
     "export_serving",
     "int8_matmul",
     "int8_matmul_general",

@@ -1,13 +1,15 @@
 """Serving kernels and the int8 matmuls that use them (serving layer, no flax).
 
-:func:`int8_matmul` computes ``x @ W`` for a ServingKernel: each row of ``x`` is
-quantized to int8 on the fly (symmetric, absmax per row), multiplied in int8 with
-int32 accumulation, and rescaled. Fewer than four rows are padded to four, because
-XLA's CPU integer dot is slow for one row and fast for several; above 64 rows, layers
-at most 2048 wide compute the same integers with an exact bf16 dot, which is faster
-there (``jaxqp.numerics.exact_int_dot``). Relative to ``x @
-dequantize(W)`` the only error is the activation rounding, at most half an int8
-step of each row's absmax per input (see ``docs/design.md``).
+:func:`int8_matmul` computes ``x @ W`` for a ServingKernel by one of four paths
+(``PATHS``). The integer ones quantize each row of ``x`` to int8 on the fly (symmetric,
+absmax per row), multiply with the kernel's int8 codes into int32 and rescale:
+``"int8"`` (XLA's int8 dot), ``"int8_t"`` (the same dot kernel-first) and ``"bf16"``
+(an exact bf16 dot) give the same bits. Relative to ``x @ dequantize(W)`` their only
+error is the activation rounding, at most half an int8 step of each row's absmax per
+input (see ``docs/design.md``). ``"float"`` is ``x @ dequantize(W)`` itself, the weight
+decoded from the codes inside the jitted function (or kept, ``prepare(keep_float=True)``).
+A kernel pinned to a path takes it; an ``"auto"`` kernel takes the path measured fastest
+on this machine for its shape and row bucket (``jaxqp.numerics`` ``_path_choice``).
 
 Example:
     >>> import jax, jax.numpy as jnp, jaxqp
@@ -22,15 +24,22 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._export.compressed import Compressed
-from ..numerics._int_dot import bf16_int_dot, exact_int_dot, padded_rows, pow2_codes, uses_bf16
+from ..numerics._int_dot import int_dot, padded_rows, pow2_codes
 from ..numerics._linear import reciprocal
+from ..numerics._packing import unpack_nibbles
+from ..numerics._path_choice import decide, note, row_bucket
+
+PATHS = ("int8", "int8_t", "bf16", "float")
+PINS = ("auto", *PATHS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,83 +50,205 @@ class _Int8Codes(Compressed):
     scale: jax.Array
     dtype: str
     pow2: bool = False
-    carrier: jax.Array | None = None
+    path: str = "auto"
+    bits: int = 8
+    codes_shape: tuple[int, ...] = ()
+    float_weight: jax.Array | None = None
+
+    def int8_codes(self) -> jax.Array:
+        """The codes as int8 of ``codes_shape`` (4-bit codes are unpacked, inside jit when traced)."""
+        if self.bits == 8:
+            return self.codes
+        return unpack_nibbles(self.codes, self.codes_shape[-1])
+
+    def parts(self) -> list[tuple[slice, jax.Array]]:
+        """The int8 codes in parts along their last axis: ``[(columns, codes)]``.
+
+        One part for int8 codes; two for packed 4-bit codes (the low and the high nibbles,
+        columns ``[0, m)`` and ``[m, n)``), each decoded with shifts alone. Multiplying the
+        parts separately keeps XLA from fusing the unpacking into the dot, which would
+        leave its fast integer GEMM (5-7x slower measured on a 4096-wide layer).
+        """
+        n = self.codes_shape[-1]
+        if self.bits == 8:
+            return [(slice(0, n), self.codes)]
+        m = -(-n // 2)
+        signed = jax.lax.bitcast_convert_type(self.codes, jnp.int8)
+        low = jnp.left_shift(signed, jnp.int8(4)) >> jnp.int8(4)
+        high = (signed >> jnp.int8(4))[..., :n - m]
+        return [(slice(0, m), low), (slice(m, n), high)]
+
+    def int_product(self, codes: jax.Array, path: str, n_contract: int = 1) -> jax.Array:
+        """int32 ``codes (n, K)`` times the kernel's int8 codes as a ``(K, F)`` matrix, by an integer path."""
+        raise NotImplementedError
+
+    def float_product(self, rows: jax.Array, n_contract: int = 1) -> jax.Array:
+        """``rows (n, K)`` times the weight decoded from the codes (or the kept float copy)."""
+        raise NotImplementedError
+
+    def dequantize(self) -> jax.Array:
+        raise NotImplementedError
+
+    def kernel_shape(self) -> tuple[int, ...]:
+        """The shape of the weight ``dequantize()`` returns."""
+        raise NotImplementedError
+
+    def out_scale(self, n_contract: int = 1) -> jax.Array:
+        """The float32 scale of each output of the 2-D view."""
+        k, f = self.matrix_shape(n_contract)
+        return jnp.broadcast_to(self.scale.reshape(self.scale_shape()), self.kernel_shape()).reshape(k, f)[0]
+
+    def scale_shape(self) -> tuple[int, ...]:
+        """``scale``'s shape in the layout of ``kernel_shape()``."""
+        return tuple(self.scale.shape)
+
+    def matrix_shape(self, n_contract: int = 1) -> tuple[int, int]:
+        """``(K, F)``: the contracted and the output size of the 2-D view."""
+        shape = self.kernel_shape()
+        return math.prod(shape[:n_contract]), math.prod(shape[n_contract:])
+
+    @property
+    def kind(self) -> str:
+        """What a path decision is keyed by besides the shape: storage and a kept float copy."""
+        kept = "+float" if self.float_weight is not None else ""
+        return f"{type(self).__name__}-int{self.bits}{kept}"
+
+
+def _register(cls, name: str) -> None:
+    jax.tree_util.register_dataclass(cls, data_fields=["codes", "scale", "float_weight"],
+                                     meta_fields=["dtype", "pow2", "path", "bits", "codes_shape"])
+    jax.export.register_pytree_node_serialization(  # so jax.export can carry prepared trees
+        cls,
+        serialized_name=name,
+        serialize_auxdata=lambda aux: json.dumps(list(aux)).encode(),
+        deserialize_auxdata=lambda raw: tuple(tuple(a) if isinstance(a, list) else a for a in json.loads(raw)),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class ServingKernel(_Int8Codes):
-    """An int8 weight ready for :func:`int8_matmul`.
+    """An integer weight in memory, ready for :func:`int8_matmul`.
 
-    Invariants: ``codes`` is int8 of shape ``(out, in)`` with values in
-    [-127, 127]; ``scale`` is float32 of shape ``(out,)``, finite and positive;
-    ``dequantize()`` returns the ``(in, out)`` weight in ``dtype``, equal bit for
-    bit to the QArray it was prepared from. ``pow2`` (static): inputs are quantized
-    with power-of-two row scales, as ``ActSpec(scale_pow2=True, per_token=True)`` does
-    in training, so a model trained with ``ActSpec(integer=True)`` serves bit for bit.
-    ``carrier``: None, or ``codes`` as bfloat16 (exactly), kept for layers of at most
-    ``BF16_MAX_WIDTH`` inputs and outputs, where the exact bf16 dot is faster for many
-    rows (see :func:`jaxqp.numerics.bf16_int_dot`); it costs 2 more bytes per weight in
-    memory, not in files.
+    Invariants: ``codes`` holds the ``(out, in)`` codes (``codes_shape``) in [-127, 127]:
+    int8 when ``bits == 8``, or two 4-bit codes per byte along ``in``
+    (``jaxqp.numerics.pack_nibbles``, uint8 ``(out, ceil(in / 2))``) when ``bits == 4``;
+    ``scale`` is float32 of shape ``(out,)``, finite and positive; ``dequantize()``
+    returns the ``(in, out)`` weight in ``dtype``, equal bit for bit to the QArray it was
+    prepared from. ``pow2`` (static): inputs are quantized with power-of-two row scales, as
+    ``ActSpec(scale_pow2=True, per_token=True)`` does in training, so a model trained with
+    ``ActSpec(integer=True)`` serves bit for bit. ``path`` (static): ``"auto"`` (measure
+    the fastest path per row bucket on this machine) or one of ``PATHS`` (pinned).
+    ``float_weight``: None, or the dequantized ``(in, out)`` weight kept in memory
+    (``prepare(..., keep_float=True)``) for the float path.
 
     Attributes:
-      codes: int8 ``(out, in)`` codes.
+      codes: the ``(out, in)`` codes (int8, or packed 4-bit).
       scale: float32 ``(out,)`` scales.
       dtype: the dtype of the served output.
       pow2: power-of-two input row scales (static).
-      carrier: ``codes`` as bfloat16, or None.
+      path: ``"auto"`` or a pinned path (static).
+      bits: 8, or 4 for packed codes (static).
+      codes_shape: the ``(out, in)`` shape of the codes (static).
+      float_weight: the dequantized weight, or None.
     """
-
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.codes.shape[1], self.codes.shape[0])
+        return (self.codes_shape[1], self.codes_shape[0])
+
+    def kernel_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def int_product(self, codes: jax.Array, path: str, n_contract: int = 1) -> jax.Array:
+        products = [int_dot(codes[:, columns], part, path, 1) for columns, part in self.parts()]
+        return functools.reduce(jnp.add, products)
+
+    def float_product(self, rows: jax.Array, n_contract: int = 1) -> jax.Array:
+        if self.float_weight is not None:
+            return rows @ self.float_weight.astype(rows.dtype)
+        products = [rows[:, columns] @ (part.astype(jnp.float32) * self.scale[:, None]).astype(rows.dtype).T
+                    for columns, part in self.parts()]
+        return functools.reduce(jnp.add, products)
+
+    def out_scale(self, n_contract: int = 1) -> jax.Array:
+        return self.scale
 
     def dequantize(self) -> jax.Array:
-        return (self.codes.T.astype(jnp.float32) * self.scale).astype(self.dtype)
+        return (self.int8_codes().T.astype(jnp.float32) * self.scale).astype(self.dtype)
+
+    def lookup(self, indices: jax.Array) -> jax.Array:
+        """Rows ``indices`` of the ``(in, out)`` weight, decoded: an embedding lookup from codes.
+
+        Args:
+          indices: integer indices into the first axis.
+
+        Returns:
+          ``(*indices.shape, out)`` in ``dtype``.
+        """
+        if self.float_weight is not None:
+            return jnp.take(self.float_weight, indices, axis=0)
+        rows = jnp.take(self.int8_codes(), indices, axis=1)  # (out, *indices.shape)
+        return (jnp.moveaxis(rows, 0, -1).astype(jnp.float32) * self.scale).astype(self.dtype)
 
 
-jax.tree_util.register_dataclass(ServingKernel, data_fields=["codes", "scale", "carrier"],
-                                 meta_fields=["dtype", "pow2"])
-jax.export.register_pytree_node_serialization(  # so jax.export can carry prepared trees
-    ServingKernel,
-    serialized_name="jaxqp.serving.ServingKernel",
-    serialize_auxdata=lambda aux: json.dumps(list(aux)).encode(),
-    deserialize_auxdata=lambda raw: tuple(json.loads(raw)),
-)
+_register(ServingKernel, "jaxqp.serving.ServingKernel")
 
 
 @dataclasses.dataclass(frozen=True)
 class GeneralKernel(_Int8Codes):
-    """An int8 ``nn.DenseGeneral`` kernel of 3 or more axes, for :func:`int8_matmul_general`.
+    """An integer ``nn.DenseGeneral`` kernel of 3 or more axes, for :func:`int8_matmul_general`.
 
-    Invariants: ``codes`` is int8 in the kernel's own layout ``(*contracted, *features)``
-    with values in [-127, 127]; ``scale`` is float32 of the kernel's rank, size 1 on
-    every axis but possibly the last, finite and positive; ``dequantize()`` equals the
-    QArray it was prepared from bit for bit; ``carrier`` as for :class:`ServingKernel`.
+    Invariants: ``codes`` holds the codes in the kernel's own layout
+    ``(*contracted, *features)`` (``codes_shape``), int8 or packed 4-bit along the last
+    axis as for :class:`ServingKernel`; ``scale`` is float32 of the kernel's rank, size 1
+    on every axis but possibly the last, finite and positive; ``dequantize()`` equals the
+    QArray it was prepared from bit for bit; ``pow2``, ``path`` and ``float_weight`` as
+    for :class:`ServingKernel`.
 
     Attributes:
-      codes: int8 codes in the kernel's own layout.
+      codes: the codes in the kernel's own layout (int8, or packed 4-bit).
       scale: float32 scale of the kernel's rank.
-      dtype: as for :class:`ServingKernel` (so are ``pow2`` and ``carrier``).
+      dtype: as for :class:`ServingKernel` (so are ``pow2``, ``path``, ``bits`` and ``float_weight``).
+      codes_shape: the kernel's shape (static).
     """
-
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.codes.shape)
+        return tuple(self.codes_shape)
+
+    def kernel_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def _by_parts(self, lhs: jax.Array, n_contract: int, product) -> jax.Array:
+        """``product(lhs, part as (K, f), columns)`` for each part, joined along the last feature axis."""
+        k, f = self.matrix_shape(n_contract)
+        features = self.shape[n_contract:]
+        outs = [product(lhs, part.reshape(k, -1), columns).reshape(lhs.shape[0], *features[:-1], -1)
+                for columns, part in self.parts()]
+        return jnp.concatenate(outs, axis=-1).reshape(lhs.shape[0], f)
+
+    def int_product(self, codes: jax.Array, path: str, n_contract: int = 1) -> jax.Array:
+        return self._by_parts(codes, n_contract, lambda lhs, part, _: int_dot(lhs, part, path, 0))
+
+    def float_product(self, rows: jax.Array, n_contract: int = 1) -> jax.Array:
+        if self.float_weight is not None:
+            return rows @ self.float_weight.reshape(self.matrix_shape(n_contract)).astype(rows.dtype)
+        k, _ = self.matrix_shape(n_contract)
+        scale = self.scale.reshape(self.scale_shape())
+
+        def product(lhs, part, columns):
+            part_scale = scale if scale.shape[-1] == 1 else scale[..., columns]
+            shape = (*self.shape[:-1], columns.stop - columns.start)
+            weight = part.reshape(shape).astype(jnp.float32) * part_scale
+            return lhs @ weight.reshape(k, -1).astype(lhs.dtype)
+
+        return self._by_parts(rows, n_contract, product)
 
     def dequantize(self) -> jax.Array:
-        return (self.codes.astype(jnp.float32) * self.scale).astype(self.dtype)
+        return (self.int8_codes().astype(jnp.float32) * self.scale).astype(self.dtype)
 
 
-jax.tree_util.register_dataclass(GeneralKernel, data_fields=["codes", "scale", "carrier"],
-                                 meta_fields=["dtype", "pow2"])
-jax.export.register_pytree_node_serialization(
-    GeneralKernel,
-    serialized_name="jaxqp.serving.GeneralKernel",
-    serialize_auxdata=lambda aux: json.dumps(list(aux)).encode(),
-    deserialize_auxdata=lambda raw: tuple(json.loads(raw)),
-)
+_register(GeneralKernel, "jaxqp.serving.GeneralKernel")
 
 
 def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -136,8 +267,76 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return codes, scale
 
 
+def rows_product(rows: jax.Array, kernel: _Int8Codes, n_contract: int, path: str) -> jax.Array:
+    """``rows (n, K)`` times the kernel's ``(K, F)`` weight by ``path``, as float32 ``(n, F)``.
+
+    The integer paths (``"int8"``, ``"int8_t"``, ``"bf16"``) quantize each row to int8
+    (symmetric absmax, or power-of-two scales with ``kernel.pow2``), compute the same
+    int32 products and rescale: they agree bit for bit. ``"float"`` multiplies the
+    unquantized rows with the dequantized weight (kept, or decoded from the codes here).
+
+    Args:
+      rows: ``(n, K)`` float rows.
+      kernel: the prepared kernel.
+      n_contract: how many leading kernel axes are contracted (1 for a ServingKernel).
+      path: one of ``PATHS``.
+
+    Returns:
+      The float32 ``(n, F)`` product.
+    """
+    if path == "float":
+        return kernel.float_product(rows, n_contract).astype(jnp.float32)
+    padded, n = padded_rows(rows, rows.shape[1])
+    codes, row_scale = pow2_codes(padded, 8, 1) if kernel.pow2 else quantize_rows(padded)
+    acc = kernel.int_product(codes, path, n_contract)
+    return (acc.astype(jnp.float32) * row_scale * kernel.out_scale(n_contract))[:n]
+
+
+def _random_like(a, rng: np.random.Generator) -> np.ndarray:
+    dtype = np.dtype(a.dtype)
+    if dtype == np.int8:
+        return rng.integers(-127, 128, a.shape).astype(np.int8)
+    if dtype == np.uint8:
+        return rng.integers(0, 256, a.shape).astype(np.uint8)
+    return (rng.random(a.shape) + 0.5).astype(dtype)  # positive: a valid scale or weight
+
+
+def _candidates(kernel: _Int8Codes, rows: int, n_contract: int):
+    """Each path (and the float matmul) on random data of the kernel's shape and ``row_bucket(rows)`` rows."""
+    rng = np.random.default_rng(0)
+    synthetic = jax.device_put(jax.tree_util.tree_map(lambda a: _random_like(a, rng), kernel))
+    k, f = kernel.matrix_shape(n_contract)
+    x = jax.device_put(rng.standard_normal((row_bucket(rows), k)).astype(np.float32))
+    fns = {}
+    for path in PATHS:
+        fn = jax.jit(functools.partial(rows_product, n_contract=n_contract, path=path))
+        fns[path] = functools.partial(fn, x, synthetic)
+    weight = jax.device_put(rng.standard_normal((k, f)).astype(np.float32))
+    reference = functools.partial(jax.jit(jnp.matmul), x, weight)
+    return fns, reference
+
+
+def kernel_path(kernel: _Int8Codes, rows: int, n_contract: int = 1) -> str:
+    """The path a kernel takes for ``rows`` input rows: its pin, else the measured choice.
+
+    Args:
+      kernel: the prepared kernel.
+      rows: the input's row count.
+      n_contract: how many leading kernel axes are contracted.
+
+    Returns:
+      One of ``PATHS``.
+    """
+    shape = kernel.matrix_shape(n_contract)
+    path = kernel.path
+    if path == "auto":
+        path = decide(kernel.kind, shape, rows, lambda: _candidates(kernel, rows, n_contract)).path
+    note(kernel.kind, shape, rows, path)
+    return path
+
+
 def int8_matmul(x: jax.Array, kernel: ServingKernel) -> jax.Array:
-    """``x @ W`` over the last axis of ``x``, with int8 activations and weights.
+    """``x @ W`` over the last axis of ``x``, by the kernel's path (see :func:`rows_product`).
 
     Args:
       x: ``(..., in)`` float input.
@@ -146,22 +345,20 @@ def int8_matmul(x: jax.Array, kernel: ServingKernel) -> jax.Array:
     Returns:
       ``(..., out)`` in ``x``'s dtype.
     """
-    n_in = kernel.codes.shape[1]
+    n_in = kernel.shape[0]
     if x.shape[-1] != n_in:
         raise ValueError(f"int8_matmul: x has {x.shape[-1]} features, the kernel expects {n_in}")
-    rows, n = padded_rows(x, n_in)
-    codes, row_scale = pow2_codes(rows, 8, 1) if kernel.pow2 else quantize_rows(rows)
-    acc = exact_int_dot(codes, kernel.codes, kernel.carrier)
-    y = acc.astype(jnp.float32) * row_scale * kernel.scale
-    return y[:n].reshape(*x.shape[:-1], kernel.codes.shape[0]).astype(x.dtype)
+    rows = x.reshape(-1, n_in)
+    y = rows_product(rows, kernel, 1, kernel_path(kernel, rows.shape[0]))
+    return y.reshape(*x.shape[:-1], kernel.shape[1]).astype(x.dtype)
 
 
 def int8_matmul_general(x: jax.Array, kernel: GeneralKernel, n_contract: int) -> jax.Array:
-    """``x`` contracted over its last ``n_contract`` axes with the kernel's leading ones, in int8.
+    """``x`` contracted over its last ``n_contract`` axes with the kernel's leading ones.
 
-    The kernel's codes are read as a ``(K, F)`` matrix (a free reshape of its own layout):
-    each row of ``x`` is quantized like :func:`int8_matmul`'s, the int32 result rescaled by
-    the row scale and the kernel's scale, and reshaped to ``(..., *features)``.
+    The kernel is read as a ``(K, F)`` matrix (a free reshape of its own layout) and
+    multiplied like :func:`int8_matmul`, by the kernel's path; the result is reshaped to
+    ``(..., *features)``.
 
     Args:
       x: the input.
@@ -175,14 +372,6 @@ def int8_matmul_general(x: jax.Array, kernel: GeneralKernel, n_contract: int) ->
     if tuple(x.shape[x.ndim - n_contract:]) != contracted:
         raise ValueError(f"int8_matmul_general: x's last axes {x.shape[x.ndim - n_contract:]} do not match "
                          f"the kernel's contracted axes {contracted}")
-    k, f = math.prod(contracted), math.prod(features)
-    rows, n = padded_rows(x, k)
-    codes, row_scale = pow2_codes(rows, 8, 1) if kernel.pow2 else quantize_rows(rows)
-    if kernel.carrier is not None and uses_bf16(rows.shape[0], k, f):
-        acc = bf16_int_dot(codes, kernel.carrier.reshape(k, f), carrier_in_axis=0)
-    else:
-        acc = jax.lax.dot_general(codes, kernel.codes.reshape(k, f), (((1,), (0,)), ((), ())),
-                                  preferred_element_type=jnp.int32)
-    scale = jnp.broadcast_to(kernel.scale, kernel.shape).reshape(k, f)[0]
-    y = acc.astype(jnp.float32) * row_scale * scale
-    return y[:n].reshape(*x.shape[:x.ndim - n_contract], *features).astype(x.dtype)
+    rows = x.reshape(-1, math.prod(contracted))
+    y = rows_product(rows, kernel, n_contract, kernel_path(kernel, rows.shape[0], n_contract))
+    return y.reshape(*x.shape[:x.ndim - n_contract], *features).astype(x.dtype)

@@ -2,10 +2,10 @@
 
 ``jaxqp.linen_serving_apply(model)`` returns ``apply(params, *args, **kwargs)``
 that runs ``model.apply({"params": params}, ...)`` while every ``nn.Dense`` whose
-kernel is a :class:`ServingKernel` computes with :func:`jaxqp.serving.int8_matmul` (and every
+kernel is a :class:`ServingKernel` computes with :func:`jaxqp.serving.int8_matmul` (every
 ``nn.DenseGeneral`` with a :class:`jaxqp.serving.GeneralKernel`, e.g. attention projections,
-with :func:`jaxqp.serving.int8_matmul_general`)
-(through ``nn.intercept_methods``: the model class is not modified). Jit it.
+with :func:`jaxqp.serving.int8_matmul_general`, and every ``nn.Embed`` looks up rows of its
+codes) through ``nn.intercept_methods``: the model class is not modified. Jit it.
 
 Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxqp
@@ -32,6 +32,11 @@ from ._kernels import GeneralKernel, ServingKernel, int8_matmul, int8_matmul_gen
 
 def _interceptor(next_fun, args, kwargs, context):
     module = context.module
+    if type(module) is nn.Embed and module.has_variable("params", "embedding"):
+        table = module.get_variable("params", "embedding")
+        if isinstance(table, ServingKernel):
+            return _embed(module, table, context.method_name, args, kwargs, next_fun)
+        return next_fun(*args, **kwargs)
     if context.method_name != "__call__" or not module.has_variable("params", "kernel"):
         return next_fun(*args, **kwargs)
     kernel = module.get_variable("params", "kernel")
@@ -39,17 +44,28 @@ def _interceptor(next_fun, args, kwargs, context):
         return _dense_general(module, kernel, args)
     if not isinstance(kernel, ServingKernel):
         return next_fun(*args, **kwargs)
-    if type(module) is not nn.Dense:
-        raise TypeError(
-            f"{type(module).__name__} at '{'/'.join(module.scope.path)}' got an int8 ServingKernel, "
-            "but only nn.Dense runs the integer path; prepare it with a larger min_int_size or "
-            "leave it float"
-        )
     (x,) = args
     y = int8_matmul(x, kernel)
     if module.use_bias:
         y = y + module.get_variable("params", "bias").astype(y.dtype)
     return y
+
+
+def _embed(module, table: ServingKernel, method: str, args, kwargs, next_fun):
+    """``nn.Embed`` on codes: a lookup decodes only the rows it takes; ``attend`` decodes the table."""
+    dtype = module.dtype or table.dtype
+    if method == "__call__":
+        (tokens,) = args
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"nn.Embed at '{'/'.join(module.scope.path)}': input type must be an integer, "
+                             f"got {tokens.dtype}")
+        return table.lookup(tokens).astype(dtype)
+    if method == "attend":
+        (query,) = args
+        return jnp.dot(query.astype(dtype), table.dequantize().astype(dtype).T)
+    if method == "setup":  # its self.param would check the table's shape against the codes' leaves
+        return None
+    return next_fun(*args, **kwargs)
 
 
 def _general_ok(module, x) -> bool:
@@ -59,51 +75,63 @@ def _general_ok(module, x) -> bool:
 
 def _dense_general(module, kernel: GeneralKernel, args):
     (x,) = args
-    if not _general_ok(module, x):
-        raise TypeError(
-            f"{type(module).__name__} at '{'/'.join(module.scope.path)}' got an int8 GeneralKernel, but only "
-            "nn.DenseGeneral contracting the trailing input axes without batch_dims runs the integer path"
-        )
     y = int8_matmul_general(x, kernel, len(kernel.shape) - len(as_tuple(module.features)))
     if module.use_bias:
         y = y + module.get_variable("params", "bias").astype(y.dtype)
     return y
 
 
-def _is_general(x) -> bool:
-    return isinstance(x, GeneralKernel)
+def _is_kernel(x) -> bool:
+    return isinstance(x, (ServingKernel, GeneralKernel))
 
 
 def _key(entry) -> str:
     return str(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))))
 
 
-def _general_to_float(model, params, args, kwargs):
-    """``params`` with GeneralKernels that no integer-capable DenseGeneral uses decoded to float.
+def _capable(module, args) -> str | None:
+    """The param a module runs from codes (its "kernel" or "embedding"), or None."""
+    if type(module) is nn.Dense:
+        return "kernel"
+    if type(module) is nn.Embed:
+        return "embedding"
+    if args and _general_ok(module, args[0]):
+        return "kernel"
+    return None
 
-    Conv kernels of 3+ axes (or a DenseGeneral with batch_dims) are prepared as
-    GeneralKernels too; an abstract pass records which modules can run them.
+
+def _unused_to_float(model, params, args, kwargs):
+    """``params`` with the prepared kernels that no integer-capable layer uses decoded to float.
+
+    ``nn.Dense`` runs a ServingKernel, ``nn.Embed`` looks up rows of one, and an
+    ``nn.DenseGeneral`` contracting trailing axes runs a GeneralKernel; any other layer
+    (a convolution, an ``nn.Einsum``, a custom module) gets its weight decoded to float
+    inside the jitted function. An abstract pass records which layers are capable.
     """
-    if not any(_is_general(x) for x in jax.tree_util.tree_leaves(params, is_leaf=_is_general)):
+    if not any(_is_kernel(x) for x in jax.tree_util.tree_leaves(params, is_leaf=_is_kernel)):
         return params
     capable: set[str] = set()
 
     def record(next_fun, call_args, call_kwargs, context):
         module = context.module
-        if context.method_name == "__call__" and call_args and _general_ok(module, call_args[0]):
-            capable.add("/".join(module.path + ("kernel",)))
+        name = _capable(module, call_args) if context.method_name in ("__call__", "attend") else None
+        if name is not None:
+            capable.add("/".join(module.path + (name,)))
         return next_fun(*call_args, **call_kwargs)
 
     abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)) if _is_general(x) else x,
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)) if _is_kernel(x) else x,
         params,
-        is_leaf=_is_general,
+        is_leaf=_is_kernel,
     )
-    with nn.intercept_methods(_interceptor), nn.intercept_methods(record):
+    with nn.intercept_methods(record):
         jax.eval_shape(lambda p: model.apply({"params": p}, *args, **kwargs), abstract)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: x if not _is_general(x) or "/".join(_key(e) for e in path) in capable else x.dequantize(),
-        params, is_leaf=_is_general)
+
+    def decode(path, x):
+        used = "/".join(_key(e) for e in path) in capable
+        return x.dequantize() if _is_kernel(x) and not used else x
+
+    return jax.tree_util.tree_map_with_path(decode, params, is_leaf=_is_kernel)
 
 
 def linen_serving_apply(model: nn.Module) -> Callable:
@@ -114,11 +142,14 @@ def linen_serving_apply(model: nn.Module) -> Callable:
 
     Returns:
       ``apply(served, *args, **kwargs)``: ``nn.Dense`` layers whose kernel is a
-      :class:`jaxqp.serving.ServingKernel` run the int8 dot, other layers run as usual.
+      :class:`jaxqp.serving.ServingKernel` multiply from its codes, ``nn.Embed`` layers
+      look up rows of one, ``nn.DenseGeneral`` layers run a
+      :class:`jaxqp.serving.GeneralKernel`; any other layer gets its weight decoded to
+      float inside the function; other layers run as usual.
     """
 
     def apply(params, *args, **kwargs):
-        params = _general_to_float(model, params, args, kwargs)
+        params = _unused_to_float(model, params, args, kwargs)
         with nn.intercept_methods(_interceptor):
             return model.apply({"params": params}, *args, **kwargs)
 

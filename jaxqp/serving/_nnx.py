@@ -3,8 +3,9 @@
 ``jaxqp.nnx_serving_model(graphdef, served, *rest)`` merges the state (whose
 kernels may be :class:`ServingKernel`s after :func:`jaxqp.prepare`) and swaps
 every ``nnx.Linear`` holding one for an :class:`Int8Linear` that computes with
-:func:`jaxqp.serving.int8_matmul`. The user's module classes are not modified; only
-the merged instance's sub-layers are replaced.
+:func:`jaxqp.serving.int8_matmul` (and every ``nnx.Embed`` for an :class:`Int8Embed`).
+The user's module classes are not modified; only the merged instance's sub-layers are
+replaced.
 
 Example:
     >>> import jax, jax.numpy as jnp, jaxqp
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 from flax import nnx
 
 from ._kernels import GeneralKernel, ServingKernel, int8_matmul
@@ -45,24 +47,55 @@ class Int8Linear(nnx.Module):
         return y
 
 
-def _is_served_linear(module) -> bool:
-    return type(module) is nnx.Linear and isinstance(module.kernel.get_value(), ServingKernel)
+class Int8Embed(nnx.Module):
+    """An embedding lookup from a :class:`ServingKernel` table: only the rows taken are decoded.
+
+    Args:
+      embedding: the ``nnx.Param`` holding the table's :class:`ServingKernel` (``(vocab, features)``).
+      dtype: the output dtype, or None for the table's.
+    """
+
+    def __init__(self, embedding: nnx.Param, dtype=None):
+        self.embedding = embedding
+        self.dtype = dtype
+
+    def __call__(self, tokens):
+        table = self.embedding.get_value()
+        return table.lookup(tokens).astype(self.dtype or table.dtype)
+
+    def attend(self, query):
+        table = self.embedding.get_value()
+        dtype = self.dtype or table.dtype
+        return jnp.dot(query.astype(dtype), table.dequantize().astype(dtype).T)
 
 
-def _swap(module) -> Int8Linear:
-    return Int8Linear(module.kernel, module.bias if module.use_bias else None)
+def _value(module, name: str):
+    variable = getattr(module, name, None)
+    return variable.get_value() if isinstance(variable, nnx.Variable) else None
 
 
-def _decode_general(model) -> None:
-    """NNX layers have no integer path for N-D kernels: decode GeneralKernels to float in place."""
+def _swap(module) -> nnx.Module | None:
+    """The integer replacement of a served ``nnx.Linear`` or ``nnx.Embed``, or None."""
+    if type(module) is nnx.Linear and isinstance(_value(module, "kernel"), ServingKernel):
+        return Int8Linear(module.kernel, module.bias if module.use_bias else None)
+    if type(module) is nnx.Embed and isinstance(_value(module, "embedding"), ServingKernel):
+        return Int8Embed(module.embedding, module.dtype)
+    return None
+
+
+def _decode_others(model) -> None:
+    """Layers without an integer path get their prepared kernels decoded to float in place."""
     for _, module in nnx.iter_modules(model):
-        kernel = getattr(module, "kernel", None)
-        if isinstance(kernel, nnx.Variable) and isinstance(kernel.get_value(), GeneralKernel):
-            kernel.set_value(kernel.get_value().dequantize())
+        if _swap(module) is not None:
+            continue
+        for name in ("kernel", "embedding"):
+            variable = getattr(module, name, None)
+            if isinstance(variable, nnx.Variable) and isinstance(variable.get_value(), (ServingKernel, GeneralKernel)):
+                variable.set_value(variable.get_value().dequantize())
 
 
 def nnx_serving_model(graphdef: Any, served: Any, *rest: Any) -> nnx.Module:
-    """The merged model with every served ``nnx.Linear`` running the int8 path.
+    """The merged model with every served ``nnx.Linear`` and ``nnx.Embed`` running from codes.
 
     Args:
       graphdef: the model's graph definition (``nnx.split(model)[0]``).
@@ -70,20 +103,24 @@ def nnx_serving_model(graphdef: Any, served: Any, *rest: Any) -> nnx.Module:
       *rest: other states to merge (e.g. batch statistics).
 
     Returns:
-      The NNX model, with served ``nnx.Linear`` layers replaced by :class:`Int8Linear`.
+      The NNX model, with served ``nnx.Linear`` layers replaced by :class:`Int8Linear`
+      and ``nnx.Embed`` layers by :class:`Int8Embed`; other layers' prepared kernels
+      decoded to float.
     """
     model = nnx.merge(graphdef, served, *rest)
-    _decode_general(model)
-    if _is_served_linear(model):
-        return _swap(model)
+    _decode_others(model)
+    swapped = _swap(model)
+    if swapped is not None:
+        return swapped
     for path, module in list(nnx.iter_modules(model)):
-        if not path or not _is_served_linear(module):
+        swapped = _swap(module) if path else None
+        if swapped is None:
             continue
         parent = model
         for key in path[:-1]:
             parent = parent[key] if isinstance(key, int) else getattr(parent, str(key))
         if isinstance(path[-1], int):
-            parent[path[-1]] = _swap(module)
+            parent[path[-1]] = swapped
         else:
-            setattr(parent, str(path[-1]), _swap(module))
+            setattr(parent, str(path[-1]), swapped)
     return model
