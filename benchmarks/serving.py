@@ -149,7 +149,8 @@ def latency_rows(model_name, model, params, make_input, batches, configs, repeat
     memory = {name: tree_bytes(tree) / tree_bytes(params) for name, tree in served.items()}
     print(f"{model_name:<12} served bytes / float params: "
           + " | ".join(f"{name} {ratio:.3f}x" for name, ratio in memory.items()), flush=True)
-    serve = jax.jit(jaxqp.linen_serving_apply(model))
+    apply = jaxqp.linen_serving_apply(model)
+    serve = jax.jit(apply)
     peer = qwix_ptq(model, params, make_input(batches[0]))
     rows = []
     for batch in batches:
@@ -159,9 +160,9 @@ def latency_rows(model_name, model, params, make_input, batches, configs, repeat
         if peer is not None:
             fns["qwix-ptq-int8"], args["qwix-ptq-int8"] = peer[0], (peer[1], x)
         paths = {}
-        for name, tree in served.items():  # trace (and measure paths) before timing
+        for name, tree in served.items():  # trace (measuring paths) before timing; jit's cache would hide them
             with record_paths() as used:
-                jax.block_until_ready(serve(tree, x))
+                jax.eval_shape(lambda tree, x: apply(tree, x), tree, x)  # a new function: never a cached trace
             paths[name] = path_counts(used)
         t = time_calls(fns, args, repeats, calls)
         cells = []

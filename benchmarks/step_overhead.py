@@ -15,7 +15,6 @@ each is divided by the float step's median. A second, identical float run
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import flax.linen as nn
@@ -27,6 +26,7 @@ from _common import write_json
 
 import jaxqp
 from jaxqp.demo import make_train_step
+from jaxqp.numerics._path_choice import cpu_info, record_paths
 
 
 class MLP(nn.Module):
@@ -96,11 +96,13 @@ def main(argv=None):
     y = jnp.asarray(rng.integers(0, 10, size=args.batch).astype(np.int32))
     params0 = model.init(jax.random.key(0), x[:1])["params"]
 
-    runs = {}
+    runs, paths = {}, {}
     for name, rules in configs(args.steps * args.repeats).items():
         tx, step = make_step(model, rules)
         params, opt_state = params0, tx.init(params0)
-        params, opt_state, _ = jax.block_until_ready(step(params, opt_state, x, y))  # compile
+        with record_paths() as used:  # integer layers pick their dot form when traced
+            params, opt_state, _ = jax.block_until_ready(step(params, opt_state, x, y))  # compile
+        paths[name] = sorted({entry["path"] for entry in used})
         runs[name] = [step, params, opt_state, []]
 
     for _ in range(args.repeats):  # round-robin, so drift hits every config alike
@@ -115,14 +117,17 @@ def main(argv=None):
 
     base = float(np.median(runs["float32"][3]))
     rows = []
+    cpu = cpu_info()
     print(f"MLP {args.depth}x{args.width}, batch {args.batch}, {jax.default_backend()} "
-          f"({platform.processor() or platform.machine()}), median of {args.repeats} x {args.steps} steps")
+          f"({cpu['model']}; {', '.join(cpu['flags'])}), median of {args.repeats} x {args.steps} steps")
     print(f"{'config':<12} {'step ms':>8} {'ratio':>7}")
     for name, run in runs.items():
         ms = float(np.median(run[3]))
-        print(f"{name:<12} {ms * 1e3:8.2f} {ms / base:7.3f}x")
+        dots = f"  dot: {', '.join(paths[name])}" if paths[name] else ""
+        print(f"{name:<12} {ms * 1e3:8.2f} {ms / base:7.3f}x{dots}")
         if not name.startswith("float32"):
-            rows.append({"config": name, "step_ratio": round(ms / base, 4), "step_ms": round(ms * 1e3, 3)})
+            rows.append({"config": name, "step_ratio": round(ms / base, 4), "step_ms": round(ms * 1e3, 3),
+                         "path": paths[name] or None})
     write_json(args.json, rows)
     return rows
 

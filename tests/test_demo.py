@@ -38,6 +38,8 @@ def test_demo_quick_writes_the_table(tmp_path):
     assert file_bytes / float_file_bytes < 0.11  # README: 0.105x
     served = next(line for line in stdout.splitlines() if "served from the loaded file" in line)
     assert f"{by['pruned+int8']['accuracy']:.2f}%" in served  # the loaded file serves the trained accuracy
+    memory = next(line for line in stdout.splitlines() if "served memory" in line)
+    assert "77200 bytes vs float32 295080 (0.262x" in memory  # int8 codes + scales, float biases
 
 
 @pytest.mark.slow
@@ -49,14 +51,24 @@ def test_serving_benchmark_quick_writes_rows(tmp_path):
     assert {(r["model"], r["batch"]) for r in latency} == {(m, b) for m in models for b in (1, 4)}
     configs = {m: {r["config"] for r in latency if r["model"] == m} for m in models}
     assert configs == {"mlp256": {"int8", "int4", "nm2:4+int8", "sparse90+int8"},
-                       "transformer": {"int8"}, "tiny_lm": {"int8"}}  # quick mode
-    # Served memory follows from the shapes. 256x256 kernels serve as int8 codes + a bf16 carrier
-    # + float32 scales (3 bytes a weight), biases stay float; the two small models' layers are all
-    # under MIN_INT_SIZE and are served as dequantized float32 (today's prepare: 1.0x).
-    kernel, bias = 256 * 256 * (1 + 2) + 256 * 4, 256 * 4
-    mlp_ratio = round(2 * (kernel + bias) / (2 * (256 * 256 + 256) * 4), 4)
+                       "transformer": {"int8"}, "tiny_lm": {"int8", "int8+keep_float"}}  # quick mode
+    # Served memory follows from the shapes: 256x256 kernels stay int8 codes (or two 4-bit codes a
+    # byte) plus a float32 scale per output; biases stay float32.
+    float_bytes = 2 * (256 * 256 + 256) * 4
+    mlp = {bits: round(2 * (256 * 256 * bits // 8 + 256 * 4 + 256 * 4) / float_bytes, 4) for bits in (8, 4)}
+    assert (mlp[8], mlp[4]) == (0.2568, 0.1323)
     for r in latency:
-        assert r["served_bytes_ratio"] == (mlp_ratio if r["model"] == "mlp256" else 1.0), r
+        if r["model"] == "mlp256":
+            assert r["served_bytes_ratio"] == (mlp[4] if r["config"] == "int4" else mlp[8]), r
+            assert r["path"] and sum(r["path"].values()) == 2  # both Dense layers, by the path measured fastest
+        elif r["config"] == "int8":  # small models: every Dense, DenseGeneral and Embed weight stays codes
+            assert r["served_bytes_ratio"] < 0.30, r
+        else:  # keep_float: a float copy next to the codes
+            assert r["config"] == "int8+keep_float" and r["served_bytes_ratio"] > 1.0, r
+        assert set(r["path"]) <= {"int8", "int8_t", "bf16", "float"}
+    machine = rows[0]
+    assert machine["cpu"] and set(machine["cpu_flags"]) <= {"avx2", "avx512f", "avx512_vnni", "avx_vnni",
+                                                            "avx512_bf16", "amx_int8", "amx_bf16"}
     assert set(sizes) == {"int8", "int4", "nm2:4+int8", "sparse90+int8"}
     assert sizes["sparse90+int8"] < sizes["int4"] < sizes["nm2:4+int8"] < sizes["int8"] < 0.3
 

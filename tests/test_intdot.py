@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import bits_equal
 
 import jaxqp
 from jaxqp import ActSpec, QuantSpec, Rule
@@ -163,3 +164,17 @@ def test_dense_general_and_linear_general_integer_paths_equal_fake_quant(per_tok
     fake, integer = nnx_outputs(layer, x, (a_spec, int_spec))
     np.testing.assert_array_equal(integer, fake)
     assert calls == [(32, 32)] * 3 + ([] if per_token else [(32, 32)])
+
+
+@pytest.mark.parametrize("k", [96, 1100])  # the float form is exact (and a candidate) only for k <= 1040
+def test_every_training_form_gives_the_same_bits(k):
+    from jaxqp.numerics._int_dot import INT_FORMS, _forward_form, train_forms
+
+    assert train_forms(k, 8, 8) == ((*INT_FORMS, "float") if k <= 1040 else INT_FORMS)
+    x = jax.random.normal(jax.random.key(0), (5, k)) * 3.0
+    w = jax.random.normal(jax.random.key(1), (k, 24))
+    outs = {form: jax.jit(lambda x, w, form=form: _forward_form(x, w, 8, 8, True, form)[0])(x, w)
+            for form in (*INT_FORMS, "float")}
+    for form in train_forms(k, 8, 8):
+        assert bits_equal(outs[form], outs["int8"]), form
+    np.testing.assert_array_equal(np.asarray(int_dense(x, w, 8, 8, True)), np.asarray(outs["int8"]))

@@ -26,12 +26,15 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._formats import pow2_ceil
 from ._linear import _finite_positive, reciprocal
+from ._path_choice import decide, note, row_bucket
 
 
 def pow2_codes(x: jax.Array, bits: int, axis: int | None) -> tuple[jax.Array, jax.Array]:
@@ -168,15 +171,49 @@ def padded_rows(x: jax.Array, n_in: int) -> tuple[jax.Array, int]:
     return rows, n
 
 
-def _forward(x, w, x_bits, w_bits, per_token):
+def train_forms(k: int, x_bits: int, w_bits: int) -> tuple[str, ...]:
+    """The forms :func:`int_dense` may take: the exact integer ones, and ``"float"`` where it is exact too.
+
+    The float fake-quant matmul of power-of-two-scaled codes is exact (so equal bit for bit)
+    when ``k * qmax_x * qmax_w < 2**24``: every product and partial sum is then an integer
+    multiple of ``s_x * s_w`` below ``2**24`` of them.
+    """
+    exact_float = k * (2 ** (x_bits - 1) - 1) * (2 ** (w_bits - 1) - 1) < 2**24
+    return (*INT_FORMS, "float") if exact_float else INT_FORMS
+
+
+def _forward_form(x, w, x_bits, w_bits, per_token, form):
     k = w.shape[0]
     rows, n = padded_rows(x.astype(jnp.float32), k)
     x_codes, x_scale = pow2_codes(rows, x_bits, 1 if per_token else None)
     w_codes, w_scale = pow2_codes(w.astype(jnp.float32).T, w_bits, 1)  # (out, in): the fast dot layout
-    acc = exact_int_dot(x_codes, w_codes, w_codes.astype(jnp.bfloat16))  # the cast is dropped if unused
-    y = (acc.astype(jnp.float32) * x_scale * w_scale.T)[:n]
+    if form == "float":
+        y = ((x_codes.astype(jnp.float32) * x_scale) @ (w_codes.astype(jnp.float32) * w_scale).T)[:n]
+    else:
+        y = (int_dot(x_codes, w_codes, form).astype(jnp.float32) * x_scale * w_scale.T)[:n]
     x_hat = (x_codes.astype(jnp.float32) * x_scale)[:n].reshape(x.shape)
     return y.reshape(*x.shape[:-1], w.shape[1]).astype(x.dtype), x_hat
+
+
+def _train_candidates(rows, k, out, x_bits, w_bits, per_token):
+    rng = np.random.default_rng(0)
+    x = jax.device_put(rng.standard_normal((row_bucket(rows), k)).astype(np.float32))
+    w = jax.device_put(rng.standard_normal((k, out)).astype(np.float32))
+    fns = {}
+    for form in train_forms(k, x_bits, w_bits):
+        fn = jax.jit(functools.partial(_forward_form, x_bits=x_bits, w_bits=w_bits, per_token=per_token, form=form))
+        fns[form] = functools.partial(fn, x, w)
+    return fns, functools.partial(jax.jit(jnp.matmul), x, w)
+
+
+def _forward(x, w, x_bits, w_bits, per_token):
+    k, out = w.shape
+    rows = max(math.prod(x.shape[:-1]), MIN_ROWS)
+    kind = f"int_dense-a{x_bits}w{w_bits}{'-per_token' if per_token else ''}"
+    form = decide(kind, (k, out), rows,
+                  lambda: _train_candidates(rows, k, out, x_bits, w_bits, per_token)).path
+    note(kind, (k, out), rows, form)
+    return _forward_form(x, w, x_bits, w_bits, per_token, form)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
