@@ -55,7 +55,7 @@ class Int8Embed(nnx.Module):
       dtype: the output dtype, or None for the table's.
     """
 
-    def __init__(self, embedding: nnx.Param, dtype=None):
+    def __init__(self, embedding: nnx.Param, dtype: Any = None):
         self.embedding = embedding
         self.dtype = dtype
 
