@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -39,6 +40,7 @@ ROUNDS = 5  # interleaved timing rounds per candidate; the median is kept
 MIN_ROUND_S = 5e-4  # each round repeats a call until it lasts at least this long
 
 
+@functools.cache
 def cpu_info() -> dict:
     """The CPU model name and which of ``CPU_FLAGS`` it has (from ``/proc/cpuinfo``; empty elsewhere).
 
@@ -60,6 +62,7 @@ def cpu_info() -> dict:
     return {"model": model, "flags": [flag for flag in CPU_FLAGS if flag in flags]}
 
 
+@functools.cache
 def machine_key() -> str:
     """What a decision is valid for: backend, device kind, CPU model and flags, jax version.
 

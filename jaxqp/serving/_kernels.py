@@ -96,11 +96,7 @@ class _Int8Codes(Compressed):
     def out_scale(self, n_contract: int = 1) -> jax.Array:
         """The float32 scale of each output of the 2-D view."""
         k, f = self.matrix_shape(n_contract)
-        return jnp.broadcast_to(self.scale.reshape(self.scale_shape()), self.kernel_shape()).reshape(k, f)[0]
-
-    def scale_shape(self) -> tuple[int, ...]:
-        """``scale``'s shape in the layout of ``kernel_shape()``."""
-        return tuple(self.scale.shape)
+        return jnp.broadcast_to(self.scale, self.kernel_shape()).reshape(k, f)[0]
 
     def matrix_shape(self, n_contract: int = 1) -> tuple[int, int]:
         """``(K, F)``: the contracted and the output size of the 2-D view."""
@@ -234,7 +230,7 @@ class GeneralKernel(_Int8Codes):
         if self.float_weight is not None:
             return rows @ self.float_weight.reshape(self.matrix_shape(n_contract)).astype(rows.dtype)
         k, _ = self.matrix_shape(n_contract)
-        scale = self.scale.reshape(self.scale_shape())
+        scale = self.scale
 
         def product(lhs, part, columns):
             part_scale = scale if scale.shape[-1] == 1 else scale[..., columns]
