@@ -23,6 +23,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
@@ -40,6 +42,33 @@ from ..numerics._path_choice import decide, note, row_bucket
 
 PATHS = ("int8", "int8_t", "bf16", "float")
 PINS = ("auto", *PATHS)
+
+# An exporter (jaxqp.deploy) replaces how every prepared kernel multiplies and decodes while
+# it traces a served model: ``hook.product(rows, kernel, n_contract) -> float32 (n, F)`` and
+# ``hook.decode(kernel) -> the dequantized weight``.
+_HOOK: contextvars.ContextVar = contextvars.ContextVar("jaxqp_kernel_hook", default=None)
+
+
+@contextlib.contextmanager
+def kernel_hook(hook):
+    """Within the block, prepared kernels multiply by ``hook.product`` and decode by ``hook.decode``.
+
+    Args:
+      hook: an object with ``product(rows (n, K), kernel, n_contract) -> float32 (n, F)``
+        and ``decode(kernel) -> weight`` (the array ``kernel.dequantize()`` would return).
+    """
+    token = _HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _HOOK.reset(token)
+
+
+def _product(rows: jax.Array, kernel: "_Int8Codes", n_contract: int) -> jax.Array:
+    hook = _HOOK.get()
+    if hook is not None:
+        return hook.product(rows, kernel, n_contract)
+    return rows_product(rows, kernel, n_contract, kernel_path(kernel, rows.shape[0], n_contract))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +116,15 @@ class _Int8Codes(Compressed):
         raise NotImplementedError
 
     def dequantize(self) -> jax.Array:
+        """The weight in its own layout and ``dtype``, decoded from the codes."""
+        hook = _HOOK.get()
+        return self._decode() if hook is None else hook.decode(self)
+
+    def _decode(self) -> jax.Array:
+        raise NotImplementedError
+
+    def matrix_codes(self, n_contract: int = 1) -> jax.Array:
+        """The int8 codes as the ``(K, F)`` matrix of the 2-D view (unpacked from 4 bits)."""
         raise NotImplementedError
 
     def kernel_shape(self) -> tuple[int, ...]:
@@ -169,8 +207,11 @@ class ServingKernel(_Int8Codes):
     def out_scale(self, n_contract: int = 1) -> jax.Array:
         return self.scale
 
-    def dequantize(self) -> jax.Array:
+    def _decode(self) -> jax.Array:
         return (self.int8_codes().T.astype(jnp.float32) * self.scale).astype(self.dtype)
+
+    def matrix_codes(self, n_contract: int = 1) -> jax.Array:
+        return self.int8_codes().T
 
     def lookup(self, indices: jax.Array) -> jax.Array:
         """Rows ``indices`` of the ``(in, out)`` weight, decoded: an embedding lookup from codes.
@@ -183,6 +224,8 @@ class ServingKernel(_Int8Codes):
         """
         if self.float_weight is not None:
             return jnp.take(self.float_weight, indices, axis=0)
+        if _HOOK.get() is not None:
+            return jnp.take(self.dequantize(), indices, axis=0)
         rows = jnp.take(self.int8_codes(), indices, axis=1)  # (out, *indices.shape)
         return (jnp.moveaxis(rows, 0, -1).astype(jnp.float32) * self.scale).astype(self.dtype)
 
@@ -240,8 +283,11 @@ class GeneralKernel(_Int8Codes):
 
         return self._by_parts(rows, n_contract, product)
 
-    def dequantize(self) -> jax.Array:
+    def _decode(self) -> jax.Array:
         return (self.int8_codes().astype(jnp.float32) * self.scale).astype(self.dtype)
+
+    def matrix_codes(self, n_contract: int = 1) -> jax.Array:
+        return self.int8_codes().reshape(self.matrix_shape(n_contract))
 
 
 _register(GeneralKernel, "jaxqp.serving.GeneralKernel")
@@ -259,7 +305,8 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     x = x.astype(jnp.float32)
     scale = jnp.max(jnp.abs(x), axis=1, keepdims=True) * reciprocal(127)
     scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
-    codes = jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8)
+    # times the reciprocal, as XLA computes x / scale under jit: eager, jit and ONNX agree
+    codes = jnp.clip(jnp.round(x * (1.0 / scale)), -127, 127).astype(jnp.int8)
     return codes, scale
 
 
@@ -345,7 +392,7 @@ def int8_matmul(x: jax.Array, kernel: ServingKernel) -> jax.Array:
     if x.shape[-1] != n_in:
         raise ValueError(f"int8_matmul: x has {x.shape[-1]} features, the kernel expects {n_in}")
     rows = x.reshape(-1, n_in)
-    y = rows_product(rows, kernel, 1, kernel_path(kernel, rows.shape[0]))
+    y = _product(rows, kernel, 1)
     return y.reshape(*x.shape[:-1], kernel.shape[1]).astype(x.dtype)
 
 
@@ -369,5 +416,5 @@ def int8_matmul_general(x: jax.Array, kernel: GeneralKernel, n_contract: int) ->
         raise ValueError(f"int8_matmul_general: x's last axes {x.shape[x.ndim - n_contract:]} do not match "
                          f"the kernel's contracted axes {contracted}")
     rows = x.reshape(-1, math.prod(contracted))
-    y = rows_product(rows, kernel, n_contract, kernel_path(kernel, rows.shape[0], n_contract))
+    y = _product(rows, kernel, n_contract)
     return y.reshape(*x.shape[:x.ndim - n_contract], *features).astype(x.dtype)

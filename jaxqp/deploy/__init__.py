@@ -1,0 +1,12 @@
+"""Deploying served models out of JAX: ONNX (optional extra ``onnx``).
+
+Example:
+    >>> import jax.numpy as jnp, jaxqp
+    >>> m = jaxqp.deploy.to_onnx(lambda p, x: x @ p["w"], {"w": jnp.ones((4, 2))}, jnp.ones((3, 4)))
+    >>> m.opset_import[0].version >= 21
+    True
+"""
+
+from ._onnx import OPSET, to_onnx
+
+__all__ = ["OPSET", "to_onnx"]

@@ -1,0 +1,189 @@
+"""ONNX export of a served model: float parts through jax2onnx, quantized layers as exact integer subgraphs.
+
+:func:`to_onnx` traces ``apply_fn(served, *inputs)`` to a jaxpr with a symbolic batch
+dimension while every prepared kernel (``jaxqp.prepare``) becomes a jaxqp primitive
+(``deploy/_onnx_ops.py``), then hands the jaxpr to jax2onnx, the well-kept converter, which
+lowers the float operations and, through the lowerings jaxqp registers with it, the
+quantized ones (``MatMulInteger`` on uint8 / ``INT4`` codes, ``DequantizeLinear``). The
+model is checked with ``onnx.checker`` (full check) before it is returned or written.
+
+Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxqp
+    >>> model = nn.Dense(64)
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 32)))["params"]
+    >>> t = jaxqp.transform([jaxqp.Rule(".*kernel", quant=jaxqp.QuantSpec(bits=8))])
+    >>> served = jaxqp.prepare(jaxqp.export(params, t.init(params)))
+    >>> onnx_model = jaxqp.to_onnx(jaxqp.linen_serving_apply(model), served, jnp.ones((1, 32)))
+    >>> sorted({n.op_type for n in onnx_model.graph.node} & {"MatMulInteger", "Gemm", "MatMul"})
+    ['MatMulInteger']
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._export.compressed import Compressed
+from ..serving._kernels import GeneralKernel, ServingKernel, _Int8Codes, kernel_hook
+
+OPSET = 21  # MatMulInteger, DequantizeLinear with INT4 and per-axis scales
+
+
+def _require_extra():
+    try:
+        import jax2onnx  # noqa: F401
+        import onnx  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"jaxqp.to_onnx needs the optional extra 'onnx' ({err.name} is missing): "
+                          "pip install 'jaxqp[onnx]'") from err
+    from . import _onnx_ops
+
+    return _onnx_ops
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(e, "key", getattr(e, "idx", getattr(e, "name", e)))) for e in path)
+
+
+def _check_prepared(served: Any) -> None:
+    """A clear error for leaves that only ``jaxqp.prepare`` turns into something servable."""
+    leaves = jax.tree_util.tree_leaves_with_path(served, is_leaf=lambda x: isinstance(x, Compressed))
+    for path, leaf in leaves:
+        if isinstance(leaf, Compressed) and not isinstance(leaf, _Int8Codes):
+            raise ValueError(f"jaxqp.to_onnx: '{_path_name(path)}' is a {type(leaf).__name__}, not a served "
+                             "kernel; export the model from jaxqp.prepare(tree), not jaxqp.export(...) itself")
+        if isinstance(leaf, jax.core.Tracer):
+            raise ValueError(f"jaxqp.to_onnx: '{_path_name(path)}' is traced; call to_onnx outside jit")
+
+
+class OnnxKernels:
+    """The kernel hook used while tracing: products and decodes become the ONNX-lowered primitives.
+
+    Args:
+      ops: the ``_onnx_ops`` module (imported only with the extra installed).
+    """
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def _codes(self, codes: jax.Array, bits: int) -> jax.Array:
+        codes = np.asarray(codes)
+        if bits == 8:
+            return jnp.asarray(codes)
+        return jnp.asarray(self.ops.int4_array(codes))
+
+    def product(self, rows: jax.Array, kernel: _Int8Codes, n_contract: int) -> jax.Array:
+        with jax.ensure_compile_time_eval():  # the codes are constants: computed now, not traced
+            codes = np.asarray(kernel.matrix_codes(n_contract))
+            out_scale = jnp.asarray(np.asarray(kernel.out_scale(n_contract), np.float32))
+        if kernel.bits == 8:  # uint8 codes + 128, with b_zero_point 128: the exact u8 x u8 product
+            weight = jnp.asarray((codes.astype(np.int16) + 128).astype(np.uint8))
+        else:
+            weight = self._codes(codes, kernel.bits)
+        return self.ops.int_matmul_p.bind(rows.astype(jnp.float32), weight, out_scale, pow2=kernel.pow2)
+
+    def decode(self, kernel: _Int8Codes) -> jax.Array:
+        with jax.ensure_compile_time_eval():
+            codes, scale = np.asarray(kernel.int8_codes()), np.asarray(kernel.scale)
+        if isinstance(kernel, ServingKernel):
+            codes, axis = codes.T, 1
+        elif isinstance(kernel, GeneralKernel):
+            axis = codes.ndim - 1
+            scale = scale.reshape(()) if scale.size == 1 else scale.reshape(-1)
+        else:
+            raise TypeError(f"jaxqp.to_onnx: cannot decode a {type(kernel).__name__}")
+        return self.ops.dequantize_p.bind(self._codes(codes, kernel.bits), jnp.asarray(scale, jnp.float32),
+                                          axis=axis, dtype=np.dtype(kernel.dtype).name)
+
+
+def _specs(inputs: tuple, dynamic_batch: bool) -> list:
+    batch = jax.export.symbolic_shape("B")[0] if dynamic_batch else None
+    specs = []
+    for i, x in enumerate(inputs):
+        shape = tuple(np.shape(x))
+        if dynamic_batch and not shape:
+            raise ValueError(f"jaxqp.to_onnx: input {i} is a scalar; a symbolic batch needs a leading axis "
+                             "(or pass dynamic_batch=False)")
+        shape = (batch, *shape[1:]) if dynamic_batch else shape
+        specs.append(jax.ShapeDtypeStruct(shape, jnp.result_type(x)))
+    return specs
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".jaxqp-", suffix=".onnx.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | None = None, opset: int = OPSET,
+            dynamic_batch: bool = True, model_name: str = "jaxqp_model"):
+    """The served model ``apply_fn(served, *inputs)`` as an ONNX model (and file).
+
+    Every quantized matmul (``nn.Dense``, ``nn.DenseGeneral`` incl. attention projections,
+    ``nnx.Linear``) becomes an exact integer subgraph around ``MatMulInteger``: it computes
+    what jaxqp's integer serving paths compute, bit for bit up to ONNX Runtime's float32
+    operations (see ``docs/deploy.md``). Any other quantized weight (a convolution's kernel,
+    an embedding table) is stored as int8 or ``INT4`` codes and decoded by
+    ``DequantizeLinear``. The float parts (norms, attention, activations, biases) go through
+    jax2onnx. A kernel's path pin or kept float copy (``prepare(path=..., keep_float=...)``)
+    does not change the export: it always carries the codes.
+
+    Args:
+      apply_fn: the serving function, e.g. ``jaxqp.linen_serving_apply(model)``, or
+        ``lambda m, x: m(x)`` for an NNX model from ``jaxqp.nnx_serving_model``.
+      served: the prepared tree (``jaxqp.prepare``) or served NNX model; a float tree
+        exports the float model.
+      *example_inputs: arrays (or ``jax.ShapeDtypeStruct``) giving each input's shape and dtype.
+      file: when given, the model is also written there (atomically).
+      opset: the ONNX opset (>= 21).
+      dynamic_batch: make the first axis of every input a symbolic dimension ``B``.
+      model_name: the graph's name.
+
+    Returns:
+      The ``onnx.ModelProto``, checked with ``onnx.checker.check_model(full_check=True)``.
+
+    Raises:
+      ImportError: without the ``onnx`` extra.
+      ValueError: for a tree that was exported but not prepared, an opset below 21, or a
+        layer jax2onnx cannot express (the message names the operation and where it was traced).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxqp
+      >>> m = jaxqp.to_onnx(lambda p, x: x @ p["w"], {"w": jnp.ones((4, 2))}, jnp.ones((3, 4)))
+      >>> [d.dim_param or d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
+      ['B', 4]
+    """
+    if opset < OPSET:
+        raise ValueError(f"jaxqp.to_onnx: opset={opset}; MatMulInteger with INT4 codes needs opset >= {OPSET}")
+    if not example_inputs:
+        raise ValueError("jaxqp.to_onnx: pass at least one example input, e.g. to_onnx(apply, served, x)")
+    ops = _require_extra()
+    import jax2onnx
+    import onnx
+    from jax.extend.core import jaxpr_as_fun
+
+    _check_prepared(served)
+    specs = _specs(example_inputs, dynamic_batch)
+    with kernel_hook(OnnxKernels(ops)):
+        closed = jax.make_jaxpr(lambda *xs: apply_fn(served, *xs))(*specs)
+    try:
+        model = jax2onnx.to_onnx(jaxpr_as_fun(closed), specs, opset=opset, model_name=model_name)
+    except NotImplementedError as err:
+        raise ValueError(f"jaxqp.to_onnx: jax2onnx cannot express an operation of this model: {err}") from err
+    onnx.checker.check_model(model, full_check=True)
+    if file is not None:
+        _write_atomic(file, model.SerializeToString())
+    return model

@@ -1,0 +1,167 @@
+"""jaxqp's integer layers as ONNX subgraphs: two JAX primitives and their jax2onnx lowerings (deploy layer).
+
+Importing this module registers the lowerings with jax2onnx (an optional extra); only
+:func:`jaxqp.to_onnx` imports it. While it traces a served model, every prepared kernel
+becomes one of two primitives (see :class:`OnnxKernels`):
+
+- ``jaxqp_int_matmul``: ``rows (n, K)`` times a quantized ``(K, F)`` weight, exactly as
+  jaxqp's integer serving paths compute it. Each row is quantized to int8 codes (absmax
+  times ``f32(1/127)``, or its power-of-two ceiling for ``pow2`` kernels; ``x`` times the
+  reciprocal of the scale, rounded half to even, clipped to [-127, 127]), shifted by 128 to
+  uint8, multiplied by ``MatMulInteger`` into int32 and rescaled by the row scale, then the
+  output scale. 8-bit weights are stored as uint8 codes + 128 with ``b_zero_point = 128``
+  (u8 x u8: a u8 x s8 ``MatMulInteger`` sums pairs in int16 on CPUs without VNNI and
+  saturates for extreme codes); weights of 4 bits or fewer are stored as ``INT4``
+  initializers cast to int8 in the graph (u8 x s8 cannot saturate: 2 * 255 * 8 < 2^15).
+- ``jaxqp_dequantize``: a weight decoded from its codes (a convolution's kernel, an
+  embedding table), as ``DequantizeLinear`` of int8 or ``INT4`` codes with one float32
+  scale per output channel.
+
+Example:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from jaxqp.deploy._onnx_ops import int_matmul_p
+    >>> int_matmul_p.name
+    'jaxqp_int_matmul'
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+from jax.extend.core import Primitive
+from jax2onnx.plugins._ir_shapes import _ensure_value_metadata, _stamp_type_and_shape
+from jax2onnx.plugins.plugin_system import PrimitiveLeafPlugin, register_primitive
+
+from ..numerics._int_dot import pow2_codes
+from ..numerics._linear import reciprocal
+from ..serving._kernels import quantize_rows
+
+int_matmul_p = Primitive("jaxqp_int_matmul")
+dequantize_p = Primitive("jaxqp_dequantize")
+
+_F32 = ir.DataType.FLOAT
+
+
+def _int_matmul_eval(rows, weight, out_scale, *, pow2: bool):
+    """The primitive's meaning in JAX (what the ONNX subgraph computes), for eager checks."""
+    codes, row_scale = pow2_codes(rows, 8, 1) if pow2 else quantize_rows(rows)
+    w = weight.astype(jnp.int32) - (128 if weight.dtype == jnp.uint8 else 0)
+    acc = jax.lax.dot(codes.astype(jnp.int32), w, preferred_element_type=jnp.int32)
+    return acc.astype(jnp.float32) * row_scale * out_scale
+
+
+int_matmul_p.def_impl(_int_matmul_eval)
+int_matmul_p.def_abstract_eval(
+    lambda rows, weight, out_scale, *, pow2: jax.core.ShapedArray((rows.shape[0], weight.shape[1]), jnp.float32)
+)
+dequantize_p.def_impl(lambda codes, scale, *, axis, dtype: (codes.astype(jnp.float32) * scale).astype(dtype))
+dequantize_p.def_abstract_eval(lambda codes, scale, *, axis, dtype: jax.core.ShapedArray(codes.shape, dtype))
+
+
+class _Graph:
+    """Builds typed, shaped ONNX values inside one jax2onnx lowering."""
+
+    def __init__(self, ctx: Any):
+        self.ctx = ctx
+
+    def const(self, name: str, value: Any) -> Any:
+        return self.ctx.builder.add_initializer_from_array(self.ctx.fresh_name(name), np.asarray(value))
+
+    def op(self, kind: str, *inputs: Any, shape: tuple, dtype: Any = _F32, **attrs: Any) -> Any:
+        value = getattr(self.ctx.builder, kind)(*inputs, _outputs=[self.ctx.fresh_name(kind.lower())], **attrs)
+        value.type = ir.TensorType(dtype)
+        _stamp_type_and_shape(value, shape)
+        _ensure_value_metadata(self.ctx, value)
+        return value
+
+
+def _pow2_ceil(g: _Graph, scale: Any, shape: tuple) -> Any:
+    """The smallest power of two >= ``scale`` (positive, normal), exactly: log2 then two corrections."""
+    two = g.const("two", np.float32(2))
+    log2 = g.op("Div", g.op("Log", scale, shape=shape), g.const("ln2", np.float32(np.log(2))), shape=shape)
+    p = g.op("Pow", two, g.op("Ceil", log2, shape=shape), shape=shape)
+    for _ in range(2):  # log2 may be an ulp off at exact powers of two
+        p = g.op("Where", g.op("Less", p, scale, shape=shape, dtype=ir.DataType.BOOL),
+                 g.op("Mul", p, two, shape=shape), p, shape=shape)
+        half = g.op("Mul", p, g.const("half", np.float32(0.5)), shape=shape)
+        p = g.op("Where", g.op("GreaterOrEqual", half, scale, shape=shape, dtype=ir.DataType.BOOL), half, p,
+                 shape=shape)
+    return p
+
+
+@register_primitive(
+    jaxpr_primitive=int_matmul_p.name,
+    jax_doc="https://github.com/jaxqp",
+    onnx=[{"component": "MatMulInteger", "doc": "https://onnx.ai/onnx/operators/onnx__MatMulInteger.html"}],
+    since="jaxqp-0.3",
+    context="primitives.jaxqp",
+    component="int_matmul",
+    testcases=[],
+)
+class IntMatmulPlugin(PrimitiveLeafPlugin):
+    """Lowers ``jaxqp_int_matmul`` to the exact u8 ``MatMulInteger`` subgraph (module docstring)."""
+
+    def lower(self, ctx: Any, eqn: Any) -> None:
+        g = _Graph(ctx)
+        rows_var, weight_var, scale_var = eqn.invars
+        rows = ctx.get_value_for_var(rows_var, name_hint=ctx.fresh_name("rows"))
+        weight = ctx.get_value_for_var(weight_var, name_hint=ctx.fresh_name("codes"))
+        out_scale = ctx.get_value_for_var(scale_var, name_hint=ctx.fresh_name("out_scale"))
+        n, k = rows.shape[0], rows.shape[1]
+        f = weight_var.aval.shape[1]
+        absmax = g.op("ReduceMax", g.op("Abs", rows, shape=(n, k)), g.const("axes", np.array([1], np.int64)),
+                      keepdims=1, shape=(n, 1))
+        scale = g.op("Mul", absmax, g.const("inv127", reciprocal(127)), shape=(n, 1))
+        positive = g.op("Greater", scale, g.const("zero", np.float32(0)), shape=(n, 1), dtype=ir.DataType.BOOL)
+        scale = g.op("Where", positive, scale, g.const("one", np.float32(1)), shape=(n, 1))
+        if eqn.params["pow2"]:
+            scale = _pow2_ceil(g, scale, (n, 1))
+        codes = g.op("Round", g.op("Mul", rows, g.op("Reciprocal", scale, shape=(n, 1)), shape=(n, k)), shape=(n, k))
+        codes = g.op("Clip", codes, g.const("lo", np.float32(-127)), g.const("hi", np.float32(127)), shape=(n, k))
+        codes = g.op("Add", codes, g.const("shift", np.float32(128)), shape=(n, k))
+        codes = g.op("Cast", codes, to=int(ir.DataType.UINT8.value), shape=(n, k), dtype=ir.DataType.UINT8)
+        a_zero = g.const("a_zero_point", np.uint8(128))
+        if np.dtype(weight_var.aval.dtype) == np.uint8:
+            acc = g.op("MatMulInteger", codes, weight, a_zero, g.const("b_zero_point", np.uint8(128)),
+                       shape=(n, f), dtype=ir.DataType.INT32)
+        else:  # INT4 codes, cast to int8 (folded once when the session starts)
+            weight = g.op("Cast", weight, to=int(ir.DataType.INT8.value), shape=(k, f), dtype=ir.DataType.INT8)
+            acc = g.op("MatMulInteger", codes, weight, a_zero, shape=(n, f), dtype=ir.DataType.INT32)
+        y = g.op("Mul", g.op("Cast", acc, to=int(_F32.value), shape=(n, f)), scale, shape=(n, f))
+        ctx.bind_value_for_var(eqn.outvars[0], g.op("Mul", y, out_scale, shape=(n, f)))
+
+
+@register_primitive(
+    jaxpr_primitive=dequantize_p.name,
+    jax_doc="https://github.com/jaxqp",
+    onnx=[{"component": "DequantizeLinear", "doc": "https://onnx.ai/onnx/operators/onnx__DequantizeLinear.html"}],
+    since="jaxqp-0.3",
+    context="primitives.jaxqp",
+    component="dequantize",
+    testcases=[],
+)
+class DequantizePlugin(PrimitiveLeafPlugin):
+    """Lowers ``jaxqp_dequantize`` to ``DequantizeLinear`` (per-channel along ``axis``, or per-tensor)."""
+
+    def lower(self, ctx: Any, eqn: Any) -> None:
+        g = _Graph(ctx)
+        codes_var, scale_var = eqn.invars
+        codes = ctx.get_value_for_var(codes_var, name_hint=ctx.fresh_name("codes"))
+        scale = ctx.get_value_for_var(scale_var, name_hint=ctx.fresh_name("scale"))
+        shape = tuple(codes_var.aval.shape)
+        attrs = {} if scale_var.aval.ndim == 0 else {"axis": eqn.params["axis"]}
+        y = g.op("DequantizeLinear", codes, scale, shape=shape, **attrs)
+        if np.dtype(eqn.params["dtype"]) != np.float32:
+            y = g.op("Cast", y, to=int(ir.DataType.from_numpy(np.dtype(eqn.params["dtype"])).value), shape=shape,
+                     dtype=ir.DataType.from_numpy(np.dtype(eqn.params["dtype"])))
+        ctx.bind_value_for_var(eqn.outvars[0], y)
+
+
+def int4_array(codes: np.ndarray) -> np.ndarray:
+    """int8 codes in [-8, 7] as an ``ml_dtypes.int4`` array (an ONNX ``INT4`` initializer)."""
+    return np.asarray(codes).astype(ml_dtypes.int4)
