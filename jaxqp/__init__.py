@@ -11,7 +11,7 @@ Example:
     >>> t = jaxqp.transform(rules)
 """
 
-from . import numerics, serving
+from . import deploy, numerics, serving
 from ._adapters.inputs import linen_apply, nnx_apply
 from ._deprecated import moved as _moved
 from ._export.compressed import dequantize
@@ -32,6 +32,7 @@ from ._transforms.rewind import rewind
 from ._transforms.transform import ParamTransform, TransformState, chain, freeze_masks, transform
 from ._transforms.weight_quantizer import fake_quant_weight
 from ._transforms.wrap import WrapState, state_of, wrap
+from .deploy import to_onnx
 from .serving import export_serving, linen_serving_apply, load_serving, nnx_serving_model, prepare
 
 __version__ = "0.2.0"
@@ -60,6 +61,7 @@ __all__ = [
     "calibrate",
     "chain",
     "constant",
+    "deploy",
     "dequantize",
     "export",
     "export_serving",
@@ -83,6 +85,7 @@ __all__ = [
     "serving",
     "state_of",
     "summary",
+    "to_onnx",
     "transform",
     "wrap",
 ]

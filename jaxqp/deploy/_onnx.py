@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -28,11 +30,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import jaxprs_in_params
 
 from .._export.compressed import Compressed
 from ..serving._kernels import GeneralKernel, ServingKernel, _Int8Codes, kernel_hook
 
 OPSET = 21  # MatMulInteger, DequantizeLinear with INT4 and per-axis scales
+INT8_MATMULS = ("u8u8", "u8s8")
 
 
 def _require_extra():
@@ -67,10 +71,12 @@ class OnnxKernels:
 
     Args:
       ops: the ``_onnx_ops`` module (imported only with the extra installed).
+      int8_matmul: ``"u8u8"`` or ``"u8s8"`` (see :func:`to_onnx`).
     """
 
-    def __init__(self, ops):
+    def __init__(self, ops, int8_matmul: str):
         self.ops = ops
+        self.int8_matmul = int8_matmul
 
     def _codes(self, codes: jax.Array, bits: int) -> jax.Array:
         codes = np.asarray(codes)
@@ -82,7 +88,7 @@ class OnnxKernels:
         with jax.ensure_compile_time_eval():  # the codes are constants: computed now, not traced
             codes = np.asarray(kernel.matrix_codes(n_contract))
             out_scale = jnp.asarray(np.asarray(kernel.out_scale(n_contract), np.float32))
-        if kernel.bits == 8:  # uint8 codes + 128, with b_zero_point 128: the exact u8 x u8 product
+        if kernel.bits == 8 and self.int8_matmul == "u8u8":  # codes + 128, b_zero_point 128: exact everywhere
             weight = jnp.asarray((codes.astype(np.int16) + 128).astype(np.uint8))
         else:
             weight = self._codes(codes, kernel.bits)
@@ -102,6 +108,25 @@ class OnnxKernels:
                                           axis=axis, dtype=np.dtype(kernel.dtype).name)
 
 
+def _equations(jaxpr, scope: str = ""):
+    """Every equation of ``jaxpr`` and its sub-jaxprs, with the module path that traced it."""
+    for eqn in jaxpr.eqns:
+        here = "/".join(p for p in (scope, str(eqn.source_info.name_stack)) if p)
+        yield eqn, here
+        for sub in jaxprs_in_params(eqn.params):
+            yield from _equations(sub, here)
+
+
+def _culprit(jaxpr, message: str) -> str:
+    """The operation an error message names, and the layer (module path) that traced it."""
+    head = message.split(":")[0]
+    for eqn, layer in _equations(jaxpr):
+        name = eqn.primitive.name
+        if name in head.split() or f"'{name}'" in message:
+            return f"'{name}' in layer '{layer or 'the top-level function'}'"
+    return "an operation of this model"
+
+
 def _specs(inputs: tuple, dynamic_batch: bool) -> list:
     batch = jax.export.symbolic_shape("B")[0] if dynamic_batch else None
     specs = []
@@ -113,6 +138,19 @@ def _specs(inputs: tuple, dynamic_batch: bool) -> list:
         shape = (batch, *shape[1:]) if dynamic_batch else shape
         specs.append(jax.ShapeDtypeStruct(shape, jnp.result_type(x)))
     return specs
+
+
+@contextlib.contextmanager
+def _quiet_shape_warnings():
+    """onnx_ir warns once per untyped int64 shape tensor that jax2onnx builds for a symbolic
+    reshape (dozens per transformer); the model is complete and passes the full check."""
+    logger = logging.getLogger("onnx_ir.serde")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -129,7 +167,7 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 
 def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | None = None, opset: int = OPSET,
-            dynamic_batch: bool = True, model_name: str = "jaxqp_model"):
+            dynamic_batch: bool = True, int8_matmul: str = "u8u8", model_name: str = "jaxqp_model"):
     """The served model ``apply_fn(served, *inputs)`` as an ONNX model (and file).
 
     Every quantized matmul (``nn.Dense``, ``nn.DenseGeneral`` incl. attention projections,
@@ -150,6 +188,11 @@ def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | N
       file: when given, the model is also written there (atomically).
       opset: the ONNX opset (>= 21).
       dynamic_batch: make the first axis of every input a symbolic dimension ``B``.
+      int8_matmul: how 8-bit weights multiply. ``"u8u8"`` (default): uint8 codes + 128 with
+        a zero point, exact on every CPU. ``"u8s8"``: int8 codes, ONNX Runtime's fastest
+        integer kernel on CPUs with VNNI (AVX512-VNNI, AVX-VNNI), exact there; on a CPU
+        without VNNI its int16 pair sums saturate for extreme codes, so use it only for such
+        targets. Weights of 4 bits or fewer are always u8 x s8, exact everywhere.
       model_name: the graph's name.
 
     Returns:
@@ -168,6 +211,8 @@ def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | N
     """
     if opset < OPSET:
         raise ValueError(f"jaxqp.to_onnx: opset={opset}; MatMulInteger with INT4 codes needs opset >= {OPSET}")
+    if int8_matmul not in INT8_MATMULS:
+        raise ValueError(f"jaxqp.to_onnx: int8_matmul={int8_matmul!r}; expected one of {INT8_MATMULS}")
     if not example_inputs:
         raise ValueError("jaxqp.to_onnx: pass at least one example input, e.g. to_onnx(apply, served, x)")
     ops = _require_extra()
@@ -177,13 +222,17 @@ def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | N
 
     _check_prepared(served)
     specs = _specs(example_inputs, dynamic_batch)
-    with kernel_hook(OnnxKernels(ops)):
+    with kernel_hook(OnnxKernels(ops, int8_matmul)):
         closed = jax.make_jaxpr(lambda *xs: apply_fn(served, *xs))(*specs)
     try:
-        model = jax2onnx.to_onnx(jaxpr_as_fun(closed), specs, opset=opset, model_name=model_name)
-    except NotImplementedError as err:
-        raise ValueError(f"jaxqp.to_onnx: jax2onnx cannot express an operation of this model: {err}") from err
-    onnx.checker.check_model(model, full_check=True)
+        with _quiet_shape_warnings():
+            model = jax2onnx.to_onnx(jaxpr_as_fun(closed), specs, opset=opset, model_name=model_name)
+        onnx.checker.check_model(model, full_check=True)
+    except (NotImplementedError, ValueError, TypeError, onnx.checker.ValidationError,
+            onnx.shape_inference.InferenceError) as err:
+        raise ValueError(f"jaxqp.to_onnx: jax2onnx cannot express {_culprit(closed.jaxpr, str(err))} as ONNX "
+                         f"({type(err).__name__}: {err}). Compute it outside the exported function, or "
+                         "replace it by operations jax2onnx lowers") from err
     if file is not None:
         _write_atomic(file, model.SerializeToString())
     return model

@@ -10,9 +10,10 @@ becomes one of two primitives (see :class:`OnnxKernels`):
   reciprocal of the scale, rounded half to even, clipped to [-127, 127]), shifted by 128 to
   uint8, multiplied by ``MatMulInteger`` into int32 and rescaled by the row scale, then the
   output scale. 8-bit weights are stored as uint8 codes + 128 with ``b_zero_point = 128``
-  (u8 x u8: a u8 x s8 ``MatMulInteger`` sums pairs in int16 on CPUs without VNNI and
-  saturates for extreme codes); weights of 4 bits or fewer are stored as ``INT4``
-  initializers cast to int8 in the graph (u8 x s8 cannot saturate: 2 * 255 * 8 < 2^15).
+  (u8 x u8, exact on every CPU), or, for targets with VNNI, as int8 codes (u8 x s8: exact
+  there, but a CPU without VNNI sums pairs of products in int16 and saturates for extreme
+  codes); weights of 4 bits or fewer are stored as ``INT4`` initializers cast to int8 in
+  the graph (u8 x s8 cannot saturate: 2 * 255 * 8 < 2^15).
 - ``jaxqp_dequantize``: a weight decoded from its codes (a convolution's kernel, an
   embedding table), as ``DequantizeLinear`` of int8 or ``INT4`` codes with one float32
   scale per output channel.
@@ -129,8 +130,9 @@ class IntMatmulPlugin(PrimitiveLeafPlugin):
         if np.dtype(weight_var.aval.dtype) == np.uint8:
             acc = g.op("MatMulInteger", codes, weight, a_zero, g.const("b_zero_point", np.uint8(128)),
                        shape=(n, f), dtype=ir.DataType.INT32)
-        else:  # INT4 codes, cast to int8 (folded once when the session starts)
-            weight = g.op("Cast", weight, to=int(ir.DataType.INT8.value), shape=(k, f), dtype=ir.DataType.INT8)
+        else:  # int8 codes (u8 x s8), or INT4 codes cast to int8 (folded once when the session starts)
+            if np.dtype(weight_var.aval.dtype) != np.int8:
+                weight = g.op("Cast", weight, to=int(ir.DataType.INT8.value), shape=(k, f), dtype=ir.DataType.INT8)
             acc = g.op("MatMulInteger", codes, weight, a_zero, shape=(n, f), dtype=ir.DataType.INT32)
         y = g.op("Mul", g.op("Cast", acc, to=int(_F32.value), shape=(n, f)), scale, shape=(n, f))
         ctx.bind_value_for_var(eqn.outvars[0], g.op("Mul", y, out_scale, shape=(n, f)))

@@ -64,7 +64,7 @@ def kernel_hook(hook):
         _HOOK.reset(token)
 
 
-def _product(rows: jax.Array, kernel: "_Int8Codes", n_contract: int) -> jax.Array:
+def _product(rows: jax.Array, kernel: _Int8Codes, n_contract: int) -> jax.Array:
     hook = _HOOK.get()
     if hook is not None:
         return hook.product(rows, kernel, n_contract)

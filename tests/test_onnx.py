@@ -1,0 +1,259 @@
+"""ONNX export (``jaxqp.to_onnx``): checked models that ONNX Runtime runs to jaxqp's served numbers.
+
+The integer subgraph is exact: for a model whose quantized layers see the same inputs in
+both runtimes (an MLP, a CNN, an NNX model), ONNX Runtime's output equals jaxqp's integer
+serving path bit for bit at batch 1, 32 and 256. In a transformer, ORT's float operations
+(layer norm, softmax, gelu) differ from XLA's by float32 ulps; when such a difference moves
+an activation across a rounding boundary, one int8 activation code of that row changes, so
+the tolerance there is a few activation steps (``docs/deploy.md``).
+"""
+
+import json
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxqp
+from jaxqp.numerics._path_choice import cpu_info
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("jax2onnx")
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from serving import Block, TinyLM  # noqa: E402
+
+
+class MLP(nn.Module):
+    width: int = 128
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(64)(nn.relu(nn.Dense(self.width)(x)))
+
+
+class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def _served(params, bits=8, pow2=False, pattern=".*(kernel|embedding)"):
+    t = jaxqp.transform([jaxqp.Rule(pattern, quant=jaxqp.QuantSpec(bits=bits))])
+    # the integer path pinned: jaxqp's reference for the exported integer subgraph
+    return jaxqp.prepare(jaxqp.export(params, t.init(params)), path="int8", pow2_inputs=pow2, dense_general=True)
+
+
+def _session(model):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _run(session, x):
+    return session.run(None, {session.get_inputs()[0].name: np.asarray(x)})[0]
+
+
+def _ops(model) -> set:
+    return {node.op_type for node in model.graph.node}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_mlp_runs_bit_exact_in_onnxruntime(bits, pow2):
+    model = MLP()
+    params = model.init(jax.random.key(0), jnp.ones((1, 32)))["params"]
+    served = _served(params, bits, pow2)
+    apply = jaxqp.linen_serving_apply(model)
+    exported = jaxqp.to_onnx(apply, served, jnp.ones((1, 32)))
+    assert "MatMulInteger" in _ops(exported) and not _ops(exported) & {"Gemm", "MatMul"}
+    wanted = onnx.TensorProto.UINT8 if bits == 8 else onnx.TensorProto.INT4
+    matrices = [(init.data_type, tuple(init.dims)) for init in exported.graph.initializer if len(init.dims) == 2
+                and min(init.dims) > 1]
+    assert sorted(matrices) == [(wanted, (32, 128)), (wanted, (128, 64))]  # both kernels as codes, no float copy
+    session = _session(exported)
+    for batch in (1, 32, 256):
+        x = 3 * jax.random.normal(jax.random.key(batch), (batch, 32))
+        np.testing.assert_array_equal(_run(session, x), np.asarray(jax.jit(apply)(served, x)))
+
+
+@pytest.mark.skipif(not {"avx512_vnni", "avx_vnni"} & set(cpu_info()["flags"]),
+                    reason="u8 x s8 MatMulInteger is exact only on CPUs with VNNI (int16 pair sums saturate without)")
+def test_u8s8_int8_matmul_is_exact_on_a_vnni_cpu():
+    model = MLP()
+    params = model.init(jax.random.key(0), jnp.ones((1, 32)))["params"]
+    served = _served(params, 8)
+    apply = jaxqp.linen_serving_apply(model)
+    exported = jaxqp.to_onnx(apply, served, jnp.ones((1, 32)), int8_matmul="u8s8")
+    matrices = [init.data_type for init in exported.graph.initializer if len(init.dims) == 2 and min(init.dims) > 1]
+    assert matrices == [onnx.TensorProto.INT8] * 2
+    session = _session(exported)
+    for batch in (1, 32, 256):
+        x = 3 * jax.random.normal(jax.random.key(batch), (batch, 32))
+        np.testing.assert_array_equal(_run(session, x), np.asarray(jax.jit(apply)(served, x)))
+
+
+def test_batch_axis_is_symbolic_and_opset_21():
+    model = MLP()
+    params = model.init(jax.random.key(0), jnp.ones((1, 32)))["params"]
+    exported = jaxqp.to_onnx(jaxqp.linen_serving_apply(model), _served(params), jnp.ones((5, 32)))
+    dims = exported.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["B", 32]
+    assert {op.domain: op.version for op in exported.opset_import}[""] >= 21
+    onnx.checker.check_model(exported, full_check=True)
+
+
+def test_extreme_codes_do_not_saturate():
+    """Weight codes +-127 and activation codes +-127 (uint8 1 and 255) over 512 inputs: a u8 x s8
+    kernel that sums pairs in int16 (2 * 255 * 127 > 2^15) would be far off; u8 x u8 is exact."""
+    k = 512
+    signs = np.where(np.random.default_rng(0).random((k, 16)) < 0.5, -1.0, 1.0).astype(np.float32)
+    params = {"dense": {"kernel": jnp.asarray(signs * 0.5)}}
+    served = _served(params, pattern=".*kernel")
+    assert np.array_equal(np.abs(np.asarray(served["dense"]["kernel"].codes)), np.full((16, k), 127))
+    x = jnp.asarray(np.where(np.random.default_rng(1).random((32, k)) < 0.5, -2.0, 2.0).astype(np.float32))
+    fn = lambda p, x: jaxqp.serving.int8_matmul(x, p["dense"]["kernel"])
+    out = _run(_session(jaxqp.to_onnx(fn, served, x)), x)
+    exact = (np.sign(np.asarray(x)).astype(np.int64) * 127) @ (signs.astype(np.int64) * 127)
+    row_scale = np.float32(2.0) * np.float32(1 / 127)
+    np.testing.assert_array_equal(out, np.asarray(jax.jit(fn)(served, x)))
+    np.testing.assert_allclose(out, exact * row_scale * np.asarray(served["dense"]["kernel"].scale), rtol=1e-6)
+    assert np.abs(exact).max() > 2**15  # the case the test is about
+
+
+def test_profile_shows_the_integer_kernel_ran(tmp_path):
+    model = MLP()
+    params = model.init(jax.random.key(0), jnp.ones((1, 32)))["params"]
+    exported = jaxqp.to_onnx(jaxqp.linen_serving_apply(model), _served(params), jnp.ones((1, 32)))
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    session = ort.InferenceSession(exported.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    _run(session, np.ones((8, 32), np.float32))
+    with open(session.end_profiling()) as f:
+        events = json.load(f)
+    ran = [e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})]
+    assert ran.count("MatMulInteger") >= 2, sorted(set(ran))
+    assert not {"Gemm", "MatMul", "MatMulIntegerToFloat", "MatMulNBits"} & set(ran)
+
+
+def test_cnn_convolution_through_dequantize_linear_is_exact():
+    model = CNN()
+    params = model.init(jax.random.key(2), jnp.ones((1, 8, 8, 1)))["params"]
+    for bits in (8, 4):
+        served = _served(params, bits)
+        apply = jaxqp.linen_serving_apply(model)
+        exported = jaxqp.to_onnx(apply, served, jnp.ones((1, 8, 8, 1)))
+        assert {"Conv", "DequantizeLinear", "MatMulInteger"} <= _ops(exported)
+        session = _session(exported)
+        for batch in (1, 32):
+            x = jax.random.normal(jax.random.key(batch), (batch, 8, 8, 1))
+            np.testing.assert_array_equal(_run(session, x), np.asarray(jax.jit(apply)(served, x)))
+
+
+def test_nnx_model_is_exact():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(32, 64, rngs=rngs), nnx.Linear(64, 10, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(nnx.relu(self.a(x)))
+
+    graphdef, params = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+    served = jaxqp.nnx_serving_model(graphdef, _served(params, pattern=".*kernel"))
+    exported = jaxqp.to_onnx(lambda m, x: m(x), served, jnp.ones((1, 32)))
+    assert "MatMulInteger" in _ops(exported)
+    x = jax.random.normal(jax.random.key(0), (32, 32))
+    np.testing.assert_array_equal(_run(_session(exported), x), np.asarray(served(x)))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_transformer_block_matches_up_to_float_ulps_and_rare_code_flips(bits):
+    block = Block(64, 4)
+    params = block.init(jax.random.key(1), jnp.ones((1, 16, 64)))["params"]
+    served = _served(params, bits)
+    apply = jaxqp.linen_serving_apply(block)
+    exported = jaxqp.to_onnx(apply, served, jnp.ones((1, 16, 64)))
+    assert sum(n.op_type == "MatMulInteger" for n in exported.graph.node) == 6  # q, k, v, out, 2 MLP
+    session = _session(exported)
+    for batch in (1, 32):
+        x = jax.random.normal(jax.random.key(batch), (batch, 16, 64))
+        out, ref = _run(session, x), np.asarray(jax.jit(apply)(served, x))
+        quant_error = np.abs(ref - np.asarray(block.apply({"params": params}, x))).max()
+        # ORT's float ops differ from XLA's by ulps (1e-6 here); where that moves an activation
+        # across a rounding boundary one code flips (in a few tokens): under 1% of the quantization error
+        token_error = np.abs(out - ref).max(axis=-1)
+        assert np.mean(token_error < 2e-6) > 0.9, np.mean(token_error < 2e-6)
+        assert np.abs(out - ref).max() < 0.01 * quant_error
+
+
+def test_language_model_with_embedding_codes():
+    lm = TinyLM(d_model=32, blocks=1)
+    params = lm.init(jax.random.key(3), jnp.ones((1, 8), jnp.int32))["params"]
+    served = _served(params)
+    apply = jaxqp.linen_serving_apply(lm)
+    exported = jaxqp.to_onnx(apply, served, jnp.ones((1, 8), jnp.int32))
+    assert {"DequantizeLinear", "Gather", "MatMulInteger"} <= _ops(exported)
+    tokens = jax.random.randint(jax.random.key(4), (4, 8), 0, 256)
+    np.testing.assert_allclose(_run(_session(exported), tokens), np.asarray(jax.jit(apply)(served, tokens)),
+                               atol=2e-2)
+
+
+def test_file_is_written_atomically_and_small(tmp_path):
+    model = MLP(width=512)
+    params = model.init(jax.random.key(0), jnp.ones((1, 512)))["params"]
+    sizes = {}
+    for name, tree in (("float", params), ("int8", _served(params, 8)), ("int4", _served(params, 4))):
+        path = tmp_path / f"{name}.onnx"
+        jaxqp.to_onnx(jaxqp.linen_serving_apply(model), tree, jnp.ones((1, 512)), file=str(path))
+        onnx.checker.check_model(str(path), full_check=True)
+        sizes[name] = path.stat().st_size
+    assert sorted(os.listdir(tmp_path)) == ["float.onnx", "int4.onnx", "int8.onnx"]  # no temporary left
+    assert sizes["int8"] / sizes["float"] < 0.27
+    assert sizes["int4"] / sizes["float"] < 0.15
+
+
+def test_exported_but_not_prepared_tree_is_refused():
+    model = MLP()
+    params = model.init(jax.random.key(0), jnp.ones((1, 32)))["params"]
+    t = jaxqp.transform([jaxqp.Rule(".*kernel", quant=jaxqp.QuantSpec(bits=8))])
+    with pytest.raises(ValueError, match=r"Dense_0/kernel' is a QArray.*jaxqp.prepare"):
+        jaxqp.to_onnx(jaxqp.linen_serving_apply(model), jaxqp.export(params, t.init(params)), jnp.ones((1, 32)))
+
+
+def test_bad_arguments_are_refused():
+    fn = lambda p, x: x @ p["w"]
+    with pytest.raises(ValueError, match="opset >= 21"):
+        jaxqp.to_onnx(fn, {"w": jnp.ones((4, 2))}, jnp.ones((3, 4)), opset=20)
+    with pytest.raises(ValueError, match="int8_matmul='s8s8'"):
+        jaxqp.to_onnx(fn, {"w": jnp.ones((4, 2))}, jnp.ones((3, 4)), int8_matmul="s8s8")
+    with pytest.raises(ValueError, match="at least one example input"):
+        jaxqp.to_onnx(fn, {"w": jnp.ones((4, 2))})
+
+
+def test_an_operation_onnx_cannot_express_names_the_layer():
+    class Inner(nn.Module):
+        @nn.compact
+        def __call__(self, h):
+            return jnp.linalg.eigh(h.T @ h)[0]
+
+    class Odd(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Inner(name="inner")(nn.Dense(8, name="proj")(x))
+
+    model = Odd()
+    params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    with pytest.raises(ValueError, match=r"'eigh' in layer 'Odd/inner'"):
+        jaxqp.to_onnx(jaxqp.linen_serving_apply(model), params, jnp.ones((1, 8)))
+
+
+def test_missing_extra_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "jax2onnx", None)
+    with pytest.raises(ImportError, match=r"pip install 'jaxqp\[onnx\]'"):
+        jaxqp.to_onnx(lambda p, x: x, {}, jnp.ones((1, 2)))
