@@ -5,8 +5,8 @@ of the float model, both run by ONNX Runtime's CPU provider with default options
 ``jax`` (``jaxqp.linen_serving_apply`` against the float model, both jitted). Models: the
 2-layer 4096-wide MLP and the transformer block (d_model 512, 8 heads, 16 tokens) of
 ``benchmarks/serving.py``. Configs: every Dense/DenseGeneral kernel quantized to int8 or
-int4; for ONNX Runtime, ``int8`` is the default u8 x u8 export (exact on every CPU) and
-``int8-u8s8`` the ``to_onnx(..., int8_matmul="u8s8")`` export (exact on CPUs with VNNI).
+int4; for ONNX Runtime, ``int8`` is the default export (``int8_matmul="split"``, exact on
+every CPU), ``int8-u8u8`` and ``int8-u8s8`` the other two forms (``docs/deploy.md``).
 Batches 1, 2, 8, 32, 256. Each latency is the median over interleaved repeats, divided by
 the float model's median on the *same runtime* in the same run; ``bytes_ratio`` is the
 exported file (``.onnx``, or jaxqp's ``.jaxqp`` for ``jax``) over the float file of the
@@ -71,8 +71,8 @@ def model_rows(name, model, params, make_input, batches, repeats, calls, tmp):
     sessions = {"float32": _onnx_session(jaxqp.to_onnx(lambda p, x: model.apply({"params": p}, x), params, example,
                                                        file=os.path.join(tmp, f"{name}-float.onnx")))}
     files[("onnxruntime", "float32")] = os.path.join(tmp, f"{name}-float.onnx")
-    exports = {"int8": (served["int8"], "u8u8"), "int8-u8s8": (served["int8"], "u8s8"),
-               "int4": (served["int4"], "u8u8")}
+    exports = {"int8": (served["int8"], "split"), "int8-u8u8": (served["int8"], "u8u8"),
+               "int8-u8s8": (served["int8"], "u8s8"), "int4": (served["int4"], "split")}
     for config, (tree, kernel) in exports.items():
         files[("onnxruntime", config)] = os.path.join(tmp, f"{name}-{config}.onnx")
         sessions[config] = _onnx_session(jaxqp.to_onnx(apply, tree, example, file=files[("onnxruntime", config)],

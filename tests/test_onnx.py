@@ -63,16 +63,17 @@ def _ops(model) -> set:
     return {node.op_type for node in model.graph.node}
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits,int8_matmul", [(8, "split"), (8, "u8u8"), (4, "split")])
 @pytest.mark.parametrize("pow2", [False, True])
-def test_mlp_runs_bit_exact_in_onnxruntime(bits, pow2):
+def test_mlp_runs_bit_exact_in_onnxruntime(bits, int8_matmul, pow2):
     model = MLP()
     params = model.init(jax.random.key(0), jnp.ones((1, 32)))["params"]
     served = _served(params, bits, pow2)
     apply = jaxqp.linen_serving_apply(model)
-    exported = jaxqp.to_onnx(apply, served, jnp.ones((1, 32)))
+    exported = jaxqp.to_onnx(apply, served, jnp.ones((1, 32)), int8_matmul=int8_matmul)
     assert "MatMulInteger" in _ops(exported) and not _ops(exported) & {"Gemm", "MatMul"}
-    wanted = onnx.TensorProto.UINT8 if bits == 8 else onnx.TensorProto.INT4
+    wanted = {"split": onnx.TensorProto.INT8, "u8u8": onnx.TensorProto.UINT8}[int8_matmul] if bits == 8 else \
+        onnx.TensorProto.INT4
     matrices = [(init.data_type, tuple(init.dims)) for init in exported.graph.initializer if len(init.dims) == 2
                 and min(init.dims) > 1]
     assert sorted(matrices) == [(wanted, (32, 128)), (wanted, (128, 64))]  # both kernels as codes, no float copy
@@ -108,9 +109,11 @@ def test_batch_axis_is_symbolic_and_opset_21():
     onnx.checker.check_model(exported, full_check=True)
 
 
-def test_extreme_codes_do_not_saturate():
-    """Weight codes +-127 and activation codes +-127 (uint8 1 and 255) over 512 inputs: a u8 x s8
-    kernel that sums pairs in int16 (2 * 255 * 127 > 2^15) would be far off; u8 x u8 is exact."""
+@pytest.mark.parametrize("int8_matmul", ["split", "u8u8"])
+def test_extreme_codes_do_not_saturate(int8_matmul):
+    """Weight codes +-127 and activation codes +-127 over 512 inputs: one u8 x s8 matmul of codes + 128
+    (uint8 1 and 255) would sum pairs past int16 on a CPU without VNNI (2 * 255 * 127 > 2^15); the
+    portable forms stay exact."""
     k = 512
     signs = np.where(np.random.default_rng(0).random((k, 16)) < 0.5, -1.0, 1.0).astype(np.float32)
     params = {"dense": {"kernel": jnp.asarray(signs * 0.5)}}
@@ -118,7 +121,7 @@ def test_extreme_codes_do_not_saturate():
     assert np.array_equal(np.abs(np.asarray(served["dense"]["kernel"].codes)), np.full((16, k), 127))
     x = jnp.asarray(np.where(np.random.default_rng(1).random((32, k)) < 0.5, -2.0, 2.0).astype(np.float32))
     fn = lambda p, x: jaxqp.serving.int8_matmul(x, p["dense"]["kernel"])
-    out = _run(_session(jaxqp.to_onnx(fn, served, x)), x)
+    out = _run(_session(jaxqp.to_onnx(fn, served, x, int8_matmul=int8_matmul)), x)
     exact = (np.sign(np.asarray(x)).astype(np.int64) * 127) @ (signs.astype(np.int64) * 127)
     row_scale = np.float32(2.0) * np.float32(1 / 127)
     np.testing.assert_array_equal(out, np.asarray(jax.jit(fn)(served, x)))

@@ -36,7 +36,7 @@ from .._export.compressed import Compressed
 from ..serving._kernels import GeneralKernel, ServingKernel, _Int8Codes, kernel_hook
 
 OPSET = 21  # MatMulInteger, DequantizeLinear with INT4 and per-axis scales
-INT8_MATMULS = ("u8u8", "u8s8")
+INT8_MATMULS = ("split", "u8u8", "u8s8")
 
 
 def _require_extra():
@@ -71,7 +71,7 @@ class OnnxKernels:
 
     Args:
       ops: the ``_onnx_ops`` module (imported only with the extra installed).
-      int8_matmul: ``"u8u8"`` or ``"u8s8"`` (see :func:`to_onnx`).
+      int8_matmul: one of ``INT8_MATMULS`` (see :func:`to_onnx`).
     """
 
     def __init__(self, ops, int8_matmul: str):
@@ -88,11 +88,13 @@ class OnnxKernels:
         with jax.ensure_compile_time_eval():  # the codes are constants: computed now, not traced
             codes = np.asarray(kernel.matrix_codes(n_contract))
             out_scale = jnp.asarray(np.asarray(kernel.out_scale(n_contract), np.float32))
-        if kernel.bits == 8 and self.int8_matmul == "u8u8":  # codes + 128, b_zero_point 128: exact everywhere
-            weight = jnp.asarray((codes.astype(np.int16) + 128).astype(np.uint8))
+        if kernel.bits < 8:
+            kind, weight = "int4", self._codes(codes, kernel.bits)
+        elif self.int8_matmul == "u8u8":  # codes + 128 with b_zero_point 128
+            kind, weight = "u8u8", jnp.asarray((codes.astype(np.int16) + 128).astype(np.uint8))
         else:
-            weight = self._codes(codes, kernel.bits)
-        return self.ops.int_matmul_p.bind(rows.astype(jnp.float32), weight, out_scale, pow2=kernel.pow2)
+            kind, weight = self.int8_matmul, jnp.asarray(codes)
+        return self.ops.int_matmul_p.bind(rows.astype(jnp.float32), weight, out_scale, pow2=kernel.pow2, kind=kind)
 
     def decode(self, kernel: _Int8Codes) -> jax.Array:
         with jax.ensure_compile_time_eval():
@@ -167,7 +169,7 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 
 def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | None = None, opset: int = OPSET,
-            dynamic_batch: bool = True, int8_matmul: str = "u8u8", model_name: str = "jaxqp_model"):
+            dynamic_batch: bool = True, int8_matmul: str = "split", model_name: str = "jaxqp_model"):
     """The served model ``apply_fn(served, *inputs)`` as an ONNX model (and file).
 
     Every quantized matmul (``nn.Dense``, ``nn.DenseGeneral`` incl. attention projections,
@@ -188,11 +190,14 @@ def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | N
       file: when given, the model is also written there (atomically).
       opset: the ONNX opset (>= 21).
       dynamic_batch: make the first axis of every input a symbolic dimension ``B``.
-      int8_matmul: how 8-bit weights multiply. ``"u8u8"`` (default): uint8 codes + 128 with
-        a zero point, exact on every CPU. ``"u8s8"``: int8 codes, ONNX Runtime's fastest
-        integer kernel on CPUs with VNNI (AVX512-VNNI, AVX-VNNI), exact there; on a CPU
-        without VNNI its int16 pair sums saturate for extreme codes, so use it only for such
-        targets. Weights of 4 bits or fewer are always u8 x s8, exact everywhere.
+      int8_matmul: how 8-bit weights multiply in ``MatMulInteger`` (``docs/deploy.md``).
+        ``"split"`` (default): the activation codes' positive and negative parts stacked
+        as uint8 rows times the int8 weight codes, one u8 x s8 matmul: exact on every CPU
+        and on ONNX Runtime's fast kernel. ``"u8u8"``: uint8 codes + 128 on both sides, exact
+        everywhere, slow where the fast kernel is u8 x s8. ``"u8s8"``: one u8 x s8 matmul of
+        codes + 128; fastest, but exact only on CPUs with VNNI (without it, int16 pair sums
+        saturate for extreme codes). Weights of 4 bits or fewer always take one u8 x s8
+        matmul, exact everywhere.
       model_name: the graph's name.
 
     Returns:

@@ -7,13 +7,23 @@ becomes one of two primitives (see :class:`OnnxKernels`):
 - ``jaxqp_int_matmul``: ``rows (n, K)`` times a quantized ``(K, F)`` weight, exactly as
   jaxqp's integer serving paths compute it. Each row is quantized to int8 codes (absmax
   times ``f32(1/127)``, or its power-of-two ceiling for ``pow2`` kernels; ``x`` times the
-  reciprocal of the scale, rounded half to even, clipped to [-127, 127]), shifted by 128 to
-  uint8, multiplied by ``MatMulInteger`` into int32 and rescaled by the row scale, then the
-  output scale. 8-bit weights are stored as uint8 codes + 128 with ``b_zero_point = 128``
-  (u8 x u8, exact on every CPU), or, for targets with VNNI, as int8 codes (u8 x s8: exact
-  there, but a CPU without VNNI sums pairs of products in int16 and saturates for extreme
-  codes); weights of 4 bits or fewer are stored as ``INT4`` initializers cast to int8 in
-  the graph (u8 x s8 cannot saturate: 2 * 255 * 8 < 2^15).
+  reciprocal of the scale, rounded half to even, clipped to [-127, 127]), multiplied with
+  the weight codes by ``MatMulInteger`` into int32 and rescaled by the row scale, then the
+  output scale. ONNX Runtime's fast integer kernel is u8 x s8, and on a CPU without VNNI
+  it sums pairs of products in int16, which saturates when both factors are large
+  (2 * 255 * 127 > 2^15). So the form depends on the weight (``kind``):
+
+  - ``"split"`` (8-bit weights, the default): the codes' positive and negative parts, both
+    in [0, 127], stacked as ``2n`` uint8 rows, one u8 x s8 ``MatMulInteger`` with the int8
+    weight codes, then the difference of the two halves. No pair sum exceeds
+    2 * 127 * 127 < 2^15: exact on every CPU, and the weight is read once.
+  - ``"u8u8"``: codes + 128 as uint8 times uint8 weight codes + 128 (both zero points 128):
+    exact everywhere, but slow on CPUs whose fast kernel is u8 x s8.
+  - ``"u8s8"``: codes + 128 as uint8 (zero point 128) times int8 weight codes: one matmul,
+    exact only on CPUs with VNNI.
+  - ``"int4"``: weights of 4 bits or fewer, stored as ``INT4`` initializers cast to int8
+    (folded once when the session starts), times codes + 128 as uint8: u8 x s8 cannot
+    saturate (2 * 255 * 8 < 2^15).
 - ``jaxqp_dequantize``: a weight decoded from its codes (a convolution's kernel, an
   embedding table), as ``DequantizeLinear`` of int8 or ``INT4`` codes with one float32
   scale per output channel.
@@ -48,7 +58,7 @@ dequantize_p = Primitive("jaxqp_dequantize")
 _F32 = ir.DataType.FLOAT
 
 
-def _int_matmul_eval(rows, weight, out_scale, *, pow2: bool):
+def _int_matmul_eval(rows, weight, out_scale, *, pow2: bool, kind: str):
     """The primitive's meaning in JAX (what the ONNX subgraph computes), for eager checks."""
     codes, row_scale = pow2_codes(rows, 8, 1) if pow2 else quantize_rows(rows)
     w = weight.astype(jnp.int32) - (128 if weight.dtype == jnp.uint8 else 0)
@@ -58,7 +68,7 @@ def _int_matmul_eval(rows, weight, out_scale, *, pow2: bool):
 
 int_matmul_p.def_impl(_int_matmul_eval)
 int_matmul_p.def_abstract_eval(
-    lambda rows, weight, out_scale, *, pow2: jax.core.ShapedArray((rows.shape[0], weight.shape[1]), jnp.float32)
+    lambda rows, weight, out_scale, *, pow2, kind: jax.core.ShapedArray((rows.shape[0], weight.shape[1]), jnp.float32)
 )
 dequantize_p.def_impl(lambda codes, scale, *, axis, dtype: (codes.astype(jnp.float32) * scale).astype(dtype))
 dequantize_p.def_abstract_eval(lambda codes, scale, *, axis, dtype: jax.core.ShapedArray(codes.shape, dtype))
@@ -124,18 +134,44 @@ class IntMatmulPlugin(PrimitiveLeafPlugin):
             scale = _pow2_ceil(g, scale, (n, 1))
         codes = g.op("Round", g.op("Mul", rows, g.op("Reciprocal", scale, shape=(n, 1)), shape=(n, k)), shape=(n, k))
         codes = g.op("Clip", codes, g.const("lo", np.float32(-127)), g.const("hi", np.float32(127)), shape=(n, k))
-        codes = g.op("Add", codes, g.const("shift", np.float32(128)), shape=(n, k))
-        codes = g.op("Cast", codes, to=int(ir.DataType.UINT8.value), shape=(n, k), dtype=ir.DataType.UINT8)
-        a_zero = g.const("a_zero_point", np.uint8(128))
-        if np.dtype(weight_var.aval.dtype) == np.uint8:
-            acc = g.op("MatMulInteger", codes, weight, a_zero, g.const("b_zero_point", np.uint8(128)),
-                       shape=(n, f), dtype=ir.DataType.INT32)
-        else:  # int8 codes (u8 x s8), or INT4 codes cast to int8 (folded once when the session starts)
-            if np.dtype(weight_var.aval.dtype) != np.int8:
+        kind = eqn.params["kind"]
+        if kind == "split":
+            acc = _split_product(g, codes, weight, (n, k, f))
+        else:
+            shifted = g.op("Add", codes, g.const("shift", np.float32(128)), shape=(n, k))
+            shifted = g.op("Cast", shifted, to=int(ir.DataType.UINT8.value), shape=(n, k), dtype=ir.DataType.UINT8)
+            zero_points = [g.const("a_zero_point", np.uint8(128))]
+            if kind == "u8u8":
+                zero_points.append(g.const("b_zero_point", np.uint8(128)))
+            elif kind == "int4":
                 weight = g.op("Cast", weight, to=int(ir.DataType.INT8.value), shape=(k, f), dtype=ir.DataType.INT8)
-            acc = g.op("MatMulInteger", codes, weight, a_zero, shape=(n, f), dtype=ir.DataType.INT32)
+            acc = g.op("MatMulInteger", shifted, weight, *zero_points, shape=(n, f), dtype=ir.DataType.INT32)
         y = g.op("Mul", g.op("Cast", acc, to=int(_F32.value), shape=(n, f)), scale, shape=(n, f))
         ctx.bind_value_for_var(eqn.outvars[0], g.op("Mul", y, out_scale, shape=(n, f)))
+
+
+def _split_product(g: _Graph, codes: Any, weight: Any, dims: tuple) -> Any:
+    """int32 ``codes @ weight`` as ``max(codes, 0) @ w - max(-codes, 0) @ w`` in one u8 x s8 matmul."""
+    n, k, f = dims
+    u8 = ir.DataType.UINT8
+    positive = g.op("Relu", codes, shape=(n, k))
+    negative = g.op("Relu", g.op("Neg", codes, shape=(n, k)), shape=(n, k))
+    stacked = g.op("Concat", positive, negative, axis=0, shape=(None, k))
+    stacked = g.op("Cast", stacked, to=int(u8.value), shape=(None, k), dtype=u8)
+    both = g.op("MatMulInteger", stacked, weight, shape=(None, f), dtype=ir.DataType.INT32)
+    first = g.op("Slice", both, g.const("start", np.array([0], np.int64)), _rows(g, codes, n),
+                 g.const("axis0", np.array([0], np.int64)), shape=(n, f), dtype=ir.DataType.INT32)
+    second = g.op("Slice", both, _rows(g, codes, n), g.const("end", np.array([np.iinfo(np.int64).max], np.int64)),
+                  g.const("axis0", np.array([0], np.int64)), shape=(n, f), dtype=ir.DataType.INT32)
+    return g.op("Sub", first, second, shape=(n, f), dtype=ir.DataType.INT32)
+
+
+def _rows(g: _Graph, codes: Any, n: Any) -> Any:
+    """The row count of ``codes`` as a 1-element int64 tensor (a constant when it is static)."""
+    if isinstance(n, int):
+        return g.const("rows", np.array([n], np.int64))
+    shape = g.op("Shape", codes, end=1, shape=(1,), dtype=ir.DataType.INT64)
+    return shape
 
 
 @register_primitive(
