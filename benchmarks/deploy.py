@@ -1,7 +1,7 @@
 """Deployed latency and file bytes: each runtime's float model vs jaxqp's int8/int4 export, in one process.
 
 Runtimes: ``onnxruntime`` (``jaxqp.to_onnx`` of the served model against jax2onnx's export
-of the float model, both run by ONNX Runtime's CPU provider with default options) and
+of the float model, both run by ONNX Runtime's CPU provider, thread spinning off) and
 ``jax`` (``jaxqp.linen_serving_apply`` against the float model, both jitted). Models: the
 2-layer 4096-wide MLP and the transformer block (d_model 512, 8 heads, 16 tokens) of
 ``benchmarks/serving.py``. Configs: every Dense/DenseGeneral kernel quantized to int8 or
@@ -52,7 +52,11 @@ def _rules(bits: int):
 def _onnx_session(model_proto):
     import onnxruntime as ort
 
-    return ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    # ORT's worker threads spin after each run by default, stealing the cores from whatever runs
+    # next (another session, or JAX) in this interleaved timing: off for every session alike
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def model_rows(name, model, params, make_input, batches, repeats, calls, tmp):

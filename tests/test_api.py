@@ -10,6 +10,7 @@ import warnings
 import pytest
 
 import jaxqp
+import jaxqp.deploy
 import jaxqp.numerics
 import jaxqp.serving
 from jaxqp import _deprecated
@@ -37,17 +38,17 @@ def isort_key(name: str):
     return (0 if name.isupper() else 1 if name[0].isupper() else 2, name)
 
 
-@pytest.mark.parametrize("module", [jaxqp, jaxqp.numerics, jaxqp.serving], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [jaxqp, jaxqp.numerics, jaxqp.serving, jaxqp.deploy], ids=lambda m: m.__name__)
 def test_all_is_sorted_and_unique(module):
     assert module.__all__ == sorted(set(module.__all__), key=isort_key)
 
 
-@pytest.mark.parametrize("module", [jaxqp, jaxqp.numerics, jaxqp.serving], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [jaxqp, jaxqp.numerics, jaxqp.serving, jaxqp.deploy], ids=lambda m: m.__name__)
 def test_all_equals_the_api_reference(module):
     prefix = re.escape(module.__name__ + ".")
     documented = set(re.findall(rf"^::: {prefix}(\w+)$", API_DOC, re.M))
     documented |= set(re.findall(rf"^`{prefix}(\w+)`:", API_DOC, re.M))  # constants, described inline
-    submodules = {"numerics", "serving"} if module is jaxqp else set()
+    submodules = {"deploy", "numerics", "serving"} if module is jaxqp else set()
     assert documented - submodules == set(module.__all__) - submodules
     for name in module.__all__:
         assert getattr(module, name) is not None

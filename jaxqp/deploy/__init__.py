@@ -7,6 +7,6 @@ Example:
     True
 """
 
-from ._onnx import OPSET, to_onnx
+from ._onnx import INT8_MATMULS, OPSET, to_onnx
 
-__all__ = ["OPSET", "to_onnx"]
+__all__ = ["INT8_MATMULS", "OPSET", "to_onnx"]

@@ -85,6 +85,9 @@ class _Graph:
 
     def op(self, kind: str, *inputs: Any, shape: tuple, dtype: Any = _F32, **attrs: Any) -> Any:
         value = getattr(self.ctx.builder, kind)(*inputs, _outputs=[self.ctx.fresh_name(kind.lower())], **attrs)
+        return self.typed(value, shape, dtype)
+
+    def typed(self, value: Any, shape: tuple, dtype: Any) -> Any:
         value.type = ir.TensorType(dtype)
         _stamp_type_and_shape(value, shape)
         _ensure_value_metadata(self.ctx, value)
@@ -133,11 +136,11 @@ class IntMatmulPlugin(PrimitiveLeafPlugin):
         if eqn.params["pow2"]:
             scale = _pow2_ceil(g, scale, (n, 1))
         codes = g.op("Round", g.op("Mul", rows, g.op("Reciprocal", scale, shape=(n, 1)), shape=(n, k)), shape=(n, k))
-        codes = g.op("Clip", codes, g.const("lo", np.float32(-127)), g.const("hi", np.float32(127)), shape=(n, k))
         kind = eqn.params["kind"]
         if kind == "split":
             acc = _split_product(g, codes, weight, (n, k, f))
         else:
+            codes = g.op("Clip", codes, g.const("lo", np.float32(-127)), g.const("hi", np.float32(127)), shape=(n, k))
             shifted = g.op("Add", codes, g.const("shift", np.float32(128)), shape=(n, k))
             shifted = g.op("Cast", shifted, to=int(ir.DataType.UINT8.value), shape=(n, k), dtype=ir.DataType.UINT8)
             zero_points = [g.const("a_zero_point", np.uint8(128))]
@@ -151,27 +154,22 @@ class IntMatmulPlugin(PrimitiveLeafPlugin):
 
 
 def _split_product(g: _Graph, codes: Any, weight: Any, dims: tuple) -> Any:
-    """int32 ``codes @ weight`` as ``max(codes, 0) @ w - max(-codes, 0) @ w`` in one u8 x s8 matmul."""
+    """int32 ``clip(codes) @ weight`` as ``max(codes, 0) @ w - max(-codes, 0) @ w`` in one u8 x s8 matmul.
+
+    ``codes`` are the rounded, unclipped activation codes; clipping ``[codes; -codes]`` to
+    [0, 127] gives both parts of the clipped codes at once.
+    """
     n, k, f = dims
-    u8 = ir.DataType.UINT8
-    positive = g.op("Relu", codes, shape=(n, k))
-    negative = g.op("Relu", g.op("Neg", codes, shape=(n, k)), shape=(n, k))
-    stacked = g.op("Concat", positive, negative, axis=0, shape=(None, k))
+    u8, i32 = ir.DataType.UINT8, ir.DataType.INT32
+    stacked = g.op("Concat", codes, g.op("Neg", codes, shape=(n, k)), axis=0, shape=(None, k))
+    stacked = g.op("Clip", stacked, g.const("zero", np.float32(0)), g.const("hi", np.float32(127)), shape=(None, k))
     stacked = g.op("Cast", stacked, to=int(u8.value), shape=(None, k), dtype=u8)
-    both = g.op("MatMulInteger", stacked, weight, shape=(None, f), dtype=ir.DataType.INT32)
-    first = g.op("Slice", both, g.const("start", np.array([0], np.int64)), _rows(g, codes, n),
-                 g.const("axis0", np.array([0], np.int64)), shape=(n, f), dtype=ir.DataType.INT32)
-    second = g.op("Slice", both, _rows(g, codes, n), g.const("end", np.array([np.iinfo(np.int64).max], np.int64)),
-                  g.const("axis0", np.array([0], np.int64)), shape=(n, f), dtype=ir.DataType.INT32)
-    return g.op("Sub", first, second, shape=(n, f), dtype=ir.DataType.INT32)
-
-
-def _rows(g: _Graph, codes: Any, n: Any) -> Any:
-    """The row count of ``codes`` as a 1-element int64 tensor (a constant when it is static)."""
-    if isinstance(n, int):
-        return g.const("rows", np.array([n], np.int64))
-    shape = g.op("Shape", codes, end=1, shape=(1,), dtype=ir.DataType.INT64)
-    return shape
+    both = g.op("MatMulInteger", stacked, weight, shape=(None, f), dtype=i32)
+    positive, negative = g.ctx.builder.Split(both, axis=0, num_outputs=2,
+                                             _outputs=[g.ctx.fresh_name("positive"), g.ctx.fresh_name("negative")])
+    for half in (positive, negative):
+        g.typed(half, (n, f), i32)
+    return g.op("Sub", positive, negative, shape=(n, f), dtype=i32)
 
 
 @register_primitive(
