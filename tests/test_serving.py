@@ -23,7 +23,7 @@ def reference_int8_matmul(x, kernel):
     x = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
     scale = np.max(np.abs(x), axis=1, keepdims=True) * (np.float32(1) / np.float32(127))
     scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
-    codes = np.clip(np.round(x / scale), -127, 127).astype(np.int64)
+    codes = np.clip(np.round(x * (np.float32(1) / scale)), -127, 127).astype(np.int64)  # as XLA computes x / s
     acc = codes @ np.asarray(kernel.int8_codes(), np.int64).T
     return (acc.astype(np.float32) * scale * np.asarray(kernel.scale)).astype(np.float32)
 
@@ -50,6 +50,21 @@ def test_int8_matmul_is_exact_integer_arithmetic(rows, path, bits):
     x = jax.random.normal(jax.random.key(1), (rows, 256))
     got = np.asarray(jax.jit(jaxqp.serving.int8_matmul)(x, kernel))
     np.testing.assert_array_equal(got, reference_int8_matmul(x, kernel))
+
+
+@pytest.mark.parametrize("path", INT_PATHS)
+def test_packed_codes_decoded_in_chunks_give_the_same_bits(monkeypatch, path):
+    """Large 4-bit kernels are decoded a chunk of output rows at a time inside ``lax.map``."""
+    from jaxqp.serving import _kernels
+
+    monkeypatch.setattr(_kernels, "DECODE_CHUNK_BYTES", 16000)
+    assert _kernels.decode_chunks(300, 256) == 4 and _kernels.decode_chunks(64, 64) == 1
+    *_, served = served_kernel(bits=4, path=path)
+    x = jax.random.normal(jax.random.key(1), (5, 256))
+    jaxpr = str(jax.make_jaxpr(jaxqp.serving.int8_matmul)(x, served["w"]))
+    assert "scan" in jaxpr  # the chunked decode ran
+    got = np.asarray(jax.jit(jaxqp.serving.int8_matmul)(x, served["w"]))
+    np.testing.assert_array_equal(got, reference_int8_matmul(x, served["w"]))
 
 
 @pytest.mark.parametrize("bits", [8, 4])

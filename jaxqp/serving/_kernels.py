@@ -98,14 +98,9 @@ class _Int8Codes(Compressed):
         parts separately keeps XLA from fusing the unpacking into the dot, which would
         leave its fast integer GEMM (5-7x slower measured on a 4096-wide layer).
         """
-        n = self.codes_shape[-1]
         if self.bits == 8:
-            return [(slice(0, n), self.codes)]
-        m = -(-n // 2)
-        signed = jax.lax.bitcast_convert_type(self.codes, jnp.int8)
-        low = jnp.left_shift(signed, jnp.int8(4)) >> jnp.int8(4)
-        high = (signed >> jnp.int8(4))[..., :n - m]
-        return [(slice(0, m), low), (slice(m, n), high)]
+            return [(slice(0, self.codes_shape[-1]), self.codes)]
+        return nibble_parts(self.codes, self.codes_shape[-1])
 
     def int_product(self, codes: jax.Array, path: str, n_contract: int = 1) -> jax.Array:
         """int32 ``codes (n, K)`` times the kernel's int8 codes as a ``(K, F)`` matrix, by an integer path."""
@@ -146,6 +141,43 @@ class _Int8Codes(Compressed):
         """What a path decision is keyed by besides the shape: storage and a kept float copy."""
         kept = "+float" if self.float_weight is not None else ""
         return f"{type(self).__name__}-int{self.bits}{kept}"
+
+
+def nibble_parts(packed: jax.Array, n: int) -> list[tuple[slice, jax.Array]]:
+    """The two int8 parts of 4-bit codes packed in halves along the last axis (``n`` codes).
+
+    Args:
+      packed: uint8 codes, two per byte (``jaxqp.numerics.pack_nibbles``).
+      n: the number of codes along the last axis.
+
+    Returns:
+      ``[(slice(0, m), low nibbles), (slice(m, n), high nibbles)]`` with ``m = ceil(n / 2)``.
+    """
+    m = -(-n // 2)
+    signed = jax.lax.bitcast_convert_type(packed, jnp.int8)
+    low = jnp.left_shift(signed, jnp.int8(4)) >> jnp.int8(4)
+    high = (signed >> jnp.int8(4))[..., :n - m]
+    return [(slice(0, m), low), (slice(m, n), high)]
+
+
+DECODE_CHUNK_BYTES = 2 << 20  # decode packed codes at most this many int8 bytes at a time
+
+
+def decode_chunks(out: int, n_in: int) -> int:
+    """How many chunks of output rows a packed ``(out, n_in)`` kernel is decoded in for a product.
+
+    XLA's CPU scheduler keeps every decoded weight of a jitted model live at once (no buffer
+    reuse between concurrently schedulable ops); above ~32 MB the temporary buffer is mapped
+    fresh on every call, and its page faults cost more than the matmuls (two 4096-wide int4
+    layers at batch 1: 19 ms decoded whole, 4 ms in chunks of 2 MB inside ``lax.map``, whose
+    body buffers are allocated once). The chunk count divides ``out`` and keeps a chunk's
+    decoded bytes near ``DECODE_CHUNK_BYTES``, with at least 64 rows per chunk.
+    """
+    wanted = -(-out * n_in // DECODE_CHUNK_BYTES)
+    if wanted <= 1:
+        return 1
+    divisors = [c for c in range(1, out + 1) if out % c == 0 and out // c >= 64]
+    return min(divisors, key=lambda c: (abs(c - wanted), c))
 
 
 def _register(cls, name: str) -> None:
@@ -194,8 +226,13 @@ class ServingKernel(_Int8Codes):
         return self.shape
 
     def int_product(self, codes: jax.Array, path: str, n_contract: int = 1) -> jax.Array:
-        products = [int_dot(codes[:, columns], part, path, 1) for columns, part in self.parts()]
-        return functools.reduce(jnp.add, products)
+        chunks = decode_chunks(*self.codes_shape) if self.bits == 4 else 1
+        if chunks == 1:
+            return _parts_product(codes, self.parts(), path)
+        out, n_in = self.codes_shape
+        packed = self.codes.reshape(chunks, out // chunks, -1)
+        ys = jax.lax.map(lambda block: _parts_product(codes, nibble_parts(block, n_in), path), packed)
+        return jnp.moveaxis(ys, 0, 1).reshape(codes.shape[0], out)  # (chunks, n, out / chunks) -> (n, out)
 
     def float_product(self, rows: jax.Array, n_contract: int = 1) -> jax.Array:
         if self.float_weight is not None:
@@ -291,6 +328,11 @@ class GeneralKernel(_Int8Codes):
 
 
 _register(GeneralKernel, "jaxqp.serving.GeneralKernel")
+
+
+def _parts_product(codes: jax.Array, parts: list, path: str) -> jax.Array:
+    """int32 ``codes (n, K)`` times ``(out, K)`` int8 codes given in column parts."""
+    return functools.reduce(jnp.add, [int_dot(codes[:, columns], part, path, 1) for columns, part in parts])
 
 
 def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
