@@ -59,3 +59,14 @@ def test_nnx_transformer_text_quick(capsys):
     assert test_loss < 0.8 * np.log(vocab)  # learned something beyond the uniform guess
     out = capsys.readouterr().out
     assert "bits/char" in out and "w8a8-int" in out
+
+
+@pytest.mark.slow
+@pytest.mark.standard_promotion
+def test_deploy_onnx_quick(capsys):
+    pytest.importorskip("onnxruntime")
+    accuracy, onnx_logits, jax_logits, _ = load("deploy_onnx").main(["--quick"])
+    assert accuracy > 0.85  # 60 steps of int8 + 80% pruning already learn digits
+    np.testing.assert_array_equal(onnx_logits, jax_logits)
+    out = capsys.readouterr().out
+    assert "2 MatMulInteger nodes" in out and "bit for bit: True" in out

@@ -61,9 +61,9 @@ def test_packed_codes_decoded_in_chunks_give_the_same_bits(monkeypatch, path):
     assert _kernels.decode_chunks(300, 256) == 4 and _kernels.decode_chunks(64, 64) == 1
     *_, served = served_kernel(bits=4, path=path)
     x = jax.random.normal(jax.random.key(1), (5, 256))
-    jaxpr = str(jax.make_jaxpr(jaxqp.serving.int8_matmul)(x, served["w"]))
-    assert "scan" in jaxpr  # the chunked decode ran
-    got = np.asarray(jax.jit(jaxqp.serving.int8_matmul)(x, served["w"]))
+    fresh = lambda x, k: jaxqp.serving.int8_matmul(x, k)  # a new function: no cached trace of another test
+    assert "scan" in str(jax.make_jaxpr(fresh)(x, served["w"]))  # the chunked decode ran
+    got = np.asarray(jax.jit(fresh)(x, served["w"]))
     np.testing.assert_array_equal(got, reference_int8_matmul(x, served["w"]))
 
 

@@ -38,6 +38,7 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_i
 CACHE_ENV = "JAXQP_PATH_CACHE"
 ROUNDS = 5  # interleaved timing rounds per candidate; the median is kept
 MIN_ROUND_S = 5e-4  # each round repeats a call until it lasts at least this long
+_THREAD_NAME = "jaxqp-path-choice"
 
 
 @functools.cache
@@ -208,7 +209,7 @@ def _in_clean_thread(fn):
         except BaseException as error:
             result["error"] = error
 
-    thread = threading.Thread(target=target, name="jaxqp-path-choice")
+    thread = threading.Thread(target=target, name=_THREAD_NAME)
     thread.start()
     thread.join()
     if "error" in result:
@@ -284,6 +285,12 @@ def record_paths():
 
 
 def note(kind: str, shape: tuple, rows: int, path: str) -> None:
-    """Tells every active :func:`record_paths` which path a matmul of ``(kind, shape, rows)`` takes."""
+    """Tells every active :func:`record_paths` which path a matmul of ``(kind, shape, rows)`` takes.
+
+    Traces made while measuring (in a :func:`decide` thread) are candidates, not the traced
+    program, and are not recorded.
+    """
+    if threading.current_thread().name == _THREAD_NAME:
+        return
     for used in _RECORDERS:
         used.append({"kind": kind, "shape": tuple(shape), "rows": int(rows), "path": path})

@@ -64,6 +64,26 @@ def kernel_hook(hook):
         _HOOK.reset(token)
 
 
+# A whole-model decision (``_model_choice``) traces the model with every "auto" kernel on one path.
+_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("jaxqp_path_override", default="auto")
+
+
+@contextlib.contextmanager
+def override_paths(path: str):
+    """Within the block, every kernel whose path is ``"auto"`` takes ``path`` (``"auto"``: measure per layer).
+
+    Args:
+      path: one of ``PINS``.
+    """
+    if path not in PINS:
+        raise ValueError(f"override_paths: path={path!r}; expected one of {PINS}")
+    token = _OVERRIDE.set(path)
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
 def _product(rows: jax.Array, kernel: _Int8Codes, n_contract: int) -> jax.Array:
     hook = _HOOK.get()
     if hook is not None:
@@ -237,9 +257,7 @@ class ServingKernel(_Int8Codes):
     def float_product(self, rows: jax.Array, n_contract: int = 1) -> jax.Array:
         if self.float_weight is not None:
             return rows @ self.float_weight.astype(rows.dtype)
-        products = [rows[:, columns] @ (part.astype(jnp.float32) * self.scale[:, None]).astype(rows.dtype).T
-                    for columns, part in self.parts()]
-        return functools.reduce(jnp.add, products)
+        return rows @ self._decode().astype(rows.dtype)  # one decode fusion, one dot
 
     def out_scale(self, n_contract: int = 1) -> jax.Array:
         return self.scale
@@ -413,7 +431,7 @@ def kernel_path(kernel: _Int8Codes, rows: int, n_contract: int = 1) -> str:
       One of ``PATHS``.
     """
     shape = kernel.matrix_shape(n_contract)
-    path = kernel.path
+    path = kernel.path if kernel.path != "auto" else _OVERRIDE.get()
     if path == "auto":
         path = decide(kernel.kind, shape, rows, lambda: _candidates(kernel, rows, n_contract)).path
     note(kernel.kind, shape, rows, path)

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from .._adapters.inputs import as_tuple, trailing_contraction
-from ._kernels import GeneralKernel, ServingKernel, int8_matmul, int8_matmul_general
+from ._kernels import GeneralKernel, ServingKernel, int8_matmul, int8_matmul_general, override_paths
+from ._model_choice import model_policy
 
 
 def _interceptor(next_fun, args, kwargs, context):
@@ -134,11 +135,15 @@ def _unused_to_float(model, params, args, kwargs):
     return jax.tree_util.tree_map_with_path(decode, params, is_leaf=_is_kernel)
 
 
-def linen_serving_apply(model: nn.Module) -> Callable:
+def linen_serving_apply(model: nn.Module, *, measure_model: bool = True) -> Callable:
     """``apply(params, *args, **kwargs)`` running ``model`` on a :func:`jaxqp.prepare`-d tree.
 
     Args:
       model: the linen model the params were trained for.
+      measure_model: the first time the function is traced for a shape, time the whole
+        model with per-layer path choices and with every ``"auto"`` kernel on each one path,
+        and keep the fastest (``serving/_model_choice.py``; cached like the per-layer
+        choices). False: per-layer choices only (faster first trace).
 
     Returns:
       ``apply(served, *args, **kwargs)``: ``nn.Dense`` layers whose kernel is a
@@ -148,9 +153,14 @@ def linen_serving_apply(model: nn.Module) -> Callable:
       float inside the function; other layers run as usual.
     """
 
-    def apply(params, *args, **kwargs):
+    def run(params, *args, **kwargs):
         params = _unused_to_float(model, params, args, kwargs)
         with nn.intercept_methods(_interceptor):
             return model.apply({"params": params}, *args, **kwargs)
+
+    def apply(params, *args, **kwargs):
+        policy = model_policy(run, params, args, kwargs, type(model).__name__) if measure_model else "auto"
+        with override_paths(policy):
+            return run(params, *args, **kwargs)
 
     return apply

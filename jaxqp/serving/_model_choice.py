@@ -1,0 +1,99 @@
+"""Choosing the paths of a whole served model by timing it (serving layer, no flax).
+
+Each ``"auto"`` kernel's path is measured alone (``kernel_path``): fast to decide, but a
+layer timed alone is not the layer inside a model. XLA fuses a kernel's decode with its
+neighbours, schedules many layers' temporaries at once, and tiny layers cost more in
+per-op overhead than in arithmetic, so a model of per-layer winners can be slower than the
+same model on one path (measured: a byte-level LM at int4, 1.06x float with per-layer
+choices, 0.78x all on integer paths). :func:`model_policy` therefore times the whole
+function the first time it is traced for a shape: with per-layer choices (``"auto"``) and
+with every auto kernel on each one path of ``PATHS``, on random codes and zero inputs of
+the same shapes, and keeps the fastest. The decision is cached like a layer's (per process,
+machine, model, tree shapes and row bucket; on disk with ``JAXQP_PATH_CACHE``).
+
+Example:
+    >>> MODEL_POLICIES
+    ('auto', 'int8', 'int8_t', 'bf16', 'float')
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..numerics._path_choice import decide
+from ._kernels import PATHS, _Int8Codes, _random_like, override_paths
+
+MODEL_POLICIES = ("auto", *PATHS)
+
+
+def _is_kernel(x) -> bool:
+    return isinstance(x, _Int8Codes)
+
+
+def _auto_kernels(params) -> bool:
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=_is_kernel)
+    return any(_is_kernel(x) and x.path == "auto" for x in leaves)
+
+
+def _spec(x):
+    return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) if hasattr(x, "shape") else x
+
+
+def _signature(name: str, params, args, kwargs) -> str:
+    """A short, stable digest of what the decision is valid for: the model, its tree's shapes, the inputs'."""
+    specs = jax.tree_util.tree_map(_spec, (params, args, kwargs))  # a kernel's static fields are in the treedef
+    text = repr(jax.tree_util.tree_structure(specs)) + repr(
+        [(getattr(x, "shape", x), str(getattr(x, "dtype", ""))) for x in jax.tree_util.tree_leaves(specs)])
+    return f"{name}:{hashlib.sha1(text.encode()).hexdigest()[:16]}"
+
+
+def _rows(args) -> int:
+    for x in jax.tree_util.tree_leaves(args):
+        if getattr(x, "ndim", 0) >= 1:
+            return int(x.shape[0])
+    return 1
+
+
+def model_policy(fn: Callable, params, args: tuple, kwargs: dict, name: str) -> str:
+    """The fastest of ``MODEL_POLICIES`` for ``fn(params, *args, **kwargs)``, measured once per signature.
+
+    Args:
+      fn: the served function (it multiplies through ``int8_matmul`` and friends).
+      params: the prepared tree (arrays or tracers: only shapes and dtypes are read).
+      args: the positional inputs (arrays or tracers; non-arrays are passed as they are).
+      kwargs: keyword inputs, passed as they are.
+      name: the model's name, part of the cache key.
+
+    Returns:
+      ``"auto"`` (per-layer choices) or one path of ``PATHS``; ``"auto"`` when no kernel is
+      ``"auto"`` (all pinned).
+    """
+    if not _auto_kernels(params):
+        return "auto"
+
+    def build():
+        rng = np.random.default_rng(0)
+        synthetic = jax.device_put(jax.tree_util.tree_map(
+            lambda a: _random_like(a, rng) if hasattr(a, "shape") else a, params))
+        inputs = [jnp.zeros(np.shape(a), jnp.result_type(a)) if hasattr(a, "shape") else a for a in args]
+        arrays = [i for i, a in enumerate(args) if hasattr(a, "shape")]
+
+        def run(policy, p, *xs):
+            full = list(inputs)
+            for i, x in zip(arrays, xs):
+                full[i] = x
+            with override_paths(policy):
+                return fn(p, *full, **kwargs)
+
+        fns = {policy: functools.partial(jax.jit(functools.partial(run, policy)), synthetic,
+                                         *[inputs[i] for i in arrays])
+               for policy in MODEL_POLICIES}
+        return fns, fns["float"]
+
+    return decide("model", (_signature(name, params, args, kwargs),), _rows(args), build).path
