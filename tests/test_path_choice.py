@@ -80,3 +80,62 @@ def test_describe_reports_bytes_paths_and_slower_than_float():
     pinned = jaxqp.prepare(jaxqp.export(params, t.init(params)), path="bf16")
     assert jaxqp.serving.describe(pinned, rows=[3]).rows[0]["paths"] == {4: "bf16"}
     assert np.isfinite(report.served_bytes)
+
+
+def _mlp_served(path="auto"):
+    import flax.linen as nn
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(32)(nn.relu(nn.Dense(48)(x)))
+
+    model = MLP()
+    params = model.init(jax.random.key(0), jax.numpy.ones((1, 16)))["params"]
+    t = jaxqp.transform([Rule(".*kernel", quant=QuantSpec(bits=8))])
+    return model, jaxqp.prepare(jaxqp.export(params, t.init(params)), path=path)
+
+
+def test_whole_model_choice_takes_the_fastest_policy_and_caches_it(monkeypatch):
+    """The model is timed once per signature under every policy; the fastest policy's path
+    is the one every auto kernel then takes, and traces made while timing are not recorded."""
+    from jaxqp.serving import _model_choice
+
+    pc.clear_decisions()
+    timed = []
+
+    def fake_time(fns):  # "bf16" is fastest, as if measured
+        timed.append(sorted(fns))
+        return {name: (1.0 if name == "bf16" else 2.0) for name in fns}
+
+    monkeypatch.setattr(pc, "time_candidates", fake_time)
+    model, served = _mlp_served()
+    apply = jaxqp.linen_serving_apply(model)
+    x = jax.numpy.ones((3, 16))
+    with pc.record_paths() as used:
+        y = jax.jit(apply)(served, x)
+    model_timings = [names for names in timed if "auto" in names]
+    assert model_timings == [sorted([*_model_choice.MODEL_POLICIES, "_float"])]  # the model, once
+    assert [u["path"] for u in used] == ["bf16", "bf16"]  # the two Dense layers, not the timing traces
+    assert [d.path for k, d in pc.decisions().items() if "|model|" in k] == ["bf16"]
+    with pc.record_paths() as used:
+        jax.jit(lambda s, x: apply(s, x))(served, x)  # traced again: the cached decision, no timing
+    assert len([names for names in timed if "auto" in names]) == 1 and len(used) == 2
+    # same bits as the path pinned
+    _, pinned = _mlp_served("bf16")
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(jax.jit(apply)(pinned, x)))
+    pc.clear_decisions()
+
+
+def test_whole_model_choice_skips_pinned_models_and_can_be_turned_off(monkeypatch):
+    from jaxqp.serving import _model_choice
+
+    calls = []
+    monkeypatch.setattr(_model_choice, "decide", lambda *a, **k: calls.append(a) or pc.Decision("int8", {}, 1.0))
+    model, pinned = _mlp_served("int8")
+    jax.jit(jaxqp.linen_serving_apply(model))(pinned, jax.numpy.ones((2, 16)))
+    _, auto = _mlp_served()
+    jax.jit(jaxqp.linen_serving_apply(model, measure_model=False))(auto, jax.numpy.ones((2, 16)))
+    assert calls == []
+    jax.jit(jaxqp.linen_serving_apply(model))(auto, jax.numpy.ones((2, 16)))
+    assert len(calls) == 1 and calls[0][0] == "model"

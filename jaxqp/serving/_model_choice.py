@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..numerics._path_choice import decide
-from ._kernels import PATHS, _Int8Codes, _random_like, override_paths
+from ._kernels import _HOOK, PATHS, _Int8Codes, _random_like, override_paths
 
 MODEL_POLICIES = ("auto", *PATHS)
 
@@ -53,10 +53,11 @@ def _signature(name: str, params, args, kwargs) -> str:
     return f"{name}:{hashlib.sha1(text.encode()).hexdigest()[:16]}"
 
 
-def _rows(args) -> int:
+def _rows(args) -> int | None:
+    """The first input's leading size, or None when it is symbolic (``jax.export`` shapes)."""
     for x in jax.tree_util.tree_leaves(args):
         if getattr(x, "ndim", 0) >= 1:
-            return int(x.shape[0])
+            return x.shape[0] if isinstance(x.shape[0], int) else None
     return 1
 
 
@@ -72,10 +73,11 @@ def model_policy(fn: Callable, params, args: tuple, kwargs: dict, name: str) -> 
 
     Returns:
       ``"auto"`` (per-layer choices) or one path of ``PATHS``; ``"auto"`` when no kernel is
-      ``"auto"`` (all pinned).
+      ``"auto"`` (all pinned), when the batch is symbolic, or while an exporter traces.
     """
-    if not _auto_kernels(params):
-        return "auto"
+    rows = _rows(args)
+    if not _auto_kernels(params) or rows is None or _HOOK.get() is not None:
+        return "auto"  # nothing to choose, a symbolic batch, or an exporter tracing (it computes no path)
 
     def build():
         rng = np.random.default_rng(0)
@@ -96,4 +98,4 @@ def model_policy(fn: Callable, params, args: tuple, kwargs: dict, name: str) -> 
                for policy in MODEL_POLICIES}
         return fns, fns["float"]
 
-    return decide("model", (_signature(name, params, args, kwargs),), _rows(args), build).path
+    return decide("model", (_signature(name, params, args, kwargs),), rows, build).path
