@@ -5,8 +5,8 @@ both runtimes (an MLP, a CNN, an NNX model), ONNX Runtime's output equals jaxqp'
 serving path, run op by op, bit for bit at batch 1, 32 and 256. Jitted, XLA contracts the
 output-scale multiply and the bias add into one fused multiply-add (one rounding instead of
 two), so the jitted output differs by an ulp there, which the next layer's row scale can
-carry (``docs/deploy.md``); the tests give the layers nonzero biases so that this shows. In a transformer, ORT's float operations
-(layer norm, softmax, gelu) differ from XLA's by float32 ulps; when such a difference moves
+carry (``docs/deploy.md``); the tests give the layers nonzero biases so that this shows. In a
+transformer, ORT's float operations (layer norm, softmax, gelu) differ from XLA's by float32 ulps; when such a difference moves
 an activation across a rounding boundary, one int8 activation code of that row changes, so
 the tolerance there is a few activation steps (``docs/deploy.md``).
 """

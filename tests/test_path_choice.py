@@ -104,7 +104,7 @@ def test_whole_model_choice_takes_the_fastest_policy_and_caches_it(monkeypatch):
     pc.clear_decisions()
     timed = []
 
-    def fake_time(fns):  # "bf16" is fastest, as if measured
+    def fake_time(fns, **timing):  # "bf16" is fastest, as if measured
         timed.append(sorted(fns))
         return {name: (1.0 if name == "bf16" else 2.0) for name in fns}
 

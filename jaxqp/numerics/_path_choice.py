@@ -168,11 +168,14 @@ def cached(kind: str, shape: tuple, rows: int) -> Decision | None:
         return _DECISIONS.get(_key(kind, shape, row_bucket(rows)))
 
 
-def time_candidates(fns: Mapping[str, Callable[[], object]]) -> dict[str, float]:
+def time_candidates(fns: Mapping[str, Callable[[], object]], rounds: int = ROUNDS,
+                    min_round_s: float = MIN_ROUND_S) -> dict[str, float]:
     """Median seconds per call of each zero-argument function, timed in interleaved rounds.
 
     Args:
       fns: name -> a function that runs the candidate once and returns its (jax) result.
+      rounds: how many interleaved rounds.
+      min_round_s: each round repeats a call until it lasts at least this long.
 
     Returns:
       name -> median seconds per call.
@@ -182,9 +185,9 @@ def time_candidates(fns: Mapping[str, Callable[[], object]]) -> dict[str, float]
         jax.block_until_ready(fn())  # compile and warm up
         start = time.perf_counter()
         jax.block_until_ready(fn())
-        calls[name] = max(1, int(MIN_ROUND_S / max(time.perf_counter() - start, 1e-7)))
+        calls[name] = max(1, int(min_round_s / max(time.perf_counter() - start, 1e-7)))
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for name, fn in fns.items():
             start = time.perf_counter()
             for _ in range(calls[name]):
@@ -194,9 +197,9 @@ def time_candidates(fns: Mapping[str, Callable[[], object]]) -> dict[str, float]
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def _time_built(build) -> dict[str, float]:
+def _time_built(build, timing: dict) -> dict[str, float]:
     candidates, reference = build()
-    return time_candidates({**candidates, "_float": reference})
+    return time_candidates({**candidates, "_float": reference}, **timing)
 
 
 def _in_clean_thread(fn):
@@ -218,7 +221,8 @@ def _in_clean_thread(fn):
 
 
 def decide(kind: str, shape: tuple, rows: int,
-           build: Callable[[], tuple[Mapping[str, Callable[[], object]], Callable[[], object]]]) -> Decision:
+           build: Callable[[], tuple[Mapping[str, Callable[[], object]], Callable[[], object]]],
+           **timing) -> Decision:
     """The cached decision for ``(kind, shape, row_bucket(rows))``, measuring the candidates if there is none.
 
     Runs eagerly even inside a trace: ``build`` and the timing run in a fresh thread, whose
@@ -232,6 +236,7 @@ def decide(kind: str, shape: tuple, rows: int,
       rows: the input's row count (its bucket is part of the cache key).
       build: returns ``(candidates, reference)``: path name -> zero-argument function running
         that path, in order of preference; and the float matmul the paths replace.
+      **timing: ``rounds`` and ``min_round_s`` for :func:`time_candidates`.
 
     Returns:
       The :class:`Decision`.
@@ -239,7 +244,7 @@ def decide(kind: str, shape: tuple, rows: int,
     found = cached(kind, shape, rows)
     if found is not None:
         return found
-    seconds = _in_clean_thread(lambda: _time_built(build))
+    seconds = _in_clean_thread(lambda: _time_built(build, timing))
     float_seconds = seconds.pop("_float")
     decision = Decision(choose(seconds), seconds, float_seconds)
     with _LOCK:

@@ -30,6 +30,9 @@ from ..numerics._path_choice import decide
 from ._kernels import _HOOK, PATHS, _Int8Codes, _random_like, override_paths
 
 MODEL_POLICIES = ("auto", *PATHS)
+# A whole model is timed longer than a layer: its policies can differ by less than a layer's
+# paths, and a tiny model's call (~1 ms) varies by 10-40% from one call to the next here.
+MODEL_TIMING = {"rounds": 9, "min_round_s": 0.02}
 
 
 def _is_kernel(x) -> bool:
@@ -98,4 +101,4 @@ def model_policy(fn: Callable, params, args: tuple, kwargs: dict, name: str) -> 
                for policy in MODEL_POLICIES}
         return fns, fns["float"]
 
-    return decide("model", (_signature(name, params, args, kwargs),), rows, build).path
+    return decide("model", (_signature(name, params, args, kwargs),), rows, build, **MODEL_TIMING).path
