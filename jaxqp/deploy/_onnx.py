@@ -33,7 +33,8 @@ import numpy as np
 from jax.extend.core import jaxprs_in_params
 
 from .._export.compressed import Compressed
-from ..serving._kernels import GeneralKernel, ServingKernel, _Int8Codes, kernel_hook
+from ..serving._hooks import kernel_hook
+from ..serving._kernels import GeneralKernel, ServingKernel, _Int8Codes
 
 OPSET = 21  # MatMulInteger, DequantizeLinear with INT4 and per-axis scales
 INT8_MATMULS = ("split", "u8u8", "u8s8")

@@ -7,9 +7,9 @@ becomes one of two primitives (see :class:`OnnxKernels`):
 - ``jaxqp_int_matmul``: ``rows (n, K)`` times a quantized ``(K, F)`` weight, exactly as
   jaxqp's integer serving paths compute it. Each row is quantized to int8 codes (absmax
   times ``f32(1/127)``, or its power-of-two ceiling for ``pow2`` kernels; ``x`` times the
-  reciprocal of the scale, rounded half to even, clipped to [-127, 127]), multiplied with
-  the weight codes by ``MatMulInteger`` into int32 and rescaled by the row scale, then the
-  output scale. ONNX Runtime's fast integer kernel is u8 x s8, and on a CPU without VNNI
+  reciprocal of the scale, rounded half to even by a ``QuantizeLinear`` of scale 1),
+  multiplied with the weight codes by ``MatMulInteger`` into int32 and rescaled by the row
+  scale (``DequantizeLinear`` along the rows), then the output scale. ONNX Runtime's fast integer kernel is u8 x s8, and on a CPU without VNNI
   it sums pairs of products in int16, which saturates when both factors are large
   (2 * 255 * 127 > 2^15). So the form depends on the weight (``kind``):
 
@@ -135,41 +135,51 @@ class IntMatmulPlugin(PrimitiveLeafPlugin):
         scale = g.op("Where", positive, scale, g.const("one", np.float32(1)), shape=(n, 1))
         if eqn.params["pow2"]:
             scale = _pow2_ceil(g, scale, (n, 1))
-        codes = g.op("Round", g.op("Mul", rows, g.op("Reciprocal", scale, shape=(n, 1)), shape=(n, k)), shape=(n, k))
+        scaled = g.op("Mul", rows, g.op("Reciprocal", scale, shape=(n, 1)), shape=(n, k))  # |scaled| <= 127
         kind = eqn.params["kind"]
         if kind == "split":
-            acc = _split_product(g, codes, weight, (n, k, f))
-        else:
-            codes = g.op("Clip", codes, g.const("lo", np.float32(-127)), g.const("hi", np.float32(127)), shape=(n, k))
-            shifted = g.op("Add", codes, g.const("shift", np.float32(128)), shape=(n, k))
-            shifted = g.op("Cast", shifted, to=int(ir.DataType.UINT8.value), shape=(n, k), dtype=ir.DataType.UINT8)
+            acc = _split_product(g, scaled, weight, (n, k, f))
+        else:  # codes + 128: QuantizeLinear with scale 1 rounds half to even and adds the zero point
+            shifted = _quantize(g, scaled, 128, (n, k))
             zero_points = [g.const("a_zero_point", np.uint8(128))]
             if kind == "u8u8":
                 zero_points.append(g.const("b_zero_point", np.uint8(128)))
             elif kind == "int4":
                 weight = g.op("Cast", weight, to=int(ir.DataType.INT8.value), shape=(k, f), dtype=ir.DataType.INT8)
             acc = g.op("MatMulInteger", shifted, weight, *zero_points, shape=(n, f), dtype=ir.DataType.INT32)
-        y = g.op("Mul", g.op("Cast", acc, to=int(_F32.value), shape=(n, f)), scale, shape=(n, f))
+        # float(acc) * row scale in one DequantizeLinear (per row: axis 0), then the output scale
+        row_scale = g.op("Squeeze", scale, g.const("axis1", np.array([1], np.int64)), shape=(n,))
+        y = g.op("DequantizeLinear", acc, row_scale, axis=0, shape=(n, f))
         ctx.bind_value_for_var(eqn.outvars[0], g.op("Mul", y, out_scale, shape=(n, f)))
 
 
-def _split_product(g: _Graph, codes: Any, weight: Any, dims: tuple) -> Any:
-    """int32 ``clip(codes) @ weight`` as ``max(codes, 0) @ w - max(-codes, 0) @ w`` in one u8 x s8 matmul.
+def _quantize(g: _Graph, scaled: Any, zero_point: int, shape: tuple) -> Any:
+    """uint8 ``clip(round_half_even(scaled) + zero_point, 0, 255)`` in one ``QuantizeLinear`` (scale 1: exact).
 
-    ``codes`` are the rounded, unclipped activation codes; clipping ``[codes; -codes]`` to
-    [0, 127] gives both parts of the clipped codes at once.
+    The activation codes never leave [-127, 127] (``scaled`` is ``x`` times the reciprocal of
+    ``absmax / 127``), so the saturation at 0 and 255 only cuts what the callers want cut.
+    """
+    return g.op("QuantizeLinear", scaled, g.const("unit_scale", np.float32(1)),
+                g.const("zero_point", np.uint8(zero_point)), shape=shape, dtype=ir.DataType.UINT8)
+
+
+def _split_product(g: _Graph, scaled: Any, weight: Any, dims: tuple) -> Any:
+    """int32 ``codes @ weight`` as ``max(codes, 0) @ w - max(-codes, 0) @ w`` in one u8 x s8 matmul.
+
+    ``QuantizeLinear`` with zero point 0 saturates below at 0: it gives ``max(round(s), 0)``
+    and, of ``-s``, ``max(-round(s), 0)`` (rounding half to even is symmetric), both in [0, 127].
     """
     n, k, f = dims
     u8, i32 = ir.DataType.UINT8, ir.DataType.INT32
-    stacked = g.op("Concat", codes, g.op("Neg", codes, shape=(n, k)), axis=0, shape=(None, k))
-    stacked = g.op("Clip", stacked, g.const("zero", np.float32(0)), g.const("hi", np.float32(127)), shape=(None, k))
-    stacked = g.op("Cast", stacked, to=int(u8.value), shape=(None, k), dtype=u8)
+    positive = _quantize(g, scaled, 0, (n, k))
+    negative = _quantize(g, g.op("Neg", scaled, shape=(n, k)), 0, (n, k))
+    stacked = g.op("Concat", positive, negative, axis=0, shape=(None, k), dtype=u8)
     both = g.op("MatMulInteger", stacked, weight, shape=(None, f), dtype=i32)
-    positive, negative = g.ctx.builder.Split(both, axis=0, num_outputs=2,
-                                             _outputs=[g.ctx.fresh_name("positive"), g.ctx.fresh_name("negative")])
-    for half in (positive, negative):
+    first, second = g.ctx.builder.Split(both, axis=0, num_outputs=2,
+                                        _outputs=[g.ctx.fresh_name("positive"), g.ctx.fresh_name("negative")])
+    for half in (first, second):
         g.typed(half, (n, f), i32)
-    return g.op("Sub", positive, negative, shape=(n, f), dtype=i32)
+    return g.op("Sub", first, second, shape=(n, f), dtype=i32)
 
 
 @register_primitive(

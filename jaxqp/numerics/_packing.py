@@ -154,3 +154,20 @@ def unpack_nibbles(packed: jax.Array, n: int) -> jax.Array:
     low = jnp.left_shift(signed, jnp.int8(4)) >> jnp.int8(4)  # arithmetic shifts keep the sign
     high = signed >> jnp.int8(4)
     return jnp.concatenate([low, high], axis=-1)[..., :n]
+
+
+def nibble_parts(packed: jax.Array, n: int) -> list[tuple[slice, jax.Array]]:
+    """The two int8 parts of 4-bit codes packed in halves along the last axis (``n`` codes).
+
+    Args:
+      packed: uint8 codes, two per byte (``jaxqp.numerics.pack_nibbles``).
+      n: the number of codes along the last axis.
+
+    Returns:
+      ``[(slice(0, m), low nibbles), (slice(m, n), high nibbles)]`` with ``m = ceil(n / 2)``.
+    """
+    m = -(-n // 2)
+    signed = jax.lax.bitcast_convert_type(packed, jnp.int8)
+    low = jnp.left_shift(signed, jnp.int8(4)) >> jnp.int8(4)
+    high = (signed >> jnp.int8(4))[..., :n - m]
+    return [(slice(0, m), low), (slice(m, n), high)]

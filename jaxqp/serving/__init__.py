@@ -14,7 +14,8 @@ Example:
 """
 
 from ._describe import describe
-from ._kernels import PATHS, GeneralKernel, ServingKernel, int8_matmul, int8_matmul_general, quantize_rows
+from ._hooks import PATHS
+from ._kernels import GeneralKernel, ServingKernel, int8_matmul, int8_matmul_general, quantize_rows
 from ._linen import linen_serving_apply
 from ._nnx import Int8Embed, Int8Linear, nnx_serving_model
 from ._prepare import MIN_INT_SIZE, prepare

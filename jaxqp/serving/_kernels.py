@@ -23,8 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import json
@@ -37,55 +35,13 @@ import numpy as np
 from .._export.compressed import Compressed
 from ..numerics._int_dot import int_dot, padded_rows, pow2_codes
 from ..numerics._linear import reciprocal
-from ..numerics._packing import unpack_nibbles
+from ..numerics._packing import nibble_parts, unpack_nibbles
 from ..numerics._path_choice import decide, note, row_bucket
-
-PATHS = ("int8", "int8_t", "bf16", "float")
-PINS = ("auto", *PATHS)
-
-# An exporter (jaxqp.deploy) replaces how every prepared kernel multiplies and decodes while
-# it traces a served model: ``hook.product(rows, kernel, n_contract) -> float32 (n, F)`` and
-# ``hook.decode(kernel) -> the dequantized weight``.
-_HOOK: contextvars.ContextVar = contextvars.ContextVar("jaxqp_kernel_hook", default=None)
-
-
-@contextlib.contextmanager
-def kernel_hook(hook):
-    """Within the block, prepared kernels multiply by ``hook.product`` and decode by ``hook.decode``.
-
-    Args:
-      hook: an object with ``product(rows (n, K), kernel, n_contract) -> float32 (n, F)``
-        and ``decode(kernel) -> weight`` (the array ``kernel.dequantize()`` would return).
-    """
-    token = _HOOK.set(hook)
-    try:
-        yield
-    finally:
-        _HOOK.reset(token)
-
-
-# A whole-model decision (``_model_choice``) traces the model with every "auto" kernel on one path.
-_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("jaxqp_path_override", default="auto")
-
-
-@contextlib.contextmanager
-def override_paths(path: str):
-    """Within the block, every kernel whose path is ``"auto"`` takes ``path`` (``"auto"``: measure per layer).
-
-    Args:
-      path: one of ``PINS``.
-    """
-    if path not in PINS:
-        raise ValueError(f"override_paths: path={path!r}; expected one of {PINS}")
-    token = _OVERRIDE.set(path)
-    try:
-        yield
-    finally:
-        _OVERRIDE.reset(token)
+from ._hooks import PATHS, current_hook, current_override
 
 
 def _product(rows: jax.Array, kernel: _Int8Codes, n_contract: int) -> jax.Array:
-    hook = _HOOK.get()
+    hook = current_hook()
     if hook is not None:
         return hook.product(rows, kernel, n_contract)
     return rows_product(rows, kernel, n_contract, kernel_path(kernel, rows.shape[0], n_contract))
@@ -132,7 +88,7 @@ class _Int8Codes(Compressed):
 
     def dequantize(self) -> jax.Array:
         """The weight in its own layout and ``dtype``, decoded from the codes."""
-        hook = _HOOK.get()
+        hook = current_hook()
         return self._decode() if hook is None else hook.decode(self)
 
     def _decode(self) -> jax.Array:
@@ -163,23 +119,6 @@ class _Int8Codes(Compressed):
         return f"{type(self).__name__}-int{self.bits}{kept}"
 
 
-def nibble_parts(packed: jax.Array, n: int) -> list[tuple[slice, jax.Array]]:
-    """The two int8 parts of 4-bit codes packed in halves along the last axis (``n`` codes).
-
-    Args:
-      packed: uint8 codes, two per byte (``jaxqp.numerics.pack_nibbles``).
-      n: the number of codes along the last axis.
-
-    Returns:
-      ``[(slice(0, m), low nibbles), (slice(m, n), high nibbles)]`` with ``m = ceil(n / 2)``.
-    """
-    m = -(-n // 2)
-    signed = jax.lax.bitcast_convert_type(packed, jnp.int8)
-    low = jnp.left_shift(signed, jnp.int8(4)) >> jnp.int8(4)
-    high = (signed >> jnp.int8(4))[..., :n - m]
-    return [(slice(0, m), low), (slice(m, n), high)]
-
-
 DECODE_CHUNK_BYTES = 2 << 20  # decode packed codes at most this many int8 bytes at a time
 
 
@@ -196,7 +135,7 @@ def decode_chunks(out: int, n_in: int) -> int:
     wanted = -(-out * n_in // DECODE_CHUNK_BYTES)
     if wanted <= 1:
         return 1
-    divisors = [c for c in range(1, out + 1) if out % c == 0 and out // c >= 64]
+    divisors = [c for c in range(1, out + 1) if out % c == 0 and out // c >= 64] or [1]
     return min(divisors, key=lambda c: (abs(c - wanted), c))
 
 
@@ -279,7 +218,7 @@ class ServingKernel(_Int8Codes):
         """
         if self.float_weight is not None:
             return jnp.take(self.float_weight, indices, axis=0)
-        if _HOOK.get() is not None:
+        if current_hook() is not None:
             return jnp.take(self.dequantize(), indices, axis=0)
         rows = jnp.take(self.int8_codes(), indices, axis=1)  # (out, *indices.shape)
         return (jnp.moveaxis(rows, 0, -1).astype(jnp.float32) * self.scale).astype(self.dtype)
@@ -431,7 +370,7 @@ def kernel_path(kernel: _Int8Codes, rows: int, n_contract: int = 1) -> str:
       One of ``PATHS``.
     """
     shape = kernel.matrix_shape(n_contract)
-    path = kernel.path if kernel.path != "auto" else _OVERRIDE.get()
+    path = kernel.path if kernel.path != "auto" else current_override()
     if path == "auto":
         path = decide(kernel.kind, shape, rows, lambda: _candidates(kernel, rows, n_contract)).path
     note(kernel.kind, shape, rows, path)

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from .._adapters.inputs import as_tuple, trailing_contraction
-from ._kernels import GeneralKernel, ServingKernel, int8_matmul, int8_matmul_general, override_paths
+from ._hooks import override_paths
+from ._kernels import GeneralKernel, ServingKernel, int8_matmul, int8_matmul_general
 from ._model_choice import model_policy
 
 

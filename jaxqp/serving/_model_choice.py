@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..numerics._path_choice import decide
-from ._kernels import _HOOK, PATHS, _Int8Codes, _random_like, override_paths
+from ._hooks import PATHS, current_hook, override_paths
+from ._kernels import _Int8Codes, _random_like
 
 MODEL_POLICIES = ("auto", *PATHS)
 # A whole model is timed longer than a layer: its policies can differ by less than a layer's
@@ -79,7 +80,7 @@ def model_policy(fn: Callable, params, args: tuple, kwargs: dict, name: str) -> 
       ``"auto"`` (all pinned), when the batch is symbolic, or while an exporter traces.
     """
     rows = _rows(args)
-    if not _auto_kernels(params) or rows is None or _HOOK.get() is not None:
+    if not _auto_kernels(params) or rows is None or current_hook() is not None:
         return "auto"  # nothing to choose, a symbolic batch, or an exporter tracing (it computes no path)
 
     def build():

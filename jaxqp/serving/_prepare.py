@@ -40,7 +40,8 @@ from .._export.qarray import QArray
 from .._export.sparse_array import SparseArray
 from .._export.value_arrays import Fp8Array, Pow2Array
 from ..numerics._packing import pack_nibbles
-from ._kernels import PINS, GeneralKernel, ServingKernel
+from ._hooks import PINS
+from ._kernels import GeneralKernel, ServingKernel
 
 MIN_INT_SIZE = 1  # every servable kernel keeps its codes (0.2 decoded kernels under 65536 entries)
 MIN_POW2_EXPONENT = -126  # 2^emin stays a normal float32
