@@ -25,9 +25,10 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import jaxprs_in_params
@@ -35,6 +36,9 @@ from jax.extend.core import jaxprs_in_params
 from .._export.compressed import Compressed
 from ..serving._hooks import kernel_hook
 from ..serving._kernels import GeneralKernel, ServingKernel, _Int8Codes
+
+if TYPE_CHECKING:
+    import onnx
 
 OPSET = 21  # MatMulInteger, DequantizeLinear with INT4 and per-axis scales
 INT8_MATMULS = ("split", "u8u8", "u8s8")
@@ -79,8 +83,7 @@ class OnnxKernels:
         self.ops = ops
         self.int8_matmul = int8_matmul
 
-    def _codes(self, codes: jax.Array, bits: int) -> jax.Array:
-        codes = np.asarray(codes)
+    def _codes(self, codes: np.ndarray, bits: int) -> jax.Array:
         if bits == 8:
             return jnp.asarray(codes)
         return jnp.asarray(self.ops.int4_array(codes))
@@ -170,7 +173,8 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 
 def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | None = None, opset: int = OPSET,
-            dynamic_batch: bool = True, int8_matmul: str = "split", model_name: str = "jaxqp_model"):
+            dynamic_batch: bool = True, int8_matmul: str = "split", model_name: str = "jaxqp_model",
+            ) -> onnx.ModelProto:
     """The served model ``apply_fn(served, *inputs)`` as an ONNX model (and file).
 
     Every quantized matmul (``nn.Dense``, ``nn.DenseGeneral`` incl. attention projections,
@@ -212,8 +216,9 @@ def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | N
     Example:
       >>> import jax.numpy as jnp, jaxqp
       >>> m = jaxqp.to_onnx(lambda p, x: x @ p["w"], {"w": jnp.ones((4, 2))}, jnp.ones((3, 4)))
-      >>> [d.dim_param or d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
-      ['B', 4]
+      >>> batch, features = m.graph.input[0].type.tensor_type.shape.dim
+      >>> batch.dim_param, features.dim_value
+      ('B', 4)
     """
     if opset < OPSET:
         raise ValueError(f"jaxqp.to_onnx: opset={opset}; MatMulInteger with INT4 codes needs opset >= {OPSET}")

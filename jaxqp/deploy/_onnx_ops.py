@@ -9,13 +9,14 @@ becomes one of two primitives (see :class:`OnnxKernels`):
   times ``f32(1/127)``, or its power-of-two ceiling for ``pow2`` kernels; ``x`` times the
   reciprocal of the scale, rounded half to even by a ``QuantizeLinear`` of scale 1),
   multiplied with the weight codes by ``MatMulInteger`` into int32 and rescaled by the row
-  scale (``DequantizeLinear`` along the rows), then the output scale. ONNX Runtime's fast integer kernel is u8 x s8, and on a CPU without VNNI
-  it sums pairs of products in int16, which saturates when both factors are large
-  (2 * 255 * 127 > 2^15). So the form depends on the weight (``kind``):
+  scale (``DequantizeLinear`` along the rows), then the output scale. ONNX Runtime's fast
+  integer kernel is u8 x s8, and on a CPU without VNNI it sums pairs of products in int16,
+  which saturates when both factors are large (2 * 255 * 127 > 2^15). So the form depends on
+  the weight (``kind``):
 
   - ``"split"`` (8-bit weights, the default): the codes' positive and negative parts, both
-    in [0, 127], stacked as ``2n`` uint8 rows, one u8 x s8 ``MatMulInteger`` with the int8
-    weight codes, then the difference of the two halves. No pair sum exceeds
+    in [0, 127] (two ``QuantizeLinear``s of zero point 0), stacked as ``2n`` uint8 rows, one
+    u8 x s8 ``MatMulInteger`` with the int8 weight codes, then the difference of the halves. No pair sum exceeds
     2 * 127 * 127 < 2^15: exact on every CPU, and the weight is read once.
   - ``"u8u8"``: codes + 128 as uint8 times uint8 weight codes + 128 (both zero points 128):
     exact everywhere, but slow on CPUs whose fast kernel is u8 x s8.
@@ -40,6 +41,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
