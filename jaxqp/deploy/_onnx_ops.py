@@ -110,15 +110,15 @@ def _pow2_ceil(g: _Graph, scale: Any, shape: tuple) -> Any:
     return p
 
 
-@register_primitive(
-    jaxpr_primitive=int_matmul_p.name,
-    jax_doc="https://github.com/jaxqp",
-    onnx=[{"component": "MatMulInteger", "doc": "https://onnx.ai/onnx/operators/onnx__MatMulInteger.html"}],
-    since="jaxqp-0.3",
-    context="primitives.jaxqp",
-    component="int_matmul",
-    testcases=[],
-)
+def _lowering(primitive: Primitive, onnx_op: str, component: str):
+    """Registers a class as jax2onnx's lowering of ``primitive`` (its metadata names the main ONNX op)."""
+    return register_primitive(
+        jaxpr_primitive=primitive.name, jax_doc="https://github.com/jaxqp", since="jaxqp-0.3",
+        onnx=[{"component": onnx_op, "doc": f"https://onnx.ai/onnx/operators/onnx__{onnx_op}.html"}],
+        context="primitives.jaxqp", component=component, testcases=[])
+
+
+@_lowering(int_matmul_p, "MatMulInteger", "int_matmul")
 class IntMatmulPlugin(PrimitiveLeafPlugin):
     """Lowers ``jaxqp_int_matmul`` to the exact u8 ``MatMulInteger`` subgraph (module docstring)."""
 
@@ -184,15 +184,7 @@ def _split_product(g: _Graph, scaled: Any, weight: Any, dims: tuple) -> Any:
     return g.op("Sub", first, second, shape=(n, f), dtype=i32)
 
 
-@register_primitive(
-    jaxpr_primitive=dequantize_p.name,
-    jax_doc="https://github.com/jaxqp",
-    onnx=[{"component": "DequantizeLinear", "doc": "https://onnx.ai/onnx/operators/onnx__DequantizeLinear.html"}],
-    since="jaxqp-0.3",
-    context="primitives.jaxqp",
-    component="dequantize",
-    testcases=[],
-)
+@_lowering(dequantize_p, "DequantizeLinear", "dequantize")
 class DequantizePlugin(PrimitiveLeafPlugin):
     """Lowers ``jaxqp_dequantize`` to ``DequantizeLinear`` (per-channel along ``axis``, or per-tensor)."""
 
