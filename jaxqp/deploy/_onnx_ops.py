@@ -52,7 +52,7 @@ from jax2onnx.plugins.plugin_system import PrimitiveLeafPlugin, register_primiti
 
 from ..numerics._int_dot import pow2_codes
 from ..numerics._linear import reciprocal
-from ..serving._kernels import quantize_rows
+from ..serving._matmul import quantize_rows
 
 int_matmul_p = Primitive("jaxqp_int_matmul")
 dequantize_p = Primitive("jaxqp_dequantize")

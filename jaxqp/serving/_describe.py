@@ -23,7 +23,8 @@ import jax
 import numpy as np
 
 from ..numerics._path_choice import decisions, machine_key, row_bucket
-from ._kernels import GeneralKernel, ServingKernel, kernel_path
+from ._kernels import GeneralKernel, ServingKernel
+from ._matmul import kernel_path
 
 
 def _is_kernel(x) -> bool:

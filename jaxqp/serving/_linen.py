@@ -28,7 +28,8 @@ import jax.numpy as jnp
 
 from .._adapters.inputs import as_tuple, trailing_contraction
 from ._hooks import override_paths
-from ._kernels import GeneralKernel, ServingKernel, int8_matmul, int8_matmul_general
+from ._kernels import GeneralKernel, ServingKernel
+from ._matmul import int8_matmul, int8_matmul_general
 from ._model_choice import model_policy
 
 

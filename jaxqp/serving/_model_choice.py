@@ -28,7 +28,8 @@ import numpy as np
 
 from ..numerics._path_choice import decide
 from ._hooks import PATHS, current_hook, override_paths
-from ._kernels import _Int8Codes, _random_like
+from ._kernels import _Int8Codes
+from ._matmul import _random_like
 
 MODEL_POLICIES = ("auto", *PATHS)
 # A whole model is timed longer than a layer: its policies can differ by less than a layer's

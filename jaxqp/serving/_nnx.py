@@ -25,7 +25,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from ._kernels import GeneralKernel, ServingKernel, int8_matmul
+from ._kernels import GeneralKernel, ServingKernel
+from ._matmul import int8_matmul
 
 
 class Int8Linear(nnx.Module):
