@@ -280,3 +280,19 @@ def test_missing_extra_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "jax2onnx", None)
     with pytest.raises(ImportError, match=r"pip install 'jaxqp\[onnx\]'"):
         jaxqp.to_onnx(lambda p, x: x, {}, jnp.ones((1, 2)))
+
+
+@pytest.mark.parametrize("bits,int8_matmul", [(8, "split"), (8, "u8u8"), (8, "u8s8"), (4, "split")])
+def test_primitives_mean_in_jax_what_serving_computes(bits, int8_matmul):
+    """The two primitives' JAX meaning (their impl) equals the integer path and the decode, bit for bit."""
+    from jaxqp.deploy import _onnx_ops
+    from jaxqp.deploy._onnx import OnnxKernels
+    from jaxqp.serving._matmul import rows_product
+
+    params = {"w": jax.random.normal(jax.random.key(0), (48, 40))}
+    kernel = _served(params, bits, pattern="w")["w"]
+    hook = OnnxKernels(_onnx_ops, int8_matmul)
+    rows = 2 * jax.random.normal(jax.random.key(1), (6, 48))
+    np.testing.assert_array_equal(np.asarray(hook.product(rows, kernel, 1)),
+                                  np.asarray(rows_product(rows, kernel, 1, "int8")))
+    np.testing.assert_array_equal(np.asarray(hook.decode(kernel)), np.asarray(kernel.dequantize()))
