@@ -1,4 +1,4 @@
-"""Deploying served models out of JAX: ONNX (optional extra ``onnx``).
+"""Deploying served models out of JAX: ONNX (optional extra ``onnx``) and LiteRT (extra ``litert``).
 
 Example:
     >>> import jax.numpy as jnp, jaxqp
@@ -7,6 +7,7 @@ Example:
     True
 """
 
+from ._litert import to_litert
 from ._onnx import INT8_MATMULS, OPSET, to_onnx
 
-__all__ = ["INT8_MATMULS", "OPSET", "to_onnx"]
+__all__ = ["INT8_MATMULS", "OPSET", "to_litert", "to_onnx"]

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import jaxprs_in_params
 
-from .._export.compressed import Compressed
 from ..serving._hooks import kernel_hook
 from ..serving._kernels import GeneralKernel, ServingKernel, _Int8Codes
+from ._common import check_prepared, input_specs, write_atomic
 
 if TYPE_CHECKING:
     import onnx
@@ -54,21 +52,6 @@ def _require_extra():
     from . import _onnx_ops
 
     return _onnx_ops
-
-
-def _path_name(path) -> str:
-    return "/".join(str(getattr(e, "key", getattr(e, "idx", getattr(e, "name", e)))) for e in path)
-
-
-def _check_prepared(served: Any) -> None:
-    """A clear error for leaves that only ``jaxqp.prepare`` turns into something servable."""
-    leaves = jax.tree_util.tree_leaves_with_path(served, is_leaf=lambda x: isinstance(x, Compressed))
-    for path, leaf in leaves:
-        if isinstance(leaf, Compressed) and not isinstance(leaf, _Int8Codes):
-            raise ValueError(f"jaxqp.to_onnx: '{_path_name(path)}' is a {type(leaf).__name__}, not a served "
-                             "kernel; export the model from jaxqp.prepare(tree), not jaxqp.export(...) itself")
-        if isinstance(leaf, jax.core.Tracer):
-            raise ValueError(f"jaxqp.to_onnx: '{_path_name(path)}' is traced; call to_onnx outside jit")
 
 
 class OnnxKernels:
@@ -114,6 +97,10 @@ class OnnxKernels:
                                           axis=axis, dtype=np.dtype(kernel.dtype).name)
 
 
+    def lookup(self, kernel: ServingKernel, indices: jax.Array) -> jax.Array:
+        return jnp.take(self.decode(kernel), indices, axis=0)
+
+
 def _equations(jaxpr, scope: str = ""):
     """Every equation of ``jaxpr`` and its sub-jaxprs, with the module path that traced it."""
     for eqn in jaxpr.eqns:
@@ -133,19 +120,6 @@ def _culprit(jaxpr, message: str) -> str:
     return "an operation of this model"
 
 
-def _specs(inputs: tuple, dynamic_batch: bool) -> list:
-    batch = jax.export.symbolic_shape("B")[0] if dynamic_batch else None
-    specs = []
-    for i, x in enumerate(inputs):
-        shape = tuple(np.shape(x))
-        if dynamic_batch and not shape:
-            raise ValueError(f"jaxqp.to_onnx: input {i} is a scalar; a symbolic batch needs a leading axis "
-                             "(or pass dynamic_batch=False)")
-        shape = (batch, *shape[1:]) if dynamic_batch else shape
-        specs.append(jax.ShapeDtypeStruct(shape, jnp.result_type(x)))
-    return specs
-
-
 @contextlib.contextmanager
 def _quiet_shape_warnings():
     """onnx_ir warns once per untyped int64 shape tensor that jax2onnx builds for a symbolic
@@ -157,19 +131,6 @@ def _quiet_shape_warnings():
         yield
     finally:
         logger.setLevel(level)
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".jaxqp-", suffix=".onnx.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | None = None, opset: int = OPSET,
@@ -224,15 +185,13 @@ def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | N
         raise ValueError(f"jaxqp.to_onnx: opset={opset}; MatMulInteger with INT4 codes needs opset >= {OPSET}")
     if int8_matmul not in INT8_MATMULS:
         raise ValueError(f"jaxqp.to_onnx: int8_matmul={int8_matmul!r}; expected one of {INT8_MATMULS}")
-    if not example_inputs:
-        raise ValueError("jaxqp.to_onnx: pass at least one example input, e.g. to_onnx(apply, served, x)")
     ops = _require_extra()
     import jax2onnx
     import onnx
     from jax.extend.core import jaxpr_as_fun
 
-    _check_prepared(served)
-    specs = _specs(example_inputs, dynamic_batch)
+    check_prepared("jaxqp.to_onnx", served)
+    specs = input_specs("jaxqp.to_onnx", example_inputs, dynamic_batch)
     with kernel_hook(OnnxKernels(ops, int8_matmul)):
         closed = jax.make_jaxpr(lambda *xs: apply_fn(served, *xs))(*specs)
     try:
@@ -245,5 +204,5 @@ def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | N
                          f"({type(err).__name__}: {err}). Compute it outside the exported function, or "
                          "replace it by operations jax2onnx lowers") from err
     if file is not None:
-        _write_atomic(file, model.SerializeToString())
+        write_atomic(file, model.SerializeToString())
     return model

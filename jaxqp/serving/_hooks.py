@@ -21,18 +21,20 @@ PATHS = ("int8", "int8_t", "bf16", "float")
 PINS = ("auto", *PATHS)
 
 # An exporter (jaxqp.deploy) replaces how every prepared kernel multiplies and decodes while
-# it traces a served model: ``hook.product(rows, kernel, n_contract) -> float32 (n, F)`` and
-# ``hook.decode(kernel) -> the dequantized weight``.
+# it traces a served model: ``hook.product(rows, kernel, n_contract) -> float32 (n, F)``,
+# ``hook.decode(kernel) -> the dequantized weight`` and ``hook.lookup(kernel, indices) -> rows``.
 _HOOK: contextvars.ContextVar = contextvars.ContextVar("jaxqp_kernel_hook", default=None)
 
 
 @contextlib.contextmanager
 def kernel_hook(hook):
-    """Within the block, prepared kernels multiply by ``hook.product`` and decode by ``hook.decode``.
+    """Within the block, prepared kernels multiply by ``hook.product``, decode by ``hook.decode``
+    and look up embedding rows by ``hook.lookup``.
 
     Args:
-      hook: an object with ``product(rows (n, K), kernel, n_contract) -> float32 (n, F)``
-        and ``decode(kernel) -> weight`` (the array ``kernel.dequantize()`` would return).
+      hook: an object with ``product(rows (n, K), kernel, n_contract) -> float32 (n, F)``,
+        ``decode(kernel) -> weight`` (the array ``kernel.dequantize()`` would return) and
+        ``lookup(kernel, indices) -> rows`` (what ``kernel.lookup(indices)`` would return).
     """
     token = _HOOK.set(hook)
     try:

@@ -202,8 +202,9 @@ class ServingKernel(_Int8Codes):
         """
         if self.float_weight is not None:
             return jnp.take(self.float_weight, indices, axis=0)
-        if current_hook() is not None:
-            return jnp.take(self.dequantize(), indices, axis=0)
+        hook = current_hook()
+        if hook is not None:
+            return hook.lookup(self, indices)
         rows = jnp.take(self.int8_codes(), indices, axis=1)  # (out, *indices.shape)
         return (jnp.moveaxis(rows, 0, -1).astype(jnp.float32) * self.scale).astype(self.dtype)
 

@@ -1,0 +1,79 @@
+"""What every exporter of ``jaxqp.deploy`` shares: checks of the served tree, input specs, atomic files.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> [s.shape for s in input_specs("jaxqp.to_onnx", (jnp.ones((3, 4)),), dynamic_batch=False)]
+    [(3, 4)]
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import jax
+import jax.core
+import jax.numpy as jnp
+import numpy as np
+
+from .._export.compressed import Compressed
+from ..serving._kernels import _Int8Codes
+
+
+def path_name(path) -> str:
+    """``a/b/0/kernel`` for a ``jax.tree_util`` key path."""
+    return "/".join(str(getattr(e, "key", getattr(e, "idx", getattr(e, "name", e)))) for e in path)
+
+
+def check_prepared(where: str, served: Any) -> None:
+    """A clear error for leaves that only ``jaxqp.prepare`` turns into something servable.
+
+    Args:
+      where: the public function's name, for the message (``"jaxqp.to_onnx"``).
+      served: the tree to export.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(served, is_leaf=lambda x: isinstance(x, Compressed))
+    for path, leaf in leaves:
+        if isinstance(leaf, Compressed) and not isinstance(leaf, _Int8Codes):
+            raise ValueError(f"{where}: '{path_name(path)}' is a {type(leaf).__name__}, not a served "
+                             "kernel; export the model from jaxqp.prepare(tree), not jaxqp.export(...) itself")
+        if isinstance(leaf, jax.core.Tracer):
+            raise ValueError(f"{where}: '{path_name(path)}' is traced; call {where} outside jit")
+
+
+def input_specs(where: str, inputs: tuple, dynamic_batch: bool) -> list:
+    """One ``jax.ShapeDtypeStruct`` per example input; the first axis symbolic (``B``) with ``dynamic_batch``.
+
+    Args:
+      where: the public function's name, for the message.
+      inputs: arrays or ``jax.ShapeDtypeStruct``.
+      dynamic_batch: make the first axis of every input the symbolic dimension ``B``.
+    """
+    if not inputs:
+        raise ValueError(f"{where}: pass at least one example input, e.g. {where.split('.')[-1]}(apply, served, x)")
+    batch = jax.export.symbolic_shape("B")[0] if dynamic_batch else None
+    specs = []
+    for i, x in enumerate(inputs):
+        shape = tuple(np.shape(x))
+        if dynamic_batch and not shape:
+            raise ValueError(f"{where}: input {i} is a scalar; a symbolic batch needs a leading axis "
+                             "(or pass dynamic_batch=False)")
+        shape = (batch, *shape[1:]) if dynamic_batch else shape
+        specs.append(jax.ShapeDtypeStruct(shape, jnp.result_type(x)))
+    return specs
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    suffix = os.path.splitext(path)[1] + ".tmp"
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".jaxqp-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
