@@ -1,15 +1,18 @@
 """Deployed latency and file bytes: each runtime's float model vs jaxqp's int8/int4 export, in one process.
 
 Runtimes: ``onnxruntime`` (``jaxqp.to_onnx`` of the served model against jax2onnx's export
-of the float model, both run by ONNX Runtime's CPU provider, thread spinning off) and
-``jax`` (``jaxqp.linen_serving_apply`` against the float model, both jitted). Models: the
+of the float model, both run by ONNX Runtime's CPU provider, thread spinning off), ``litert``
+(``jaxqp.deploy.to_litert`` of the served and of the float model, one export per batch, run by
+the ai-edge-litert interpreter with its default XNNPACK delegate; configs ``*-builtin``: both
+on the builtin kernels, whose int8 numbers match jaxqp's) and ``jax``
+(``jaxqp.linen_serving_apply`` against the float model, both jitted). Models: the
 2-layer 4096-wide MLP and the transformer block (d_model 512, 8 heads, 16 tokens) of
 ``benchmarks/serving.py``. Configs: every Dense/DenseGeneral kernel quantized to int8 or
 int4; for ONNX Runtime, ``int8`` is the default export (``int8_matmul="split"``, exact on
 every CPU), ``int8-u8u8`` and ``int8-u8s8`` the other two forms (``docs/deploy.md``).
 Batches 1, 2, 8, 32, 256. Each latency is the median over interleaved repeats, divided by
 the float model's median on the *same runtime* in the same run; ``bytes_ratio`` is the
-exported file (``.onnx``, or jaxqp's ``.jaxqp`` for ``jax``) over the float file of the
+exported file (``.onnx``, ``.tflite``, or jaxqp's ``.jaxqp`` for ``jax``) over the float file of the
 same runtime.
 
     python benchmarks/deploy.py --json deploy.json
@@ -18,6 +21,7 @@ same runtime.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import tempfile
 import time
@@ -29,6 +33,7 @@ from _common import write_json
 from serving import MLP, Block
 
 import jaxqp
+from jaxqp.deploy import to_litert
 from jaxqp.numerics._path_choice import cpu_info
 
 
@@ -59,7 +64,23 @@ def _onnx_session(model_proto):
     return ort.InferenceSession(model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def model_rows(name, model, params, make_input, batches, repeats, calls, tmp):
+def _litert_fns(apply, trees: dict, x: np.ndarray) -> dict:
+    """LiteRT interpreters of each tree's export at ``x``'s batch: the default (XNNPACK) and builtin kernels."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    builtin = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    fns = {}
+    for config, tree in trees.items():
+        flatbuffer = to_litert(apply, tree, x)
+        for suffix, kind in (("", {}), ("-builtin", {"experimental_op_resolver_type": builtin})):
+            if config == "int4" and suffix:
+                continue
+            runner = Interpreter(model_content=flatbuffer, num_threads=os.cpu_count(), **kind).get_signature_runner()
+            fns[("litert", config + suffix)] = lambda runner=runner: runner(x0=x)
+    return fns
+
+
+def model_rows(name, model, params, make_input, batches, repeats, calls, tmp, litert):
     apply = jaxqp.linen_serving_apply(model)
     float_apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
     serve = jax.jit(apply)
@@ -81,6 +102,11 @@ def model_rows(name, model, params, make_input, batches, repeats, calls, tmp):
         files[("onnxruntime", config)] = os.path.join(tmp, f"{name}-{config}.onnx")
         sessions[config] = _onnx_session(jaxqp.to_onnx(apply, tree, example, file=files[("onnxruntime", config)],
                                                        int8_matmul=kernel))
+    litert_trees = {"float32": params, "int8": served["int8"], "int4": served["int4"]}
+    if litert:
+        for config, tree in litert_trees.items():
+            files[("litert", config)] = os.path.join(tmp, f"{name}-{config}.tflite")
+            to_litert(apply, tree, example, file=files[("litert", config)])
     size = {key: os.path.getsize(path) for key, path in files.items()}
     rows = []
     for batch in batches:
@@ -88,22 +114,27 @@ def model_rows(name, model, params, make_input, batches, repeats, calls, tmp):
         x_np = np.asarray(x)
         feed = {config: {s.get_inputs()[0].name: x_np} for config, s in sessions.items()}
         fns = {("onnxruntime", c): (lambda s=s, f=feed[c]: s.run(None, f)) for c, s in sessions.items()}
+        if litert:  # a LiteRT model has a fixed batch: one export per batch
+            fns.update(_litert_fns(apply, litert_trees, x_np))
         fns[("jax", "float32")] = lambda: jax.block_until_ready(float_apply(params, x))
         for config, tree in served.items():
             fns[("jax", config)] = lambda tree=tree: jax.block_until_ready(serve(tree, x))
         t = _median_times(fns, repeats, calls)
         cells = []
         for runtime, config in fns:
-            if config == "float32":
+            if config.startswith("float32"):
                 continue
-            ratio = t[(runtime, config)] / t[(runtime, "float32")]
+            base = "float32-builtin" if config.endswith("-builtin") else "float32"  # the same kernels' float
+            ratio = t[(runtime, config)] / t[(runtime, base)]
+            stored = size[(runtime, config.removesuffix("-builtin"))]
             rows.append({"runtime": runtime, "model": name, "config": config, "batch": batch,
                          "latency_ratio": round(ratio, 4),
-                         "bytes_ratio": round(size[(runtime, config)] / size[(runtime, "float32")], 4),
+                         "bytes_ratio": round(stored / size[(runtime, "float32")], 4),
                          "latency_ms": round(t[(runtime, config)] * 1e3, 3),
-                         "float_ms": round(t[(runtime, "float32")] * 1e3, 3)})
+                         "float_ms": round(t[(runtime, base)] * 1e3, 3)})
             cells.append(f"{runtime} {config} {ratio:.2f}x")
-        floats = " ".join(f"{r} {t[(r, 'float32')] * 1e3:.2f} ms" for r in ("onnxruntime", "jax"))
+        floats = " ".join(f"{r} {c.removeprefix('float32')} {t[(r, c)] * 1e3:.2f} ms".replace('  ', ' ')
+                           for r, c in fns if c.startswith("float32"))
         print(f"{name:<12} batch {batch:>4} (float: {floats}): " + " | ".join(cells), flush=True)
     print(f"{name:<12} file bytes / float: " + " | ".join(
         f"{r} {c} {size[(r, c)] / size[(r, 'float32')]:.3f}x" for r, c in size if c != "float32"), flush=True)
@@ -116,10 +147,12 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--no-litert", action="store_true", help="skip LiteRT even where the extra is installed")
     args = parser.parse_args(argv)
     width, d_model, batches = 4096, 512, [1, 2, 8, 32, 256]
     if args.quick:
         width, d_model, batches, args.repeats, args.calls = 256, 64, [1, 4], 2, 2
+    litert = importlib.util.find_spec("litert_converter") is not None and not args.no_litert
     cpu = cpu_info()
     print(f"{cpu['model']}; {', '.join(cpu['flags'])}; median of {args.repeats} x {args.calls} calls\n")
     rows: list = [{"machine": cpu["model"], "cpu_flags": cpu["flags"]}]
@@ -127,11 +160,11 @@ def main(argv=None):
         mlp = MLP(width)
         rows += model_rows(f"mlp{width}", mlp, mlp.init(jax.random.key(0), jnp.ones((1, width)))["params"],
                            lambda b: jax.random.normal(jax.random.key(b), (b, width)), batches, args.repeats,
-                           args.calls, tmp)
+                           args.calls, tmp, litert)
         block = Block(d_model, 8)
         rows += model_rows("transformer", block, block.init(jax.random.key(1), jnp.ones((1, 16, d_model)))["params"],
                            lambda b: jax.random.normal(jax.random.key(b), (b, 16, d_model)), batches, args.repeats,
-                           args.calls, tmp)
+                           args.calls, tmp, litert)
     write_json(args.json, rows)
     return rows
 

@@ -70,3 +70,16 @@ def test_deploy_onnx_quick(capsys):
     np.testing.assert_array_equal(onnx_logits, jax_logits)
     out = capsys.readouterr().out
     assert "2 MatMulInteger nodes" in out and "bit for bit: True" in out
+
+
+@pytest.mark.slow
+@pytest.mark.standard_promotion
+def test_deploy_litert_quick(capsys):
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("litert_converter")
+    logits, jax_logits, labels = load("deploy_litert").main(["--quick"])
+    builtin, xnnpack = logits["builtin kernels"], logits["XNNPACK"]
+    assert np.mean(builtin.argmax(-1) == labels) > 0.85
+    np.testing.assert_allclose(builtin, jax_logits, rtol=1e-5, atol=1e-4 * np.abs(jax_logits).max())
+    assert np.mean(xnnpack.argmax(-1) == jax_logits.argmax(-1)) > 0.98  # its own activation codes
+    assert "FULLY_CONNECTED" in capsys.readouterr().out

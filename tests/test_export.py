@@ -132,3 +132,23 @@ def test_qarray_is_a_pytree_that_jits_once():
     f(jax.tree.map(lambda x: x, packed))
     assert f._cache_size() == 1
     chex.assert_trees_all_equal_structs(packed, jax.tree.map(lambda x: x, packed))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7])
+def test_range_check_on_packed_bytes_equals_the_unpacked_check(bits):
+    """validate() checks packed codes on their bytes; it must agree with checking int_codes() itself."""
+    from jaxqp._export.qarray import _stored_codes_in_range
+    from jaxqp.numerics._packing import container_width, pack
+
+    width = container_width(bits)
+    rng = np.random.default_rng(bits)
+    for qmin, qmax in [(-(2 ** (bits - 1)) + 1, 2 ** (bits - 1) - 1), (0, 2**bits - 1), (-3, 2 ** (bits - 1) - 2)]:
+        if qmax < qmin:
+            continue
+        for bad in (False, True):
+            offsets = rng.integers(0, qmax - qmin + 1, 37)
+            if bad and qmax - qmin < 2**width - 1:
+                offsets[rng.integers(37)] = 2**width - 1  # a slot pattern past qmax
+            stored = np.asarray(pack(jnp.asarray(offsets, jnp.uint8), width))
+            want = bool(((offsets + qmin) <= qmax).all())
+            assert _stored_codes_in_range(stored, width, 37, qmin, qmax) == want, (qmin, qmax, bad)

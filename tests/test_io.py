@@ -65,7 +65,8 @@ def test_file_is_standard_safetensors(tmp_path):
     blob = path.read_bytes()
     (size,) = struct.unpack("<Q", blob[:8])
     header = json.loads(blob[8:8 + size])
-    assert size % 8 == 0 and header["__metadata__"]["format"] == "jaxqp"
+    info = json.loads(header["__metadata__"]["jaxqp"])  # jaxqp's metadata: one JSON entry
+    assert size % 8 == 0 and info["format"] == "jaxqp" and info["format_version"] == 3
     entry = header["Dense_0/kernel:codes"]
     assert entry["dtype"] == "U8" and entry["shape"] == [14]  # 27 kept 4-bit codes, 2 per byte
 
@@ -113,19 +114,20 @@ def test_foreign_and_newer_files_are_refused(tmp_path):
     junk.write_bytes(b"PK\x03\x04" + os.urandom(200))
     with pytest.raises(ValueError, match="jaxqp.load"):
         jaxqp.load(junk)
-    path = tmp_path / "model.jaxqp"
-    jaxqp.save(path, {"w": jnp.ones(3)})
-    blob = path.read_bytes()
-    (size,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8:8 + size])
-    from jaxqp._export.files import FORMAT_VERSION, _header_digest
+    from safetensors.numpy import save_file
 
-    header["__metadata__"]["format_version"] = str(FORMAT_VERSION + 1)
+    from jaxqp._export.files import FORMAT_VERSION, _header_digest, _tensor_digest
 
-    header["__metadata__"]["header_sha256"] = _header_digest(header)
-    raw = json.dumps(header).encode()
+    w = np.ones(3, np.float32)
+    info = {"format": "jaxqp", "format_version": FORMAT_VERSION + 1, "jaxqp_version": "9.9",
+            "tree": {"dict": {"w": {"array": "w"}}}, "sha256": {"w": _tensor_digest(w)}}
+    info["header_sha256"] = _header_digest(info, {"w": ["F32", [3]]})  # a valid file, only newer
     newer = tmp_path / "newer.jaxqp"
-    newer.write_bytes(struct.pack("<Q", len(raw)) + raw + blob[8 + size:])
+    save_file({"w": w}, str(newer), metadata={"jaxqp": json.dumps(info)})
+    info["format_version"] = FORMAT_VERSION  # the same file at this version loads: only the version refuses
+    info["header_sha256"] = _header_digest(info, {"w": ["F32", [3]]})
+    save_file({"w": w}, str(tmp_path / "same.jaxqp"), metadata={"jaxqp": json.dumps(info)})
+    np.testing.assert_array_equal(jaxqp.load(tmp_path / "same.jaxqp")["w"], w)
     with pytest.raises(ValueError, match="newer jaxqp.*upgrade jaxqp"):
         jaxqp.load(newer)
 
@@ -138,6 +140,9 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
         jaxqp.save(path, {"w": jnp.zeros(3), "bad": object()})
     assert path.read_bytes() == before  # the failed save did not touch the old file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.jaxqp"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # the usual permissions, not a temp file's 0600
     with pytest.raises(TypeError, match="not a string"):
         jaxqp.save(path, {1: jnp.ones(2)})
 
@@ -145,16 +150,19 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_committed_files_of_every_format_version_load_bit_exact(version):
     """Files written by earlier releases (tests/fixtures/make_fixtures.py) load to the same weights.
 
     Version 1 stored 3-bit codes in 4-bit slots, 5-7-bit codes as int8 and N:M positions in
-    1/2/4/8-bit slots; loading repacks them at today's widths.
+    1/2/4/8-bit slots; loading repacks them at today's widths. Version 2's container was
+    written by jaxqp's own code, version 3's by the safetensors package.
     """
     path = FIXTURES / f"v{version}.jaxqp"
     header = json.loads(path.read_bytes()[8:8 + struct.unpack("<Q", path.read_bytes()[:8])[0]])
-    assert header["__metadata__"]["format_version"] == str(version)
+    meta = header["__metadata__"]
+    info = json.loads(meta["jaxqp"]) if "jaxqp" in meta else meta  # version 3 keeps it under one key
+    assert str(info["format_version"]) == str(version)
     back = jaxqp.load(path)
     want = np.load(FIXTURES / "expected.npz")
     assert sorted(back) == sorted(want.files) == list("abcde")

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .._transforms.activations import input_entries, quantize_input
+from .._transforms.transform import transform_states
 from ..numerics._int_dot import int_dense
 
 LINEN_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
@@ -56,6 +58,23 @@ def _check_all_seen(wanted, seen: set, where: str) -> None:
         )
 
 
+def _check_state_fits(state: Any, params: Any, where: str) -> None:
+    """``state`` must hold a jaxqp transform state made for ``params``' tree.
+
+    A state made for another tree would quantize only the layers it names and leave the rest
+    float without a word; a tree without any transform state would quantize nothing.
+    """
+    states = transform_states(state)
+    if not states:
+        raise TypeError(f"{where}: state must be the jaxqp state returned by t.init(params) (inside an "
+                        f"optimizer: jaxqp.state_of(opt_state)), got {type(state).__name__}")
+    for s in states:
+        try:
+            s.plan.check(params)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+
+
 def linen_apply(
     model: nn.Module, state: Any, variables: Any, *args: Any, method: Any = None, **kwargs: Any
 ) -> tuple[Any, dict]:
@@ -72,7 +91,13 @@ def linen_apply(
     Returns:
       ``(output, observed)``: the model's output and the statistics of static-range inputs
       (``{}`` if none), for ``tx.update(..., observed=observed)``.
+
+    Raises:
+      ValueError: if ``state`` was made for another parameter tree (names the paths).
+      TypeError: if ``state`` holds no jaxqp transform state.
     """
+    if isinstance(variables, Mapping) and "params" in variables:
+        _check_state_fits(state, variables["params"], "linen_apply")
     wanted = input_entries(state)
     observed: dict = {}
     seen: set = set()
@@ -191,7 +216,12 @@ def nnx_apply(model: nnx.Module, state: Any, *args: Any, **kwargs: Any) -> tuple
 
     Returns:
       ``(output, observed)`` as for :func:`linen_apply`.
+
+    Raises:
+      ValueError: if ``state`` was made for another model's parameters (names the paths).
+      TypeError: if ``state`` holds no jaxqp transform state.
     """
+    _check_state_fits(state, nnx.state(model, nnx.Param), "nnx_apply")
     wanted = input_entries(state)
     observed: dict = {}
     seen: set = set()

@@ -1,20 +1,24 @@
 """``jaxqp.save`` / ``jaxqp.load``: exported trees in a safetensors file (export layer).
 
-The file is a standard safetensors file (8-byte little-endian header length, a
-JSON header, raw little-endian tensor bytes), so any safetensors reader can
-list its tensors. jaxqp's own information lives in the header's
-``__metadata__``:
+The container is written and parsed by the ``safetensors`` package (its numpy API for
+writing, ``safe_open`` for reading: memory-mapped, validated by the library), so any
+safetensors reader can list the tensors. jaxqp's own information is one JSON object under
+the metadata key ``jaxqp`` (one key, because safetensors writes its metadata map in no fixed
+order: the file's bytes stay deterministic):
 
-* ``format = "jaxqp"`` and ``format_version`` (this code writes 2 and reads 1 and 2:
+* ``format = "jaxqp"`` and ``format_version`` (this code writes 3 and reads 1 to 3:
   version 1 stored 3-bit codes in 4-bit slots and 5-7-bit codes as int8, and N:M
-  positions in 1-, 2-, 4- or 8-bit slots; :func:`load` repacks them);
+  positions in 1-, 2-, 4- or 8-bit slots, which :func:`load` repacks; versions 1 and 2
+  kept these fields directly in the metadata map, as strings);
 * ``jaxqp_version``, the library that wrote the file;
 * ``tree``: the tree structure (dicts with string keys, lists, tuples, None) with
   each leaf described as an array, a :class:`QArray`, a :class:`SparseArray`, an
   :class:`NMArray`, a :class:`Pow2Array` or an :class:`Fp8Array`
   (its static fields and the names of its tensors);
-* ``sha256``: a checksum per tensor, and ``header_sha256``, a checksum of the
-  rest of the header (tensor entries and metadata, as canonical JSON).
+* ``sha256``: a checksum per tensor, and ``header_sha256``, a checksum of the rest and of
+  every tensor's name, dtype and shape (canonical JSON). Versions 1 and 2 checksummed the
+  raw header, tensor offsets included; their offsets are rebuilt from the order
+  ``safe_open`` reports, so their checksum is still verified.
 
 Writes are atomic (a temporary file in the same folder, then ``os.replace``).
 Loading parses JSON and copies bytes, never executes code, and refuses
@@ -30,12 +34,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
-import struct
-import tempfile
+import secrets
 from typing import Any
 
 import jax
@@ -49,8 +53,8 @@ from .sparse_array import SparseArray
 from .value_arrays import Fp8Array, Pow2Array
 
 FORMAT = "jaxqp"
-FORMAT_VERSION = 2  # 2: codes of 3, 5, 6 and 7 bits packed at their width (1: 4-bit slots / int8)
-MAX_HEADER_BYTES = 100 * 2**20
+FORMAT_VERSION = 3  # 3: one metadata entry, header checksum without offsets; 2: 3/5/6/7-bit codes at their width
+METADATA_KEY = "jaxqp"  # version 3 keeps everything jaxqp writes under this one metadata key
 
 _DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -129,39 +133,47 @@ def save(path: str | os.PathLike, tree: Any) -> None:
     Raises:
       TypeError: if a leaf is not an array or a jaxqp container (nothing is written).
     """
-    writer = _Writer()
-    structure = _describe(tree, "", writer)
-    header: dict[str, Any] = {}
-    offset = 0
-    blobs = []
-    for name, array in writer.tensors.items():
-        data = array.tobytes()
-        header[name] = {"dtype": _CODES[str(array.dtype)], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
-        blobs.append(data)
+    from safetensors.numpy import save_file
+
     from .. import __version__
 
-    header["__metadata__"] = {
+    writer = _Writer()
+    structure = _describe(tree, "", writer)
+    info: dict[str, Any] = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": FORMAT_VERSION,
         "jaxqp_version": __version__,
-        "tree": json.dumps(structure, sort_keys=True),
-        "sha256": json.dumps({n: hashlib.sha256(b).hexdigest() for n, b in zip(writer.tensors, blobs)},
-                             sort_keys=True),
+        "tree": structure,
+        "sha256": {n: _tensor_digest(a) for n, a in writer.tensors.items()},
     }
-    header["__metadata__"]["header_sha256"] = _header_digest(header)
-    raw = json.dumps(header, sort_keys=True).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8-byte alignment
+    info["header_sha256"] = _header_digest(info, {n: [_CODES[str(a.dtype)], list(a.shape)]
+                                                  for n, a in writer.tensors.items()})
+    # one metadata entry: safetensors writes its metadata map in no fixed order, one key keeps files deterministic
+    metadata = {METADATA_KEY: json.dumps(info, sort_keys=True)}
+    with replaced_atomically(path) as tmp:
+        save_file(writer.tensors, tmp, metadata=metadata)
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: str | os.PathLike):
+    """Yields a fresh temporary path beside ``path``: what is written there replaces ``path`` at the end.
+
+    On success the file is synced to disk and renamed over ``path`` (atomically); on any error
+    it is removed and ``path`` is untouched. The file gets the usual permissions (the umask's,
+    read from an empty file created here), not a private temporary file's.
+
+    Args:
+      path: the file to replace.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".jaxqp-", suffix=".tmp", dir=folder)
+    tmp = os.path.join(folder, f".jaxqp-{os.getpid()}-{secrets.token_hex(8)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for blob in blobs:
-                f.write(blob)
-            f.flush()
+        with open(tmp, "xb"):  # created here, with the umask's permissions (writers may not keep them)
+            pass
+        mode = os.stat(tmp).st_mode & 0o777
+        yield tmp
+        os.chmod(tmp, mode)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -170,66 +182,101 @@ def save(path: str | os.PathLike, tree: Any) -> None:
         raise
 
 
-def _header_digest(header: dict) -> str:
-    meta = {k: v for k, v in header["__metadata__"].items() if k != "header_sha256"}
-    return hashlib.sha256(json.dumps({**header, "__metadata__": meta}, sort_keys=True).encode()).hexdigest()
+def _tensor_digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data).hexdigest()
+
+
+def _header_digest(info: dict, specs: dict) -> str:
+    """Version 3: jaxqp's metadata (less this checksum) and each tensor's ``[dtype, shape]``."""
+    meta = {k: v for k, v in info.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps({"metadata": meta, "tensors": specs}, sort_keys=True).encode()).hexdigest()
+
+
+def _raw_header_digest(metadata: dict, entries: dict) -> str:
+    """Versions 1 and 2: the raw header as written (tensor entries with offsets, and the metadata)."""
+    meta = {k: v for k, v in metadata.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps({**entries, "__metadata__": meta}, sort_keys=True).encode()).hexdigest()
 
 
 def _refuse(path, why: str) -> ValueError:
     return ValueError(f"jaxqp.load('{path}'): {why}")
 
 
-def _read_header(path, blob: bytes) -> tuple[dict, dict, int]:
-    if len(blob) < 8:
-        raise _refuse(path, f"the file is {len(blob)} bytes long: truncated, or not a jaxqp file")
-    (size,) = struct.unpack("<Q", blob[:8])
-    if size > min(MAX_HEADER_BYTES, len(blob) - 8):
-        raise _refuse(path, "the header length is impossible: not a jaxqp/safetensors file, or truncated")
-    try:
-        header = json.loads(blob[8:8 + size].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _refuse(path, "the header is not valid JSON: not a jaxqp file, or corrupt") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+def _jaxqp_info(path, metadata) -> tuple[dict, int]:
+    """jaxqp's metadata (version 3: the one entry; 1 and 2: the metadata map itself) and its version.
+
+    Refuses foreign and newer files.
+    """
+    metadata = metadata if isinstance(metadata, dict) else {}
+    if METADATA_KEY in metadata:
+        try:
+            info = json.loads(metadata[METADATA_KEY])
+        except json.JSONDecodeError:
+            raise _refuse(path, "jaxqp's metadata is not valid JSON: the file is corrupt") from None
+    else:
+        info = metadata
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise _refuse(path, "this is not a jaxqp file (no jaxqp format marker in the safetensors metadata)")
-    if meta.get("header_sha256") != _header_digest(header):
-        raise _refuse(path, "header checksum mismatch: the file is corrupt")
-    header = {k: v for k, v in header.items() if k != "__metadata__"}
     try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
-        raise _refuse(path, f"unreadable format_version {meta.get('format_version')!r}") from None
+        version = int(info.get("format_version", ""))
+    except (TypeError, ValueError):
+        raise _refuse(path, f"unreadable format_version {info.get('format_version')!r}") from None
     if version > FORMAT_VERSION:
         raise _refuse(path, f"written by a newer jaxqp (format version {version}, jaxqp "
-                            f"{meta.get('jaxqp_version')}); this jaxqp reads up to version "
+                            f"{info.get('jaxqp_version')}); this jaxqp reads up to version "
                             f"{FORMAT_VERSION}: upgrade jaxqp")
-    return header, meta, 8 + size
+    return info, version
 
 
-def _tensors(path, blob: bytes, header: dict, meta: dict, start: int) -> dict[str, np.ndarray]:
+def _from_json(value, what: str, path):
+    """Versions 1 and 2 stored the tree and the checksums as JSON strings inside the metadata."""
+    if not isinstance(value, str):
+        return value
     try:
-        sums = json.loads(meta["sha256"])
-    except (KeyError, json.JSONDecodeError):
-        raise _refuse(path, "the checksum table is missing or corrupt") from None
-    buffer = memoryview(blob)[start:]
-    tensors, end_max = {}, 0
-    for name, info in header.items():
-        try:
-            dtype = np.dtype(jnp.dtype(_DTYPES[info["dtype"]]))
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(v) for v in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise _refuse(path, f"tensor '{name}' has a malformed entry in the header") from None
-        if begin < 0 or end > len(buffer) or end - begin != math.prod(shape) * dtype.itemsize:
-            raise _refuse(path, f"tensor '{name}' lies outside the file: truncated or corrupt")
-        data = bytes(buffer[begin:end])
-        if hashlib.sha256(data).hexdigest() != sums.get(name):
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise _refuse(path, f"the {what} is corrupt") from None
+
+
+def _read(path, handle) -> tuple[Any, int, dict[str, np.ndarray]]:
+    """The tree description, the format version and the tensors of an open ``safe_open`` handle.
+
+    Every checksum is verified before anything is built.
+    """
+    info, version = _jaxqp_info(path, handle.metadata())
+    specs, entries, offset = {}, {}, 0
+    for name in handle.offset_keys():  # in file order: offsets follow from the sizes
+        piece = handle.get_slice(name)
+        code, shape = piece.get_dtype(), [int(d) for d in piece.get_shape()]
+        if code not in _DTYPES:
+            raise _refuse(path, f"tensor '{name}' has dtype {code}, which jaxqp never writes")
+        size = math.prod(shape) * np.dtype(jnp.dtype(_DTYPES[code])).itemsize
+        specs[name] = [code, shape]
+        entries[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    digest = _header_digest(info, specs) if version >= 3 else _raw_header_digest(info, entries)
+    if info.get("header_sha256") != digest:
+        raise _refuse(path, "header checksum mismatch: the file is corrupt")
+    sums = _from_json(info.get("sha256"), "checksum table", path)
+    if not isinstance(sums, dict):
+        raise _refuse(path, "the checksum table is missing or corrupt")
+    tensors = {}
+    for name, (code, shape) in specs.items():
+        if code.startswith("F8_"):  # safetensors' numpy API has no float8: the raw bytes, viewed
+            array = np.frombuffer(_raw_bytes(path)[name], dtype=jnp.dtype(_DTYPES[code])).reshape(shape)
+        else:
+            array = handle.get_tensor(name)
+        if _tensor_digest(array) != sums.get(name):
             raise _refuse(path, f"checksum mismatch for tensor '{name}': the file is corrupt")
-        tensors[name] = np.frombuffer(data, dtype=dtype).reshape(shape)
-        end_max = max(end_max, end)
-    if end_max != len(buffer):
-        raise _refuse(path, f"{len(buffer) - end_max} unexpected bytes after the tensors: corrupt")
-    return tensors
+        tensors[name] = array
+    return _from_json(info.get("tree"), "tree description", path), version, tensors
+
+
+def _raw_bytes(path) -> dict[str, bytes]:
+    import safetensors
+
+    with open(path, "rb") as f:
+        return {name: bytes(info["data"]) for name, info in safetensors.deserialize(f.read())}
 
 
 def _v1_width(bits: int) -> int:
@@ -324,15 +371,14 @@ def load(path: str | os.PathLike) -> Any:
       ValueError: if the file is truncated, corrupt (a checksum differs), not a jaxqp file,
         or of a newer format version than this jaxqp reads.
     """
-    with open(path, "rb") as f:
-        blob = f.read()
-    header, meta, start = _read_header(path, blob)
-    tensors = _tensors(path, blob, header, meta, start)
+    from safetensors import SafetensorError, safe_open
+
     try:
-        structure = json.loads(meta["tree"])
-    except (KeyError, json.JSONDecodeError):
-        raise _refuse(path, "the tree description is missing or corrupt") from None
+        with safe_open(os.fspath(path), framework="numpy") as handle:
+            structure, version, tensors = _read(path, handle)
+    except SafetensorError as err:
+        raise _refuse(path, f"not a safetensors file, or truncated or corrupt ({err})") from None
     try:
-        return _build(structure, tensors, path, int(meta["format_version"]))
+        return _build(structure, tensors, path, version)
     except (KeyError, TypeError, AttributeError):
         raise _refuse(path, "the tree description is malformed") from None

@@ -116,8 +116,8 @@ class Plan:
         flat, treedef = paths_and_leaves(tree)
         expected = {leaf.path: leaf for leaf in self.leaves}
         got = {path for path, _ in flat}
-        missing = [p for p in expected if p not in got]
-        extra = [p for p in got if p not in expected]
+        missing = sorted(p for p in expected if p not in got)
+        extra = sorted(p for p in got if p not in expected)  # sorted: the message is the same every run
         if missing or extra:
             raise ValueError(
                 f"{what} do not match the jaxqp state: the state was made for another tree "
@@ -170,6 +170,10 @@ def _as_rules(rules) -> tuple[Rule, ...]:
 def _check_fits(path: str, shape: tuple[int, ...], rule: Rule, index: int) -> None:
     where = f"rules[{index}] (pattern {rule.pattern!r}) matches '{path}' of shape {shape}, but"
     fix = "Fix: pick an axis of this parameter, or a rule that does not match it."
+    if 0 in shape and (rule.quant is not None or rule.prune is not None or rule.act is not None):
+        raise ValueError(f"{where} it holds no values: there is nothing to quantize or prune (a scale or a "
+                         "threshold of no values is undefined). Fix: narrow the pattern so that it skips "
+                         f"'{path}', e.g. with a rule before it that matches '{path}' and does nothing")
 
     def in_range(axis) -> bool:
         return -len(shape) <= axis < len(shape)

@@ -57,7 +57,7 @@ def drop_and_grow(w: jax.Array, mask: jax.Array, grad: jax.Array | None, n, grow
 def rigl_mask(w, mask, grad, spec: RigL, step, key) -> jax.Array:
     """The mask after a RigL/SET update at ``step`` (unchanged off schedule)."""
     due = (step % spec.every == 0) & (step < spec.end) & (step > 0)
-    n = jnp.round(drop_fraction(spec, step) * jnp.sum(mask, dtype=jnp.int32)).astype(jnp.int32)
+    n = jnp.round(drop_fraction(spec, step) * jnp.sum(mask, dtype=jnp.int32).astype(jnp.float32)).astype(jnp.int32)
     return jax.lax.cond(due, lambda: drop_and_grow(w, mask, grad, n, spec.grow, key), lambda: mask)
 
 

@@ -141,6 +141,17 @@ def needs_grads(state) -> bool:
     return any(e.prune is not None and e.prune.needs_grads for s in transform_states(state) for e in s.plan.leaves)
 
 
+def _require_grads(plan: Plan) -> None:
+    """A gradient criterion advanced without gradients would keep its masks and scores silently."""
+    for e in plan.leaves:
+        if e.prune is not None and e.prune.needs_grads:
+            what = repr(e.prune.criterion) if e.prune.criterion in ("saliency", "movement") else \
+                "RigL(grow='gradient')"
+            raise ValueError(f"t.update: '{e.path}' is pruned by {what}, which needs gradients. Fix: "
+                             "t.update(params, state, grads=grads) with grads like params (jaxqp.wrap "
+                             "passes them), or a criterion without gradients (e.g. 'magnitude')")
+
+
 def _initial_scores(plan: Plan) -> dict:
     """Movement scores start at 0; Wanda input norms at 1 (plain magnitude until calibrated)."""
     scores = {}
@@ -223,6 +234,8 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> Param
     def update(params, state: TransformState, observed: dict | None = None, grads=None) -> TransformState:
         """``grads`` (a tree like ``params``) feeds saliency, movement and RigL criteria."""
         flat, _, plan = _checked(rules, params, state, "t.update")
+        if grads is None and not state.frozen:
+            _require_grads(plan)
         step = state.step + 1
         grads = None if grads is None else dict(plan.check(grads, "grads")[0])
         scores = _movement_scores(plan, flat, state.scores, grads)

@@ -8,8 +8,6 @@ Example:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any
 
 import jax
@@ -18,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._export.compressed import Compressed
+from .._export.files import replaced_atomically
 from ..serving._kernels import _Int8Codes
 
 
@@ -66,14 +65,5 @@ def input_specs(where: str, inputs: tuple, dynamic_batch: bool) -> list:
 
 def write_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1] + ".tmp"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".jaxqp-", suffix=suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with replaced_atomically(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)

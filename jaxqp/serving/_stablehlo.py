@@ -47,5 +47,19 @@ def load_serving(blob: bytes) -> Callable:
 
     Returns:
       A callable taking the same arguments as the exported function.
+
+    Raises:
+      TypeError: if ``blob`` is not bytes.
+      ValueError: if ``blob`` is not a function serialized by :func:`export_serving` (empty,
+        truncated, corrupted or foreign bytes), before anything runs.
     """
-    return jax.export.deserialize(bytearray(blob)).call
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise TypeError(f"load_serving: blob must be the bytes export_serving returned, got {type(blob).__name__}")
+    try:
+        exported = jax.export.deserialize(bytearray(blob))
+        exported.mlir_module()  # parses the StableHLO now: corrupted bytes fail here, not at the first call
+    except Exception as err:  # struct.error, flatbuffers' IndexError, MLIR parse errors: all mean "not ours"
+        raise ValueError(f"load_serving: these {len(blob)} bytes are not a function serialized by "
+                         f"jaxqp.export_serving (truncated, corrupted or another format: {type(err).__name__}: "
+                         f"{str(err)[:200]}). Fix: pass the exact bytes export_serving returned") from err
+    return exported.call

@@ -1,0 +1,103 @@
+"""Bad inputs get a clear error naming the parameter path and the fix, before any work is done (issue 14).
+
+Each class of mistake: a rule that matches an empty leaf, a state made for another tree, a
+gradient criterion advanced without gradients, and bytes that are not a serialized model.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxqp
+from jaxqp import ActSpec, PruneSpec, QuantSpec, RigL, Rule
+
+
+@pytest.mark.parametrize("spec", [{"prune": PruneSpec(sparsity=0.5)}, {"quant": QuantSpec(bits=8)},
+                                  {"prune": PruneSpec(sparsity=0.5), "quant": QuantSpec(bits=4)},
+                                  {"act": ActSpec(bits=8)}], ids=["prune", "quant", "both", "act"])
+def test_a_rule_matching_a_zero_size_leaf_names_it(spec):
+    params = {"empty": {"kernel": jnp.ones((0, 4))}, "full": {"kernel": jnp.ones((4, 4))}}
+    t = jaxqp.transform([Rule(".*kernel", **spec)])
+    with pytest.raises(ValueError, match=r"matches 'empty/kernel' of shape \(0, 4\).*holds no values.*skips"):
+        t.init(params)
+    # the fix the message gives: an exclusion rule first
+    state = jaxqp.transform([Rule("empty/.*"), Rule(".*kernel", **spec)]).init(params)
+    assert state.plan.by_path()["empty/kernel"].quant is None
+
+
+def test_global_pruning_over_a_zero_size_leaf_names_it():
+    params = {"a": jnp.ones((0, 3)), "b": jnp.arange(12.0).reshape(3, 4)}
+    with pytest.raises(ValueError, match=r"'a' of shape \(0, 3\).*holds no values"):
+        jaxqp.transform([Rule(".*", prune=PruneSpec(sparsity=0.5, scope="global"))]).init(params)
+
+
+class _Two(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="head")(nn.Dense(8, name="body")(x))
+
+
+def test_linen_apply_refuses_a_state_made_for_another_tree():
+    model, x = _Two(), jnp.ones((2, 4))
+    params = model.init(jax.random.key(0), x)["params"]
+    t = jaxqp.transform([Rule(".*kernel", quant=QuantSpec(bits=8), act=ActSpec(bits=8))])
+    other = {"body": params["body"]}  # a state for a tree that lacks the head
+    state = t.init(other)
+    with pytest.raises(ValueError, match=r"linen_apply: params do not match.*missing from params: \[\].*"
+                                         r"not in the state: \['head/bias', 'head/kernel'\]"):
+        jaxqp.linen_apply(model, state, {"params": params}, x)
+    with pytest.raises(TypeError, match="linen_apply: state must be the jaxqp state returned by t.init"):
+        jaxqp.linen_apply(model, params, {"params": params}, x)
+    out, _ = jaxqp.linen_apply(model, t.init(params), {"params": params}, x)  # the right state works
+    assert out.shape == (2, 3)
+
+
+def test_nnx_apply_refuses_a_state_made_for_another_model():
+    class Net(nnx.Module):
+        def __init__(self, width, rngs):
+            self.a = nnx.Linear(4, width, rngs=rngs)
+
+        def __call__(self, x):
+            return self.a(x)
+
+    t = jaxqp.transform([Rule(".*kernel", quant=QuantSpec(bits=8), act=ActSpec(bits=8))])
+    wide, narrow = Net(8, nnx.Rngs(0)), Net(6, nnx.Rngs(0))
+    state = t.init(nnx.state(narrow, nnx.Param))
+    with pytest.raises(ValueError, match=r"nnx_apply: params leaf 'a/bias' has shape \(8,\) but the jaxqp "
+                                         r"state was made for shape \(6,\)"):
+        jaxqp.nnx_apply(wide, state, jnp.ones((2, 4)))
+
+
+@pytest.mark.parametrize("prune,what", [
+    (PruneSpec(sparsity=0.5, criterion="movement"), "'movement'"),
+    (PruneSpec(sparsity=0.5, criterion="saliency"), "'saliency'"),
+    (PruneSpec(sparsity=0.5, regrow=RigL(every=1, drop_fraction=0.1, end=10)), r"RigL\(grow='gradient'\)"),
+])
+def test_a_gradient_criterion_without_gradients_says_so(prune, what):
+    params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
+    t = jaxqp.transform(Rule("w", prune=prune))
+    state = t.init(params)
+    with pytest.raises(ValueError, match=rf"'w' is pruned by {what}, which needs gradients.*grads=grads"):
+        t.update(params, state)
+    moved = t.update(params, state, grads={"w": jnp.ones((8, 8))})  # with gradients it advances
+    assert int(moved.step) == 1
+    frozen = jaxqp.freeze_masks(state)  # frozen masks need no gradients
+    assert int(t.update(params, frozen).step) == 1
+
+
+@pytest.mark.parametrize("blob", [b"", b"hello", bytes(range(256)) * 4, "half", "flipped"])
+def test_load_serving_of_foreign_bytes_is_a_value_error(blob):
+    good = jaxqp.export_serving(lambda x: 2 * x, jnp.ones(3))
+    if blob == "half":
+        blob = good[: len(good) // 2]
+    elif blob == "flipped":  # parses as a container, but its StableHLO is corrupt
+        blob = good[:100] + bytes([good[100] ^ 0xFF]) + good[101:]
+    with pytest.raises(ValueError, match=r"load_serving: these \d+ bytes are not a function serialized by "
+                                         r"jaxqp\.export_serving"):
+        jaxqp.load_serving(blob)
+    with pytest.raises(TypeError, match="load_serving: blob must be the bytes"):
+        jaxqp.load_serving(np.zeros(3))
+    np.testing.assert_array_equal(jaxqp.load_serving(good)(jnp.ones(3)), 2 * np.ones(3))
