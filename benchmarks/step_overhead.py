@@ -5,9 +5,14 @@ of a Dense-heavy MLP for: float32 (no rules), int8 weight fake-quant, w8a8 (int8
 weights and dynamic int8 inputs of every layer, fake-quant), w8a8-int (the same with
 power-of-two scales through the integer matmul, ``ActSpec(integer=True)``), pruning
 (80% on a polynomial schedule refreshing every 100 steps, refreshes included in
-the timing) and both. Configs are timed round-robin; the median step time of
-each is divided by the float step's median. A second, identical float run
-("float32 again") shows how much of a ratio is timing noise on this machine.
+the timing), both, global pruning to 90%, 2:4, movement pruning and RigL. Configs are
+timed round-robin; the median step time of each is divided by the float step's median.
+A second, identical float run ("float32 again") shows how much of a ratio is timing
+noise on this machine. Per config also: ``compile_ratio``, the time to trace, lower and
+compile the step over the float step's; ``refresh_ratio``, one step that refreshes the
+masks over one that does not (the median of ``--repeats`` calls each, same inputs); and
+``state_bytes_ratio``, the bytes of the transform state (masks, scores, ranges) over the
+params' bytes.
 
     python benchmarks/step_overhead.py --json step_overhead.json
 """
@@ -61,8 +66,12 @@ def make_step(model, rules):
     return tx, step
 
 
+EVERY = 100  # steps between mask refreshes of the pruning configs
+
+
 def configs(total_steps: int):
-    prune = jaxqp.PruneSpec(sparsity=jaxqp.polynomial(0.0, 0.8, begin=0, end=total_steps, every=100))
+    schedule = jaxqp.polynomial(0.0, 0.8, begin=0, end=total_steps, every=EVERY)
+    prune = jaxqp.PruneSpec(sparsity=schedule)
     int8 = jaxqp.QuantSpec(bits=8)
     return {
         "float32": [],
@@ -74,7 +83,38 @@ def configs(total_steps: int):
                                                   integer=True))],
         "pruned": [jaxqp.Rule(r".*/kernel", prune=prune)],
         "pruned+int8": [jaxqp.Rule(r".*/kernel", quant=int8, prune=prune)],
+        "global90": [jaxqp.Rule(r".*/kernel", prune=jaxqp.PruneSpec(
+            sparsity=jaxqp.polynomial(0.0, 0.9, begin=0, end=total_steps, every=EVERY), scope="global"))],
+        "nm2:4": [jaxqp.Rule(r".*/kernel", prune=jaxqp.PruneSpec(structure=jaxqp.NM(2, 4)))],
+        "movement": [jaxqp.Rule(r".*/kernel", prune=jaxqp.PruneSpec(sparsity=schedule, criterion="movement"))],
+        "rigl": [jaxqp.Rule(r".*/kernel", prune=jaxqp.PruneSpec(
+            sparsity=0.8, regrow=jaxqp.RigL(every=EVERY, drop_fraction=0.3, end=total_steps)))],
     }
+
+
+def tree_bytes(tree) -> int:
+    return sum(np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def at_step(opt_state, step: int):
+    """``opt_state`` with the transform's step counter set to ``step`` (masks and the rest unchanged)."""
+    import dataclasses
+
+    from jaxqp._transforms.transform import map_states
+
+    return opt_state._replace(transform=map_states(
+        opt_state.transform, lambda s: dataclasses.replace(s, step=jnp.asarray(step, jnp.int32))))
+
+
+def median_call(fn, calls: int) -> float:
+    """Median seconds of ``calls`` calls of ``fn`` (one warm-up call first)."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def main(argv=None):
@@ -96,14 +136,25 @@ def main(argv=None):
     y = jnp.asarray(rng.integers(0, 10, size=args.batch).astype(np.int32))
     params0 = model.init(jax.random.key(0), x[:1])["params"]
 
-    runs, paths = {}, {}
+    runs, paths, compile_s, extra = {}, {}, {}, {}
+    param_bytes = tree_bytes(params0)
     for name, rules in configs(args.steps * args.repeats).items():
         tx, step = make_step(model, rules)
         params, opt_state = params0, tx.init(params0)
+        start = time.perf_counter()
         with record_paths() as used:  # integer layers pick their dot form when traced
-            params, opt_state, _ = jax.block_until_ready(step(params, opt_state, x, y))  # compile
+            step = step.lower(params, opt_state, x, y).compile()  # trace, lower and compile, timed
+        compile_s[name] = time.perf_counter() - start
+        params, opt_state, _ = jax.block_until_ready(step(params, opt_state, x, y))
         paths[name] = sorted({entry["path"] for entry in used})
         runs[name] = [step, params, opt_state, []]
+        extra[name] = {"state_bytes_ratio": round(tree_bytes(jaxqp.state_of(opt_state)) / param_bytes, 4)}
+        if rules and any(rule.prune is not None for rule in rules):
+            # one step that refreshes the masks (the new step is a multiple of EVERY) against one that does not
+            refreshing, plain_state = at_step(opt_state, EVERY - 1), at_step(opt_state, EVERY)
+            refresh = median_call(lambda: step(params, refreshing, x, y), args.repeats)
+            plain = median_call(lambda: step(params, plain_state, x, y), args.repeats)
+            extra[name]["refresh_ratio"] = round(refresh / plain, 4)
 
     for _ in range(args.repeats):  # round-robin, so drift hits every config alike
         for run in runs.values():
@@ -120,14 +171,18 @@ def main(argv=None):
     cpu = cpu_info()
     print(f"MLP {args.depth}x{args.width}, batch {args.batch}, {jax.default_backend()} "
           f"({cpu['model']}; {', '.join(cpu['flags'])}), median of {args.repeats} x {args.steps} steps")
-    print(f"{'config':<12} {'step ms':>8} {'ratio':>7}")
+    print(f"{'config':<14} {'step ms':>8} {'ratio':>7} {'compile s':>10} {'ratio':>7} {'refresh':>8} {'state':>7}")
     for name, run in runs.items():
         ms = float(np.median(run[3]))
         dots = f"  dot: {', '.join(paths[name])}" if paths[name] else ""
-        print(f"{name:<12} {ms * 1e3:8.2f} {ms / base:7.3f}x{dots}")
+        compile_ratio = compile_s[name] / compile_s["float32"]
+        refresh = extra[name].get("refresh_ratio")
+        print(f"{name:<14} {ms * 1e3:8.2f} {ms / base:7.3f}x {compile_s[name]:10.2f} {compile_ratio:6.2f}x "
+              f"{'' if refresh is None else f'{refresh:7.2f}x'!s:>8} {extra[name]['state_bytes_ratio']:7.3f}{dots}")
         if not name.startswith("float32"):
             rows.append({"config": name, "step_ratio": round(ms / base, 4), "step_ms": round(ms * 1e3, 3),
-                         "path": paths[name] or None})
+                         "compile_ratio": round(compile_ratio, 4), "compile_s": round(compile_s[name], 3),
+                         **extra[name], "path": paths[name] or None})
     write_json(args.json, rows)
     return rows
 

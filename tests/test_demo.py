@@ -84,8 +84,10 @@ def test_int8_dot_benchmark_quick_writes_rows(tmp_path):
 @pytest.mark.slow
 def test_step_overhead_quick_writes_rows(tmp_path):
     _, rows = run_quick([str(ROOT / "benchmarks" / "step_overhead.py")], tmp_path / "steps.json")
-    assert [r["config"] for r in rows] == ["int8", "w8a8", "w8a8-int", "pruned", "pruned+int8"]
-    assert all(r["step_ratio"] > 0 for r in rows)
+    assert [r["config"] for r in rows] == ["int8", "w8a8", "w8a8-int", "pruned", "pruned+int8", "global90", "nm2:4",
+                                           "movement", "rigl"]
+    assert all(r["step_ratio"] > 0 and r["compile_ratio"] > 0 and r["state_bytes_ratio"] >= 0 for r in rows)
+    assert all(r["refresh_ratio"] > 0 for r in rows if r["config"] in ("pruned", "global90", "movement", "rigl"))
 
 
 @pytest.mark.slow

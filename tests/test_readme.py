@@ -27,7 +27,7 @@ def test_quickstart_and_export_run_as_written(capsys, tmp_path, monkeypatch):
         assert np.count_nonzero(kernel == 0.0) == round(0.8 * kernel.size)
     assert float(namespace["loss"]) < 0.1
     exec(compile(export_snippet, str(README), "exec"), namespace)
-    assert (tmp_path / "model.jaxqp").exists()
+    assert (tmp_path / "model.jaxqp").exists() and (tmp_path / "model.tflite").exists()
     assert namespace["logits"].shape == (256, 10)
 
 

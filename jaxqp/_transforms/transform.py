@@ -60,7 +60,8 @@ class TransformState:
       key: uint32[2] PRNG key for stochastic rounding and random criteria (None without a seed).
       calibrating: static flag set by :func:`jaxqp.calibrate`: inputs pass through
         unquantized and their statistics are recorded.
-      frozen: static flag set by :func:`freeze_masks`: ``update`` keeps the masks.
+      frozen: bool scalar set by :func:`freeze_masks`: ``update`` keeps the masks. A leaf,
+        not static metadata, so that a checkpoint of the state (orbax) keeps it.
     """
 
     step: jax.Array
@@ -71,11 +72,12 @@ class TransformState:
     key: jax.Array | None = None
     calibrating: bool = False
     scores: dict = dataclasses.field(default_factory=dict)
-    frozen: bool = False
+    frozen: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros((), bool))
 
 
-jax.tree_util.register_dataclass(TransformState, data_fields=["step", "masks", "learned", "ranges", "key", "scores"],
-                                 meta_fields=["plan", "calibrating", "frozen"])
+jax.tree_util.register_dataclass(TransformState,
+                                 data_fields=["step", "masks", "learned", "ranges", "key", "scores", "frozen"],
+                                 meta_fields=["plan", "calibrating"])
 
 
 def _no_masks(state) -> Masks:
@@ -234,7 +236,7 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> Param
     def update(params, state: TransformState, observed: dict | None = None, grads=None) -> TransformState:
         """``grads`` (a tree like ``params``) feeds saliency, movement and RigL criteria."""
         flat, _, plan = _checked(rules, params, state, "t.update")
-        if grads is None and not state.frozen:
+        if grads is None:
             _require_grads(plan)
         step = state.step + 1
         grads = None if grads is None else dict(plan.check(grads, "grads")[0])
@@ -245,10 +247,10 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> Param
             entry = plan.by_path().get(path)
             if entry is not None and entry.act is not None and path in ranges and "lo" in seen:
                 ranges[path] = input_quantizer.update_ranges(entry.act, ranges[path], seen)
-        if state.frozen:
-            return dataclasses.replace(state, step=step, ranges=ranges)
-        return dataclasses.replace(state, step=step, masks=masks_for(plan, flat, state.masks, step, inputs),
-                                   ranges=ranges, scores=scores)
+        masks, scores = jax.lax.cond(  # frozen is data (it survives a checkpoint): chosen when the step runs
+            jnp.asarray(state.frozen), lambda: (state.masks, state.scores),
+            lambda: (masks_for(plan, flat, state.masks, step, inputs), scores))
+        return dataclasses.replace(state, step=step, masks=masks, ranges=ranges, scores=scores)
 
     def masks(state: TransformState) -> Masks:
         """The masks :func:`jaxqp.wrap` enforces on params (straight-through leaves train dense)."""
@@ -347,8 +349,8 @@ def freeze_masks(tree: Any, frozen: bool = True) -> Any:
 
     From then on ``update`` (and :func:`jaxqp.wrap`) keeps every mask as it is: no
     schedule refresh, no RigL regrowth; quantizers, ranges and learned values go on.
-    Use it to switch from pruning to a quantization-aware fine-tuning phase. The flag
-    is static, so the training step compiles once more.
+    Use it to switch from pruning to a quantization-aware fine-tuning phase. The flag is
+    a bool leaf of the state: the training step does not recompile, and a checkpoint keeps it.
 
     Args:
       tree: a transform state, a chain's states or an optimizer state holding them.
@@ -365,4 +367,4 @@ def freeze_masks(tree: Any, frozen: bool = True) -> Any:
       >>> bool(t.update(params, state).masks["w"].all())
       True
     """
-    return map_states(tree, lambda s: dataclasses.replace(s, frozen=frozen))
+    return map_states(tree, lambda s: dataclasses.replace(s, frozen=jnp.asarray(frozen, bool)))
