@@ -97,14 +97,20 @@ def global_magnitude_masks(
     k = prune_count(sparsity, sum(s.size for s in scores))
     threshold = _kth_smallest(scores, jnp.maximum(k, 1))
     need = k - sum(jnp.sum(s < threshold, dtype=jnp.int32) for s in scores)  # ties still to prune
-    masks, ties_before = [], jnp.zeros((), jnp.int32)
-    for x, s in zip(xs, scores):
-        ties = s == threshold
-        rank = ties_before + jnp.cumsum(ties, dtype=jnp.int32)
-        prune = (s < threshold) | (ties & (rank <= need))
-        masks.append(jnp.where(k > 0, ~prune, True).reshape(x.shape))
-        ties_before = ties_before + jnp.sum(ties, dtype=jnp.int32)
-    return masks
+    n_ties = sum(jnp.sum(s == threshold, dtype=jnp.int32) for s in scores)
+
+    def some_ties(scores):  # rank the ties by flat index (a cumsum: as costly as the whole bisection)
+        prunes, ties_before = [], jnp.zeros((), jnp.int32)
+        for s in scores:
+            ties = s == threshold
+            rank = ties_before + jnp.cumsum(ties, dtype=jnp.int32)
+            prunes.append((s < threshold) | (ties & (rank <= need)))
+            ties_before = ties_before + jnp.sum(ties, dtype=jnp.int32)
+        return prunes
+
+    # usually every tie at the threshold goes (one entry, or all the zeros): no ranking needed
+    prunes = jax.lax.cond(need >= n_ties, lambda scores: [s <= threshold for s in scores], some_ties, scores)
+    return [jnp.where(k > 0, ~prune, True).reshape(x.shape) for x, prune in zip(xs, prunes)]
 
 
 def magnitude_mask(x: jax.Array, sparsity: float | jax.Array, prev_mask: jax.Array | None = None) -> jax.Array:
