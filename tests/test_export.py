@@ -127,10 +127,13 @@ def test_qarray_is_a_pytree_that_jits_once():
     params = {"w": jax.random.normal(jax.random.key(4), (8, 4))}
     t = jaxqp.transform([Rule("w", quant=QuantSpec(bits=4), prune=PruneSpec(sparsity=0.9))])
     packed = jaxqp.export(params, t.init(params))
-    f = jax.jit(lambda tree: jaxqp.dequantize(tree)["w"].sum())
+    traces = []  # one trace for both calls: the rebuilt tree has an equal treedef and avals
+    f = jax.jit(lambda tree: (traces.append(1), jaxqp.dequantize(tree)["w"].sum())[1])
     f(packed)
     f(jax.tree.map(lambda x: x, packed))
-    assert f._cache_size() == 1
+    # counted by tracing, not by f._cache_size(): in long xdist workers the C++ dispatch cache
+    # read 0 after both calls (jax 0.10) while nothing retraced
+    assert len(traces) == 1
     chex.assert_trees_all_equal_structs(packed, jax.tree.map(lambda x: x, packed))
 
 

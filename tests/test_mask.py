@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import jaxqp
 from jaxqp.numerics import apply_mask, magnitude_mask, threshold_mask
 
 jit_mask = jax.jit(magnitude_mask)  # property tests: compile once per shape, not per op
@@ -108,3 +109,28 @@ def test_matches_stable_argsort_reference_with_ties(x, sparsity, seed):
 def test_inf_and_nan_rank_largest():
     x = jnp.array([jnp.inf, 1.0, jnp.nan, -jnp.inf, 0.5])
     np.testing.assert_array_equal(np.asarray(magnitude_mask(x, 0.4)), [True, False, True, True, False])
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (8,), (13, 5), (16, 4, 3), (1025, 10)])
+def test_masks_packed_along_the_first_axis_round_trip(shape):
+    """The transform state stores masks 8 per byte along axis 0: lossless, and 1/32 of float32 bytes."""
+    from jaxqp.numerics import pack_mask_rows, unpack_mask_rows
+
+    mask = jnp.asarray(np.random.default_rng(len(shape)).random(shape) > 0.3)
+    packed = pack_mask_rows(mask)
+    assert packed.dtype == jnp.uint8 and packed.shape == ((-(-shape[0] // 8), *shape[1:]) if shape else (1,))
+    np.testing.assert_array_equal(np.asarray(unpack_mask_rows(packed, shape)), np.asarray(mask))
+    np.testing.assert_array_equal(np.asarray(jax.jit(unpack_mask_rows, static_argnums=1)(packed, shape)),
+                                  np.asarray(mask))
+
+
+def test_state_holds_packed_masks_and_reads_bool_masks():
+    params = {"w": jax.random.normal(jax.random.key(0), (64, 32)), "b": jnp.ones(32)}
+    t = jaxqp.transform([jaxqp.Rule("w", prune=jaxqp.PruneSpec(sparsity=0.75))])
+    state = t.init(params)
+    assert state.mask_bits["w"].dtype == jnp.uint8 and state.mask_bits["w"].shape == (8, 32)
+    mask = np.asarray(state.masks["w"])
+    assert mask.dtype == bool and mask.sum() == 64 * 32 // 4
+    np.testing.assert_array_equal(np.asarray(t.apply(params, state)["w"]), np.where(mask, params["w"], 0.0))
+    state_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(state.mask_bits))
+    assert state_bytes * 32 == params["w"].nbytes

@@ -39,8 +39,7 @@ def test_pruned_weights_exactly_zero_after_quantization(symmetric):
 def test_scales_calibrated_on_survivors():
     w = jnp.array([[10.0, 1.0], [0.5, 2.0]])  # 10.0 is pruned below: it must not set the scale
     t = jaxqp.transform([Rule("w", quant=QuantSpec(bits=8, axis=None), prune=PruneSpec(sparsity=0.25))])
-    state = jaxqp.TransformState(jnp.zeros((), jnp.int32), {"w": jnp.array([[False, True], [True, True]])},
-                                 t.init({"w": w}).plan)
+    state = t.init({"w": w}).with_masks({"w": jnp.array([[False, True], [True, True]])})
     got = t.apply({"w": w}, state)["w"]
     want = jaxqp.fake_quant_weight(jnp.array([[0.0, 1.0], [0.5, 2.0]]), QuantSpec(bits=8, axis=None))
     chex.assert_trees_all_equal(got, want)

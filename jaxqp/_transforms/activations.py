@@ -157,7 +157,7 @@ def calibrate(state: Any, forward: Callable[[Any, Any], tuple[Any, dict]], batch
             flat, _ = s.plan.check(params)
             fresh = masks_for(s.plan, flat, None, 0, MaskInputs(scores=scores, key=s.key))
             masks = {path: fresh[path] if path in wanda else m for path, m in s.masks.items()}
-        return dataclasses.replace(s, ranges=ranges, learned=learned_all, scores=scores, masks=masks,
-                                   calibrating=False)
+        return dataclasses.replace(s, ranges=ranges, learned=learned_all, scores=scores,
+                                   calibrating=False).with_masks(masks)
 
     return map_states(state, calibrated)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from .._specs.rules import LeafPlan, Plan, Rule, _as_rules, resolve
 from ..numerics._formats import straight_through
 from ..numerics._masks import apply_mask
+from ..numerics._packing import pack_mask_rows, unpack_mask_rows
 from . import input_quantizer
 from .pruning import MaskInputs, masks_for
 from .weight_quantizer import fake_quant_weight, init_step
@@ -48,7 +49,10 @@ class TransformState:
 
     Attributes:
       step: int32 scalar, optimizer updates applied so far.
-      masks: ``{path: bool array}`` for every pruned parameter (True keeps).
+      mask_bits: ``{path: uint8 array}``, the mask of every pruned parameter packed 8 entries
+        per byte along its first axis (:func:`jaxqp.numerics.pack_mask_rows`): 1/32 of a
+        float32 parameter's bytes where a bool mask took 1/4. Read them as bool arrays with
+        :attr:`masks` or :meth:`mask`; build a state from bool masks with :meth:`with_masks`.
       plan: static metadata (not a leaf): the resolved :class:`Plan`, so tools
         such as :func:`jaxqp.summary` need no rules.
       learned: trainable quantizer values, ``{"weights": {path: {"step": ...}},
@@ -65,7 +69,7 @@ class TransformState:
     """
 
     step: jax.Array
-    masks: Masks
+    mask_bits: dict
     plan: Plan = dataclasses.field(repr=False)
     learned: dict = dataclasses.field(default_factory=dict)
     ranges: dict = dataclasses.field(default_factory=dict)
@@ -75,8 +79,27 @@ class TransformState:
     frozen: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros((), bool))
 
 
+    def mask(self, path: str) -> jax.Array:
+        """The bool mask of ``path`` (True keeps), unpacked from :attr:`mask_bits`."""
+        return unpack_mask_rows(self.mask_bits[path], self.plan.by_path()[path].shape)
+
+    @property
+    def masks(self) -> Masks:
+        """``{path: bool array}`` for every pruned parameter (True keeps), unpacked."""
+        return {path: self.mask(path) for path in self.mask_bits}
+
+    def with_masks(self, masks: Masks) -> TransformState:
+        """This state holding ``masks`` (``{path: bool array}``), packed."""
+        return dataclasses.replace(self, mask_bits=pack_masks(masks))
+
+
+def pack_masks(masks: Masks) -> dict:
+    """``{path: bool mask}`` packed for :attr:`TransformState.mask_bits`."""
+    return {path: pack_mask_rows(m) for path, m in masks.items()}
+
+
 jax.tree_util.register_dataclass(TransformState,
-                                 data_fields=["step", "masks", "learned", "ranges", "key", "scores", "frozen"],
+                                 data_fields=["step", "mask_bits", "learned", "ranges", "key", "scores", "frozen"],
                                  meta_fields=["plan", "calibrating"])
 
 
@@ -225,7 +248,7 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> Param
         masks = masks_for(plan, flat, None, 0, MaskInputs(key=key, scores=scores))
         ranges = {e.path: input_quantizer.init_ranges(e.act) for e in plan.leaves
                   if e.act is not None and e.act.range == "static"}
-        return TransformState(jnp.zeros((), jnp.int32), masks, plan, _initial_learned(plan, flat, masks),
+        return TransformState(jnp.zeros((), jnp.int32), pack_masks(masks), plan, _initial_learned(plan, flat, masks),
                               ranges, key, scores=scores)
 
     def apply(params, state: TransformState):
@@ -247,10 +270,10 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> Param
             entry = plan.by_path().get(path)
             if entry is not None and entry.act is not None and path in ranges and "lo" in seen:
                 ranges[path] = input_quantizer.update_ranges(entry.act, ranges[path], seen)
-        masks, scores = jax.lax.cond(  # frozen is data (it survives a checkpoint): chosen when the step runs
-            jnp.asarray(state.frozen), lambda: (state.masks, state.scores),
-            lambda: (masks_for(plan, flat, state.masks, step, inputs), scores))
-        return dataclasses.replace(state, step=step, masks=masks, ranges=ranges, scores=scores)
+        bits, scores = jax.lax.cond(  # frozen is data (it survives a checkpoint): chosen when the step runs
+            jnp.asarray(state.frozen), lambda: (state.mask_bits, state.scores),
+            lambda: (pack_masks(masks_for(plan, flat, state.masks, step, inputs)), scores))
+        return dataclasses.replace(state, step=step, mask_bits=bits, ranges=ranges, scores=scores)
 
     def masks(state: TransformState) -> Masks:
         """The masks :func:`jaxqp.wrap` enforces on params (straight-through leaves train dense)."""
@@ -261,8 +284,8 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> Param
 
 
 def _apply_leaf(leaf, entry: LeafPlan, state: TransformState, index: int):
-    if entry.path in state.masks:  # a pruned leaf, or the bias of a Channels-pruned kernel
-        masked = apply_mask(leaf, state.masks[entry.path])
+    if entry.path in state.mask_bits:  # a pruned leaf, or the bias of a Channels-pruned kernel
+        masked = apply_mask(leaf, state.mask(entry.path))
         dense_grad = entry.prune is not None and (entry.prune.straight_through or entry.prune.regrow is not None)
         leaf = straight_through(leaf, masked) if dense_grad else masked
     if entry.quant is not None:

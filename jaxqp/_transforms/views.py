@@ -53,7 +53,7 @@ def leaf_views(params, state) -> tuple[list, Any, list[LeafView]]:
             leaf = s.plan.leaves[i]
             if quant is None and leaf.quant is not None:
                 quant, learned = leaf.quant, s.learned.get("weights", {}).get(leaf.path)
-            if leaf.path in s.masks:
-                mask = s.masks[leaf.path] if mask is None else mask & s.masks[leaf.path]
+            if leaf.path in s.mask_bits:
+                mask = s.mask(leaf.path) if mask is None else mask & s.mask(leaf.path)
         views.append(LeafView(entry, quant, mask, learned))
     return flat, treedef, views

@@ -70,7 +70,7 @@ def _regrown_paths(state) -> set[str]:
 
 def _srste_decay(grads, params, state):
     """SR-STE: adds ``decay * w`` to the gradients of pruned entries of straight-through leaves."""
-    decays = {e.path: (e.prune.decay, s.masks[e.path]) for s in transform_states(state) for e in s.plan.leaves
+    decays = {e.path: (e.prune.decay, s.mask(e.path)) for s in transform_states(state) for e in s.plan.leaves
               if e.prune is not None and e.prune.decay > 0}
     if not decays:
         return grads

@@ -40,7 +40,7 @@ from ._masks import (
     prune_count,
     threshold_mask,
 )
-from ._packing import pack, pack_mask, unpack, unpack_mask
+from ._packing import pack, pack_mask, pack_mask_rows, unpack, unpack_mask, unpack_mask_rows
 from ._ranges import MSE_RATIOS, expand_groups, group_view, mse_range, observe_range, scale_from_range
 
 __all__ = [
@@ -69,6 +69,7 @@ __all__ = [
     "observe_range",
     "pack",
     "pack_mask",
+    "pack_mask_rows",
     "pact",
     "pow2_ceil",
     "pow2_codes_of",
@@ -83,4 +84,5 @@ __all__ = [
     "threshold_mask",
     "unpack",
     "unpack_mask",
+    "unpack_mask_rows",
 ]

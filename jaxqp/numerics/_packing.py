@@ -115,6 +115,48 @@ def unpack_mask(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return unpack(packed, 1, size).astype(bool).reshape(shape)
 
 
+def pack_mask_rows(mask: jax.Array) -> jax.Array:
+    """A boolean mask packed 8 entries per byte along its first axis: ``(ceil(d0 / 8), *rest)`` uint8.
+
+    Bit ``j`` of byte ``i`` is row ``8 i + j``. Packing along the first axis keeps the other
+    axes as they are, so a mask packed this way can be sharded like its parameter (along
+    either axis of a kernel). A scalar mask becomes one byte.
+
+    Args:
+      mask: a boolean array.
+
+    Returns:
+      The packed uint8 array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> pack_mask_rows(jnp.array([True, False, True]))
+      Array([5], dtype=uint8)
+    """
+    mask = jnp.reshape(mask, (1,)) if mask.ndim == 0 else mask
+    rows = mask.shape[0]
+    padded = jnp.pad(mask, [(0, -rows % 8)] + [(0, 0)] * (mask.ndim - 1))
+    groups = padded.reshape(-1, 8, *mask.shape[1:]).astype(jnp.uint8)
+    shifts = jnp.arange(8, dtype=jnp.uint8).reshape(1, 8, *([1] * (mask.ndim - 1)))
+    return jnp.sum(groups << shifts, axis=1, dtype=jnp.uint8)  # disjoint bits: the sum is the bitwise or
+
+
+def unpack_mask_rows(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The boolean mask of ``shape`` that :func:`pack_mask_rows` packed.
+
+    Args:
+      packed: the uint8 array.
+      shape: the mask's shape.
+
+    Returns:
+      The boolean mask.
+    """
+    shifts = jnp.arange(8, dtype=jnp.uint8).reshape(1, 8, *([1] * (packed.ndim - 1)))
+    bits = (packed[:, None] >> shifts) & jnp.uint8(1)
+    rows = bits.reshape(-1, *packed.shape[1:])[: shape[0] if shape else 1]
+    return rows.astype(bool).reshape(shape)
+
+
 def pack_nibbles(codes: jax.Array) -> jax.Array:
     """Signed 4-bit ``codes`` (in [-8, 7]) two per byte along the last axis, in two halves.
 
