@@ -14,26 +14,15 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import write_json
+from _common import median_seconds, write_json
 from serving import MLP
 
 import jaxqp
 from jaxqp.numerics._path_choice import cpu_info
-
-
-def _median(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main(argv=None):
@@ -54,8 +43,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for name, tree in trees.items():
             path = os.path.join(tmp, f"{name}.jaxqp")
-            save_s = _median(lambda: jaxqp.save(path, tree), args.repeats)
-            load_s = _median(lambda: jax.block_until_ready(jaxqp.load(path)), args.repeats)
+            save_s = median_seconds(lambda: jaxqp.save(path, tree), args.repeats)
+            load_s = median_seconds(lambda: jaxqp.load(path), args.repeats)
             row = {"model": f"mlp{args.width}", "config": name, "bytes": os.path.getsize(path),
                    "save_ms": round(save_s * 1e3, 2), "load_ms": round(load_s * 1e3, 2)}
             try:
@@ -65,8 +54,9 @@ def main(argv=None):
             else:  # the container alone: the same tensors, flat, no checksums or tree
                 flat = {str(i): np.asarray(a) for i, a in enumerate(jax.tree_util.tree_leaves(tree))}
                 plain = os.path.join(tmp, f"{name}.safetensors")
-                row["safetensors_save_ms"] = round(_median(lambda: save_file(flat, plain), args.repeats) * 1e3, 2)
-                row["safetensors_load_ms"] = round(_median(lambda: load_file(plain), args.repeats) * 1e3, 2)
+                ms = lambda fn: round(median_seconds(fn, args.repeats) * 1e3, 2)
+                row["safetensors_save_ms"] = ms(lambda: save_file(flat, plain))
+                row["safetensors_load_ms"] = ms(lambda: load_file(plain))
             rows.append(row)
             print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     write_json(args.json, rows)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import write_json
+from _common import median_seconds, write_json
 
 import jaxqp
 from jaxqp.demo import make_train_step
@@ -106,17 +106,6 @@ def at_step(opt_state, step: int):
         opt_state.transform, lambda s: dataclasses.replace(s, step=jnp.asarray(step, jnp.int32))))
 
 
-def median_call(fn, calls: int) -> float:
-    """Median seconds of ``calls`` calls of ``fn`` (one warm-up call first)."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=1024)
@@ -152,8 +141,8 @@ def main(argv=None):
         if rules and any(rule.prune is not None for rule in rules):
             # one step that refreshes the masks (the new step is a multiple of EVERY) against one that does not
             refreshing, plain_state = at_step(opt_state, EVERY - 1), at_step(opt_state, EVERY)
-            refresh = median_call(lambda: step(params, refreshing, x, y), args.repeats)
-            plain = median_call(lambda: step(params, plain_state, x, y), args.repeats)
+            refresh = median_seconds(lambda: step(params, refreshing, x, y), args.repeats)
+            plain = median_seconds(lambda: step(params, plain_state, x, y), args.repeats)
             extra[name]["refresh_ratio"] = round(refresh / plain, 4)
 
     for _ in range(args.repeats):  # round-robin, so drift hits every config alike

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import CNN, MLP, NnxNet, with_biases
 
 import jaxqp
 
@@ -28,28 +29,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from serving import Block, TinyLM  # noqa: E402
 
 to_litert = jaxqp.deploy.to_litert
-
-
-class MLP(nn.Module):
-    width: int = 128
-
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(64)(nn.relu(nn.Dense(self.width)(x)))
-
-
-class CNN(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Conv(8, (3, 3))(x))
-        return nn.Dense(10)(x.reshape(x.shape[0], -1))
-
-
-def _with_biases(params):
-    """``params`` with every bias nonzero (initialized biases are zeros, which hide rounding at the add)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, a: a + 0.1 * jax.random.normal(jax.random.key(len(path)), a.shape)
-        if "bias" in jax.tree_util.keystr(path) else a, params)
 
 
 def _served(params, bits=8, pow2=False, pattern=".*(kernel|embedding)"):
@@ -105,7 +84,7 @@ def _one_step_bound(rows, kernel):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_mlp_matches_jaxqp_with_int8_fully_connected(bits):
     model = MLP()
-    params = _with_biases(model.init(jax.random.key(0), jnp.ones((1, 32)))["params"])
+    params = with_biases(model.init(jax.random.key(0), jnp.ones((1, 32)))["params"])
     served = _served(params, bits)
     apply = jaxqp.linen_serving_apply(model)
     for batch in (1, 32, 256):
@@ -127,7 +106,7 @@ def test_mlp_matches_jaxqp_with_int8_fully_connected(bits):
 def test_one_layer_matches_within_float_rounding():
     """With the same input rows, the codes agree: only float32 rounding of the rescale remains."""
     model = nn.Dense(64)
-    params = _with_biases(model.init(jax.random.key(0), jnp.ones((1, 256)))["params"])
+    params = with_biases(model.init(jax.random.key(0), jnp.ones((1, 256)))["params"])
     served = _served(params)
     apply = jaxqp.linen_serving_apply(model)
     for batch in (1, 32, 256):
@@ -137,7 +116,7 @@ def test_one_layer_matches_within_float_rounding():
 
 def test_xnnpack_stays_within_one_activation_step():
     model = nn.Dense(64)
-    params = _with_biases(model.init(jax.random.key(0), jnp.ones((1, 256)))["params"])
+    params = with_biases(model.init(jax.random.key(0), jnp.ones((1, 256)))["params"])
     served = _served(params)
     apply = jaxqp.linen_serving_apply(model)
     x = 3 * jax.random.normal(jax.random.key(1), (32, 256))
@@ -162,7 +141,7 @@ def test_power_of_two_inputs_stay_within_one_and_a_half_steps():
 
 def test_cnn_convolution_weights_are_int8_codes():
     model = CNN()
-    params = _with_biases(model.init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))["params"])
+    params = with_biases(model.init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))["params"])
     served = _served(params)
     apply = jaxqp.linen_serving_apply(model)
     x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
@@ -175,7 +154,7 @@ def test_cnn_convolution_weights_are_int8_codes():
 @pytest.mark.parametrize("bits", [8, 4])
 def test_transformer_block_matches(bits):
     model = Block(64, 4)
-    params = _with_biases(model.init(jax.random.key(0), jnp.ones((1, 16, 64)))["params"])
+    params = with_biases(model.init(jax.random.key(0), jnp.ones((1, 16, 64)))["params"])
     served = _served(params, bits)
     apply = jaxqp.linen_serving_apply(model)
     x = jax.random.normal(jax.random.key(1), (4, 16, 64))
@@ -187,7 +166,7 @@ def test_transformer_block_matches(bits):
 def test_language_model_gathers_int8_embedding_codes():
     model = TinyLM(d_model=32, blocks=1)
     tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, 256)
-    params = _with_biases(model.init(jax.random.key(0), tokens)["params"])
+    params = with_biases(model.init(jax.random.key(0), tokens)["params"])
     served = _served(params)
     apply = jaxqp.linen_serving_apply(model)
     flatbuffer = to_litert(apply, served, tokens)
@@ -196,15 +175,8 @@ def test_language_model_gathers_int8_embedding_codes():
 
 
 def test_nnx_model_matches():
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.a, self.b = nnx.Linear(32, 64, rngs=rngs), nnx.Linear(64, 10, rngs=rngs)
-
-        def __call__(self, x):
-            return self.b(nnx.relu(self.a(x)))
-
-    graphdef, params = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
-    params = _with_biases(params)
+    graphdef, params = nnx.split(NnxNet(nnx.Rngs(0)), nnx.Param)
+    params = with_biases(params)
     served = jaxqp.nnx_serving_model(graphdef, _served(params, pattern=".*kernel"))
     x = 3 * jax.random.normal(jax.random.key(1), (8, 32))
     flatbuffer = to_litert(lambda m, x: m(x), served, x)

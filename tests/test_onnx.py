@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import CNN, MLP, NnxNet, with_biases
 
 import jaxqp
 from jaxqp.numerics._path_choice import cpu_info
@@ -31,28 +32,6 @@ pytest.importorskip("jax2onnx")
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from serving import Block, TinyLM  # noqa: E402
-
-
-class MLP(nn.Module):
-    width: int = 128
-
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(64)(nn.relu(nn.Dense(self.width)(x)))
-
-
-class CNN(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Conv(8, (3, 3))(x))
-        return nn.Dense(10)(x.reshape(x.shape[0], -1))
-
-
-def _with_biases(params):
-    """``params`` with every bias nonzero (initialized biases are zeros, which hide rounding at the add)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, a: a + 0.1 * jax.random.normal(jax.random.key(len(path)), a.shape)
-        if "bias" in jax.tree_util.keystr(path) else a, params)
 
 
 def _jit_close(out, jitted):
@@ -82,7 +61,7 @@ def _ops(model) -> set:
 @pytest.mark.parametrize("pow2", [False, True])
 def test_mlp_runs_bit_exact_in_onnxruntime(bits, int8_matmul, pow2):
     model = MLP()
-    params = _with_biases(model.init(jax.random.key(0), jnp.ones((1, 32)))["params"])
+    params = with_biases(model.init(jax.random.key(0), jnp.ones((1, 32)))["params"])
     served = _served(params, bits, pow2)
     apply = jaxqp.linen_serving_apply(model)
     exported = jaxqp.to_onnx(apply, served, jnp.ones((1, 32)), int8_matmul=int8_matmul)
@@ -104,7 +83,7 @@ def test_mlp_runs_bit_exact_in_onnxruntime(bits, int8_matmul, pow2):
                     reason="u8 x s8 MatMulInteger is exact only on CPUs with VNNI (int16 pair sums saturate without)")
 def test_u8s8_int8_matmul_is_exact_on_a_vnni_cpu():
     model = MLP()
-    params = _with_biases(model.init(jax.random.key(0), jnp.ones((1, 32)))["params"])
+    params = with_biases(model.init(jax.random.key(0), jnp.ones((1, 32)))["params"])
     served = _served(params, 8)
     apply = jaxqp.linen_serving_apply(model)
     exported = jaxqp.to_onnx(apply, served, jnp.ones((1, 32)), int8_matmul="u8s8")
@@ -164,7 +143,7 @@ def test_profile_shows_the_integer_kernel_ran(tmp_path):
 
 def test_cnn_convolution_through_dequantize_linear_is_exact():
     model = CNN()
-    params = _with_biases(model.init(jax.random.key(2), jnp.ones((1, 8, 8, 1)))["params"])
+    params = with_biases(model.init(jax.random.key(2), jnp.ones((1, 8, 8, 1)))["params"])
     for bits in (8, 4):
         served = _served(params, bits)
         apply = jaxqp.linen_serving_apply(model)
@@ -179,14 +158,7 @@ def test_cnn_convolution_through_dequantize_linear_is_exact():
 
 
 def test_nnx_model_is_exact():
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.a, self.b = nnx.Linear(32, 64, rngs=rngs), nnx.Linear(64, 10, rngs=rngs)
-
-        def __call__(self, x):
-            return self.b(nnx.relu(self.a(x)))
-
-    graphdef, params = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+    graphdef, params = nnx.split(NnxNet(nnx.Rngs(0)), nnx.Param)
     params = jax.tree_util.tree_map(lambda a: a + 0.1 if a.ndim == 1 else a, params)  # nonzero biases
     served = jaxqp.nnx_serving_model(graphdef, _served(params, pattern=".*kernel"))
     exported = jaxqp.to_onnx(lambda m, x: m(x), served, jnp.ones((1, 32)))
