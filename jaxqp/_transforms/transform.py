@@ -78,7 +78,6 @@ class TransformState:
     scores: dict = dataclasses.field(default_factory=dict)
     frozen: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros((), bool))
 
-
     def mask(self, path: str) -> jax.Array:
         """The bool mask of ``path`` (True keeps), unpacked from :attr:`mask_bits`."""
         return unpack_mask_rows(self.mask_bits[path], self.plan.by_path()[path].shape)
@@ -86,7 +85,8 @@ class TransformState:
     @property
     def masks(self) -> Masks:
         """``{path: bool array}`` for every pruned parameter (True keeps), unpacked."""
-        return {path: self.mask(path) for path in self.mask_bits}
+        entries = self.plan.by_path()
+        return {path: unpack_mask_rows(bits, entries[path].shape) for path, bits in self.mask_bits.items()}
 
     def with_masks(self, masks: Masks) -> TransformState:
         """This state holding ``masks`` (``{path: bool array}``), packed."""
@@ -285,7 +285,7 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> Param
 
 def _apply_leaf(leaf, entry: LeafPlan, state: TransformState, index: int):
     if entry.path in state.mask_bits:  # a pruned leaf, or the bias of a Channels-pruned kernel
-        masked = apply_mask(leaf, state.mask(entry.path))
+        masked = apply_mask(leaf, unpack_mask_rows(state.mask_bits[entry.path], entry.shape))
         dense_grad = entry.prune is not None and (entry.prune.straight_through or entry.prune.regrow is not None)
         leaf = straight_through(leaf, masked) if dense_grad else masked
     if entry.quant is not None:

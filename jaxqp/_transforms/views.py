@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import jax
 
 from .._specs.rules import LeafPlan
+from ..numerics._packing import unpack_mask_rows
 from .transform import TransformState
 
 
@@ -54,6 +55,7 @@ def leaf_views(params, state) -> tuple[list, Any, list[LeafView]]:
             if quant is None and leaf.quant is not None:
                 quant, learned = leaf.quant, s.learned.get("weights", {}).get(leaf.path)
             if leaf.path in s.mask_bits:
-                mask = s.mask(leaf.path) if mask is None else mask & s.mask(leaf.path)
+                this = unpack_mask_rows(s.mask_bits[leaf.path], leaf.shape)
+                mask = this if mask is None else mask & this
         views.append(LeafView(entry, quant, mask, learned))
     return flat, treedef, views
