@@ -260,10 +260,11 @@ def _read(path, handle) -> tuple[Any, int, dict[str, np.ndarray]]:
     sums = _from_json(info.get("sha256"), "checksum table", path)
     if not isinstance(sums, dict):
         raise _refuse(path, "the checksum table is missing or corrupt")
-    tensors = {}
+    tensors, raw = {}, None
     for name, (code, shape) in specs.items():
         if code.startswith("F8_"):  # safetensors' numpy API has no float8: the raw bytes, viewed
-            array = np.frombuffer(_raw_bytes(path)[name], dtype=jnp.dtype(_DTYPES[code])).reshape(shape)
+            raw = _raw_bytes(path) if raw is None else raw  # the file read once, for all float8 tensors
+            array = np.frombuffer(raw[name], dtype=jnp.dtype(_DTYPES[code])).reshape(shape)
         else:
             array = handle.get_tensor(name)
         if _tensor_digest(array) != sums.get(name):
