@@ -132,3 +132,22 @@ def test_vmap_over_stacked_params():
     state = t.init(make_params(0))
     vm = jax.vmap(t.apply, in_axes=(0, None))(params, state)
     chex.assert_trees_all_equal(jax.tree.map(lambda x: x[1], vm), t.apply(make_params(1), state))
+
+
+def test_masks_are_recomputed_only_on_steps_that_can_change_them():
+    """update skips the mask work off schedule; on schedule it gives what masks_for gives."""
+    from jaxqp._transforms.pruning import masks_for, refresh_due
+
+    params = {"w": jax.random.normal(jax.random.key(0), (16, 8)), "n": jax.random.normal(jax.random.key(1), (16, 8))}
+    t = jaxqp.transform([Rule("w", prune=PruneSpec(sparsity=jaxqp.polynomial(0.0, 0.5, begin=2, end=6, every=2))),
+                         Rule("n", prune=PruneSpec(structure=jaxqp.NM(2, 4)))])
+    state = t.init(params)
+    due = [bool(refresh_due(state.plan, s)) for s in range(9)]
+    assert due == [False, False, True, False, True, False, True, False, False]
+    for step in range(8):
+        new = t.update(params, state)
+        want = masks_for(state.plan, state.plan.check(params)[0], state.masks, step + 1)
+        for path in ("w", "n"):
+            np.testing.assert_array_equal(np.asarray(new.masks[path]), np.asarray(want[path]))
+        state = new
+    assert float(np.mean(~np.asarray(state.masks["w"]))) == 0.5

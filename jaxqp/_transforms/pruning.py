@@ -35,7 +35,7 @@ from ..numerics._masks import (
     nm_mask,
     threshold_mask,
 )
-from .rigl import rigl_mask
+from .rigl import rigl_due, rigl_mask
 
 Masks = dict[str, jax.Array]
 
@@ -140,6 +140,25 @@ def _groups(plan: Plan, scope: str) -> dict[PruneSpec, list[LeafPlan]]:
         if entry.prune is not None and entry.prune.scope == scope:
             groups.setdefault(entry.prune, []).append(entry)
     return groups
+
+
+def refresh_due(plan: Plan, step) -> jax.Array:
+    """Whether :func:`masks_for` at ``step`` can change any mask: a schedule's update step, a
+    RigL/SET update, or a threshold (recomputed every step). N:M and constant masks never change."""
+    due = jnp.zeros((), bool)
+    for entry in plan.leaves:
+        spec = entry.prune
+        if spec is None:
+            continue
+        if spec.threshold is not None:
+            return jnp.ones((), bool)
+        if isinstance(spec.structure, NM):
+            continue
+        if spec.schedule.refreshes:
+            due = due | spec.schedule.update_at(step)
+        if spec.regrow is not None:
+            due = due | rigl_due(spec.regrow, step)
+    return due
 
 
 def masks_for(plan: Plan, flat: list, prev: Masks | None, step, inputs: MaskInputs | None = None) -> Masks:

@@ -54,9 +54,14 @@ def drop_and_grow(w: jax.Array, mask: jax.Array, grad: jax.Array | None, n, grow
     return jnp.where(n > 0, dropped | grown, mask)
 
 
+def rigl_due(spec: RigL, step) -> jax.Array:
+    """Whether a RigL/SET update happens at ``step``."""
+    return (step % spec.every == 0) & (step < spec.end) & (step > 0)
+
+
 def rigl_mask(w, mask, grad, spec: RigL, step, key) -> jax.Array:
     """The mask after a RigL/SET update at ``step`` (unchanged off schedule)."""
-    due = (step % spec.every == 0) & (step < spec.end) & (step > 0)
+    due = rigl_due(spec, step)
     n = jnp.round(drop_fraction(spec, step) * jnp.sum(mask, dtype=jnp.int32).astype(jnp.float32)).astype(jnp.int32)
     return jax.lax.cond(due, lambda: drop_and_grow(w, mask, grad, n, spec.grow, key), lambda: mask)
 

@@ -36,7 +36,7 @@ from ..numerics._formats import straight_through
 from ..numerics._masks import apply_mask
 from ..numerics._packing import pack_mask_rows, unpack_mask_rows
 from . import input_quantizer
-from .pruning import MaskInputs, masks_for
+from .pruning import MaskInputs, masks_for, refresh_due
 from .weight_quantizer import fake_quant_weight, init_step
 
 Params = Any
@@ -270,9 +270,12 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> Param
             entry = plan.by_path().get(path)
             if entry is not None and entry.act is not None and path in ranges and "lo" in seen:
                 ranges[path] = input_quantizer.update_ranges(entry.act, ranges[path], seen)
-        bits, scores = jax.lax.cond(  # frozen is data (it survives a checkpoint): chosen when the step runs
-            jnp.asarray(state.frozen), lambda: (state.mask_bits, state.scores),
-            lambda: (pack_masks(masks_for(plan, flat, state.masks, step, inputs)), scores))
+        frozen = jnp.asarray(state.frozen)  # data (it survives a checkpoint): chosen when the step runs
+        scores = jax.tree_util.tree_map(lambda old, new: jnp.where(frozen, old, new), state.scores, scores)
+        # unpacking and repacking the masks only on steps that can change them
+        bits = jax.lax.cond(~frozen & refresh_due(plan, step),
+                            lambda: pack_masks(masks_for(plan, flat, state.masks, step, inputs)),
+                            lambda: state.mask_bits)
         return dataclasses.replace(state, step=step, mask_bits=bits, ranges=ranges, scores=scores)
 
     def masks(state: TransformState) -> Masks:
