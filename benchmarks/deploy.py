@@ -1,6 +1,6 @@
 """Deployed latency and file bytes: each runtime's float model vs jaxqp's int8/int4 export, in one process.
 
-Runtimes: ``onnxruntime`` (``jaxqp.to_onnx`` of the served model against jax2onnx's export
+Runtimes: ``onnxruntime`` (``jaxqp.deploy.to_onnx`` of the served model against jax2onnx's export
 of the float model, both run by ONNX Runtime's CPU provider, thread spinning off), ``litert``
 (``jaxqp.deploy.to_litert`` of the served and of the float model, one export per batch, run by
 the ai-edge-litert interpreter with its default XNNPACK delegate; configs ``*-builtin``: both
@@ -93,14 +93,15 @@ def model_rows(name, model, params, make_input, batches, repeats, calls, tmp, li
     files[("jax", "float32")] = os.path.join(tmp, f"{name}-float.jaxqp")
     jaxqp.save(files[("jax", "float32")], params)
     example = make_input(1)
-    sessions = {"float32": _onnx_session(jaxqp.to_onnx(lambda p, x: model.apply({"params": p}, x), params, example,
-                                                       file=os.path.join(tmp, f"{name}-float.onnx")))}
+    float_onnx = jaxqp.deploy.to_onnx(lambda p, x: model.apply({"params": p}, x), params, example,
+                                      file=os.path.join(tmp, f"{name}-float.onnx"))
+    sessions = {"float32": _onnx_session(float_onnx)}
     files[("onnxruntime", "float32")] = os.path.join(tmp, f"{name}-float.onnx")
     exports = {"int8": (served["int8"], "split"), "int8-u8u8": (served["int8"], "u8u8"),
                "int8-u8s8": (served["int8"], "u8s8"), "int4": (served["int4"], "split")}
     for config, (tree, kernel) in exports.items():
         files[("onnxruntime", config)] = os.path.join(tmp, f"{name}-{config}.onnx")
-        sessions[config] = _onnx_session(jaxqp.to_onnx(apply, tree, example, file=files[("onnxruntime", config)],
+        sessions[config] = _onnx_session(jaxqp.deploy.to_onnx(apply, tree, example, file=files[("onnxruntime", config)],
                                                        int8_matmul=kernel))
     litert_trees = {"float32": params, "int8": served["int8"], "int4": served["int4"]}
     if litert:

@@ -2,7 +2,7 @@
 
 A 64-256-10 Flax linen MLP learns sklearn's digits with int8 weights (quantization-aware,
 80% pruned), is exported (``jaxqp.export``), prepared for serving (``jaxqp.prepare``) and
-written as ``model.onnx`` (``jaxqp.to_onnx``: ``MatMulInteger`` on int8 codes, symbolic
+written as ``model.onnx`` (``jaxqp.deploy.to_onnx``: ``MatMulInteger`` on int8 codes, symbolic
 batch). ONNX Runtime then runs the file on the whole test set and the script compares its
 logits with jaxqp's served ones: equal bit for bit to jaxqp run op by op, and within float32
 rounding of jitted jaxqp (XLA fuses the rescale and the bias add into one multiply-add).
@@ -69,7 +69,7 @@ def main(argv=None):
     out = args.out
     if args.quick:  # CI: do not leave a file behind
         out = os.path.join(tempfile.mkdtemp(), "model.onnx")
-    onnx_model = jaxqp.to_onnx(apply, served, x_test[:1], file=out)
+    onnx_model = jaxqp.deploy.to_onnx(apply, served, x_test[:1], file=out)
     integer_ops = sum(node.op_type == "MatMulInteger" for node in onnx_model.graph.node)
 
     session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])

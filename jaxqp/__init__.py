@@ -2,7 +2,8 @@
 
 The top level holds what a training script types: rules and specs, schedules, transforms,
 ``wrap`` for optax, the Flax adapters, export, files, serving and ``summary``. Array-level
-primitives are in :mod:`jaxqp.numerics`; serving kernels in :mod:`jaxqp.serving`.
+primitives are in :mod:`jaxqp.numerics`; serving kernels in :mod:`jaxqp.serving`; exporters to
+other runtimes in :mod:`jaxqp.deploy`; sensitivity and allocation in :mod:`jaxqp.choose`.
 
 Example:
     >>> import jaxqp
@@ -11,7 +12,7 @@ Example:
     >>> t = jaxqp.transform(rules)
 """
 
-from . import deploy, numerics, serving
+from . import choose, deploy, numerics, serving
 from ._adapters.inputs import linen_apply, nnx_apply
 from ._deprecated import moved as _moved
 from ._export.compressed import dequantize
@@ -32,7 +33,6 @@ from ._transforms.rewind import rewind
 from ._transforms.transform import ParamTransform, TransformState, chain, freeze_masks, transform
 from ._transforms.weight_quantizer import fake_quant_weight
 from ._transforms.wrap import WrapState, state_of, wrap
-from .deploy import to_onnx
 from .serving import export_serving, linen_serving_apply, load_serving, nnx_serving_model, prepare
 
 __version__ = "0.2.0"
@@ -60,6 +60,7 @@ __all__ = [
     "WrapState",
     "calibrate",
     "chain",
+    "choose",
     "constant",
     "deploy",
     "dequantize",
@@ -85,7 +86,6 @@ __all__ = [
     "serving",
     "state_of",
     "summary",
-    "to_onnx",
     "transform",
     "wrap",
 ]

@@ -36,6 +36,12 @@ _INTERNAL = {  # name: (module, attribute, what to use instead)
 }
 
 
+_MOVED_IN_0_3 = {  # name: (module, what to use instead); removed in 0.4
+    "to_onnx": ("jaxqp.deploy", "use jaxqp.deploy.to_onnx: exporters to other runtimes live in jaxqp.deploy, "
+                "next to to_litert"),
+}
+
+
 def int_bounds(bits: int, *, signed: bool = True, symmetric: bool = True) -> tuple[int, int]:
     """jaxqp 0.1's ``int_bounds``: ``jaxqp.numerics.int_range(bits, signed=signed, narrow=symmetric)``."""
     from .numerics import int_range
@@ -61,6 +67,11 @@ def moved(name: str):
         hint = "use jaxqp.numerics.int_range(bits, signed=..., narrow=symmetric)"
     elif name in _INTERNAL:
         module, attr, hint = _INTERNAL[name]
+    elif name in _MOVED_IN_0_3:
+        (module, hint), attr = _MOVED_IN_0_3[name], name
+        warnings.warn(f"jaxqp.{name} is deprecated since jaxqp 0.3 and will be removed in 0.4: {hint}.",
+                      DeprecationWarning, stacklevel=3)
+        return getattr(importlib.import_module(module), attr)
     else:
         return None
     warnings.warn(f"jaxqp.{name} is deprecated since jaxqp 0.2 and will be removed in 0.3: {hint}.",

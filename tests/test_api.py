@@ -38,17 +38,20 @@ def isort_key(name: str):
     return (0 if name.isupper() else 1 if name[0].isupper() else 2, name)
 
 
-@pytest.mark.parametrize("module", [jaxqp, jaxqp.numerics, jaxqp.serving, jaxqp.deploy], ids=lambda m: m.__name__)
+MODULES = [jaxqp, jaxqp.numerics, jaxqp.serving, jaxqp.deploy, jaxqp.choose]
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
 def test_all_is_sorted_and_unique(module):
     assert module.__all__ == sorted(set(module.__all__), key=isort_key)
 
 
-@pytest.mark.parametrize("module", [jaxqp, jaxqp.numerics, jaxqp.serving, jaxqp.deploy], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
 def test_all_equals_the_api_reference(module):
     prefix = re.escape(module.__name__ + ".")
     documented = set(re.findall(rf"^::: {prefix}(\w+)$", API_DOC, re.M))
     documented |= set(re.findall(rf"^`{prefix}(\w+)`:", API_DOC, re.M))  # constants, described inline
-    submodules = {"deploy", "numerics", "serving"} if module is jaxqp else set()
+    submodules = {"choose", "deploy", "numerics", "serving"} if module is jaxqp else set()
     assert documented - submodules == set(module.__all__) - submodules
     for name in module.__all__:
         assert getattr(module, name) is not None
@@ -138,3 +141,10 @@ def test_public_docstrings_have_google_sections(name, obj):
             assert re.search(rf"^\s+\*{{0,2}}{parameter}:", doc, re.M), f"{name}: Args does not name {parameter}"
     if signature.return_annotation not in (None, "None", inspect.Signature.empty):
         assert "Returns:" in doc, name
+
+
+def test_to_onnx_moved_to_deploy_in_0_3():
+    moved = r"jaxqp\.to_onnx is deprecated since jaxqp 0\.3.*jaxqp\.deploy\.to_onnx"
+    with pytest.warns(DeprecationWarning, match=moved):
+        value = jaxqp.to_onnx
+    assert value is jaxqp.deploy.to_onnx

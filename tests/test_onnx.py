@@ -1,4 +1,4 @@
-"""ONNX export (``jaxqp.to_onnx``): checked models that ONNX Runtime runs to jaxqp's served numbers.
+"""ONNX export (``jaxqp.deploy.to_onnx``): checked models that ONNX Runtime runs to jaxqp's served numbers.
 
 The integer subgraph is exact: for a model whose quantized layers see the same inputs in
 both runtimes (an MLP, a CNN, an NNX model), ONNX Runtime's output equals jaxqp's integer
@@ -64,7 +64,7 @@ def test_mlp_runs_bit_exact_in_onnxruntime(bits, int8_matmul, pow2):
     params = with_biases(model.init(jax.random.key(0), jnp.ones((1, 32)))["params"])
     served = _served(params, bits, pow2)
     apply = jaxqp.linen_serving_apply(model)
-    exported = jaxqp.to_onnx(apply, served, jnp.ones((1, 32)), int8_matmul=int8_matmul)
+    exported = jaxqp.deploy.to_onnx(apply, served, jnp.ones((1, 32)), int8_matmul=int8_matmul)
     assert "MatMulInteger" in _ops(exported) and not _ops(exported) & {"Gemm", "MatMul"}
     wanted = {"split": onnx.TensorProto.INT8, "u8u8": onnx.TensorProto.UINT8}[int8_matmul] if bits == 8 else \
         onnx.TensorProto.INT4
@@ -86,7 +86,7 @@ def test_u8s8_int8_matmul_is_exact_on_a_vnni_cpu():
     params = with_biases(model.init(jax.random.key(0), jnp.ones((1, 32)))["params"])
     served = _served(params, 8)
     apply = jaxqp.linen_serving_apply(model)
-    exported = jaxqp.to_onnx(apply, served, jnp.ones((1, 32)), int8_matmul="u8s8")
+    exported = jaxqp.deploy.to_onnx(apply, served, jnp.ones((1, 32)), int8_matmul="u8s8")
     matrices = [init.data_type for init in exported.graph.initializer if len(init.dims) == 2 and min(init.dims) > 1]
     assert matrices == [onnx.TensorProto.INT8] * 2
     session = _session(exported)
@@ -98,7 +98,7 @@ def test_u8s8_int8_matmul_is_exact_on_a_vnni_cpu():
 def test_batch_axis_is_symbolic_and_opset_21():
     model = MLP()
     params = model.init(jax.random.key(0), jnp.ones((1, 32)))["params"]
-    exported = jaxqp.to_onnx(jaxqp.linen_serving_apply(model), _served(params), jnp.ones((5, 32)))
+    exported = jaxqp.deploy.to_onnx(jaxqp.linen_serving_apply(model), _served(params), jnp.ones((5, 32)))
     dims = exported.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["B", 32]
     assert {op.domain: op.version for op in exported.opset_import}[""] >= 21
@@ -117,7 +117,7 @@ def test_extreme_codes_do_not_saturate(int8_matmul):
     assert np.array_equal(np.abs(np.asarray(served["dense"]["kernel"].codes)), np.full((16, k), 127))
     x = jnp.asarray(np.where(np.random.default_rng(1).random((32, k)) < 0.5, -2.0, 2.0).astype(np.float32))
     fn = lambda p, x: jaxqp.serving.int8_matmul(x, p["dense"]["kernel"])
-    out = _run(_session(jaxqp.to_onnx(fn, served, x, int8_matmul=int8_matmul)), x)
+    out = _run(_session(jaxqp.deploy.to_onnx(fn, served, x, int8_matmul=int8_matmul)), x)
     exact = (np.sign(np.asarray(x)).astype(np.int64) * 127) @ (signs.astype(np.int64) * 127)
     row_scale = np.float32(2.0) * np.float32(1 / 127)
     np.testing.assert_array_equal(out, np.asarray(jax.jit(fn)(served, x)))
@@ -128,7 +128,7 @@ def test_extreme_codes_do_not_saturate(int8_matmul):
 def test_profile_shows_the_integer_kernel_ran(tmp_path):
     model = MLP()
     params = model.init(jax.random.key(0), jnp.ones((1, 32)))["params"]
-    exported = jaxqp.to_onnx(jaxqp.linen_serving_apply(model), _served(params), jnp.ones((1, 32)))
+    exported = jaxqp.deploy.to_onnx(jaxqp.linen_serving_apply(model), _served(params), jnp.ones((1, 32)))
     options = ort.SessionOptions()
     options.enable_profiling = True
     options.profile_file_prefix = str(tmp_path / "profile")
@@ -147,7 +147,7 @@ def test_cnn_convolution_through_dequantize_linear_is_exact():
     for bits in (8, 4):
         served = _served(params, bits)
         apply = jaxqp.linen_serving_apply(model)
-        exported = jaxqp.to_onnx(apply, served, jnp.ones((1, 8, 8, 1)))
+        exported = jaxqp.deploy.to_onnx(apply, served, jnp.ones((1, 8, 8, 1)))
         assert {"Conv", "DequantizeLinear", "MatMulInteger"} <= _ops(exported)
         session = _session(exported)
         for batch in (1, 32):
@@ -161,7 +161,7 @@ def test_nnx_model_is_exact():
     graphdef, params = nnx.split(NnxNet(nnx.Rngs(0)), nnx.Param)
     params = jax.tree_util.tree_map(lambda a: a + 0.1 if a.ndim == 1 else a, params)  # nonzero biases
     served = jaxqp.nnx_serving_model(graphdef, _served(params, pattern=".*kernel"))
-    exported = jaxqp.to_onnx(lambda m, x: m(x), served, jnp.ones((1, 32)))
+    exported = jaxqp.deploy.to_onnx(lambda m, x: m(x), served, jnp.ones((1, 32)))
     assert "MatMulInteger" in _ops(exported)
     x = jax.random.normal(jax.random.key(0), (32, 32))
     np.testing.assert_array_equal(_run(_session(exported), x), np.asarray(served(x)))
@@ -173,7 +173,7 @@ def test_transformer_block_matches_up_to_float_ulps_and_rare_code_flips(bits):
     params = block.init(jax.random.key(1), jnp.ones((1, 16, 64)))["params"]
     served = _served(params, bits)
     apply = jaxqp.linen_serving_apply(block)
-    exported = jaxqp.to_onnx(apply, served, jnp.ones((1, 16, 64)))
+    exported = jaxqp.deploy.to_onnx(apply, served, jnp.ones((1, 16, 64)))
     assert sum(n.op_type == "MatMulInteger" for n in exported.graph.node) == 6  # q, k, v, out, 2 MLP
     session = _session(exported)
     for batch in (1, 32):
@@ -192,7 +192,7 @@ def test_language_model_with_embedding_codes():
     params = lm.init(jax.random.key(3), jnp.ones((1, 8), jnp.int32))["params"]
     served = _served(params)
     apply = jaxqp.linen_serving_apply(lm)
-    exported = jaxqp.to_onnx(apply, served, jnp.ones((1, 8), jnp.int32))
+    exported = jaxqp.deploy.to_onnx(apply, served, jnp.ones((1, 8), jnp.int32))
     assert {"DequantizeLinear", "Gather", "MatMulInteger"} <= _ops(exported)
     tokens = jax.random.randint(jax.random.key(4), (4, 8), 0, 256)
     np.testing.assert_allclose(_run(_session(exported), tokens), np.asarray(jax.jit(apply)(served, tokens)),
@@ -205,7 +205,7 @@ def test_file_is_written_atomically_and_small(tmp_path):
     sizes = {}
     for name, tree in (("float", params), ("int8", _served(params, 8)), ("int4", _served(params, 4))):
         path = tmp_path / f"{name}.onnx"
-        jaxqp.to_onnx(jaxqp.linen_serving_apply(model), tree, jnp.ones((1, 512)), file=str(path))
+        jaxqp.deploy.to_onnx(jaxqp.linen_serving_apply(model), tree, jnp.ones((1, 512)), file=str(path))
         onnx.checker.check_model(str(path), full_check=True)
         sizes[name] = path.stat().st_size
     assert sorted(os.listdir(tmp_path)) == ["float.onnx", "int4.onnx", "int8.onnx"]  # no temporary left
@@ -218,17 +218,17 @@ def test_exported_but_not_prepared_tree_is_refused():
     params = model.init(jax.random.key(0), jnp.ones((1, 32)))["params"]
     t = jaxqp.transform([jaxqp.Rule(".*kernel", quant=jaxqp.QuantSpec(bits=8))])
     with pytest.raises(ValueError, match=r"Dense_0/kernel' is a QArray.*jaxqp.prepare"):
-        jaxqp.to_onnx(jaxqp.linen_serving_apply(model), jaxqp.export(params, t.init(params)), jnp.ones((1, 32)))
+        jaxqp.deploy.to_onnx(jaxqp.linen_serving_apply(model), jaxqp.export(params, t.init(params)), jnp.ones((1, 32)))
 
 
 def test_bad_arguments_are_refused():
     fn = lambda p, x: x @ p["w"]
     with pytest.raises(ValueError, match="opset >= 21"):
-        jaxqp.to_onnx(fn, {"w": jnp.ones((4, 2))}, jnp.ones((3, 4)), opset=20)
+        jaxqp.deploy.to_onnx(fn, {"w": jnp.ones((4, 2))}, jnp.ones((3, 4)), opset=20)
     with pytest.raises(ValueError, match="int8_matmul='s8s8'"):
-        jaxqp.to_onnx(fn, {"w": jnp.ones((4, 2))}, jnp.ones((3, 4)), int8_matmul="s8s8")
+        jaxqp.deploy.to_onnx(fn, {"w": jnp.ones((4, 2))}, jnp.ones((3, 4)), int8_matmul="s8s8")
     with pytest.raises(ValueError, match="at least one example input"):
-        jaxqp.to_onnx(fn, {"w": jnp.ones((4, 2))})
+        jaxqp.deploy.to_onnx(fn, {"w": jnp.ones((4, 2))})
 
 
 def test_an_operation_onnx_cannot_express_names_the_layer():
@@ -245,13 +245,13 @@ def test_an_operation_onnx_cannot_express_names_the_layer():
     model = Odd()
     params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
     with pytest.raises(ValueError, match=r"'eigh' in layer 'Odd/inner'"):
-        jaxqp.to_onnx(jaxqp.linen_serving_apply(model), params, jnp.ones((1, 8)))
+        jaxqp.deploy.to_onnx(jaxqp.linen_serving_apply(model), params, jnp.ones((1, 8)))
 
 
 def test_missing_extra_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "jax2onnx", None)
     with pytest.raises(ImportError, match=r"pip install 'jaxqp\[onnx\]'"):
-        jaxqp.to_onnx(lambda p, x: x, {}, jnp.ones((1, 2)))
+        jaxqp.deploy.to_onnx(lambda p, x: x, {}, jnp.ones((1, 2)))
 
 
 @pytest.mark.parametrize("bits,int8_matmul", [(8, "split"), (8, "u8u8"), (8, "u8s8"), (4, "split")])

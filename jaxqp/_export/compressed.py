@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 
 def size_of(shape) -> int:
@@ -33,6 +34,19 @@ def scatter(mask: jax.Array, kept: jax.Array, fill: jax.Array) -> jax.Array:
         return fill
     index = jnp.clip(jnp.cumsum(flat_mask, dtype=jnp.int32) - 1, 0, kept.size - 1)
     return jnp.where(flat_mask, kept[index], fill)
+
+
+def array_module(x):
+    """``jax.numpy`` for a tracer, ``numpy`` otherwise: export builds containers on the host, and
+    ``stored_nbytes`` traces the same code abstractly (``jax.eval_shape``) to count bytes."""
+    return jnp if isinstance(x, Tracer) else np
+
+
+def take_masked(x, mask: np.ndarray) -> jax.Array:
+    """The entries of ``x`` where the host ``mask`` is True, in row-major order (1-D)."""
+    if isinstance(x, Tracer):
+        return jnp.reshape(x, -1)[np.flatnonzero(mask)]
+    return jnp.asarray(np.asarray(x).reshape(-1)[mask.reshape(-1)])
 
 
 class Compressed:

@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -106,6 +107,35 @@ def _nm_codes(codes, mask, nm: NM | None, q, build):
     elif q.scale.shape[axis] != 1:  # one scale per entry along the N:M axis
         return None
     return NMArray.from_codes(codes, mask, nm.n, nm.m, axis, lambda c: build(c, group=group))
+
+
+def _abstract_nbytes(tree) -> int:
+    return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(tree))
+
+
+def stored_nbytes(params: Any, state: Any) -> list[int]:
+    """Bytes ``export(params, state)`` stores for each leaf (tree order), without computing any codes.
+
+    The export of each leaf is traced abstractly (``jax.eval_shape``) with its mask as a host array,
+    so the sizes, which depend only on shapes, specs and mask counts, come out exactly and no
+    device op runs or compiles. ``jaxqp.summary`` and ``jaxqp.choose`` count bytes with it.
+
+    Args:
+      params: the params (arrays or ``jax.ShapeDtypeStruct``s).
+      state: the transform state, a chain's states, or an optimizer state from :func:`jaxqp.wrap`.
+
+    Returns:
+      One int per leaf of ``params``.
+    """
+    flat, _, views = leaf_views(params, state, host_masks=True)
+    out = []
+    for (_, leaf), view in zip(flat, views):
+        if view.quant is None and view.mask is None:
+            out.append(_abstract_nbytes(leaf) if hasattr(leaf, "dtype") else 0)
+            continue
+        abstract = jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype)
+        out.append(_abstract_nbytes(jax.eval_shape(lambda w, view=view: _export_leaf(w, view), abstract)))
+    return out
 
 
 def export(params: Any, state: Any) -> Any:

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..numerics._packing import container_width, pack, packed_size, unpack
-from .compressed import Compressed
+from .compressed import Compressed, array_module
 from .qarray import QArray
 
 MAX_M = 256  # positions must fit a uint8 slot
@@ -44,12 +45,13 @@ def index_width(m: int) -> int:
     return container_width(index_bits(m))
 
 
-def _grouped(a: np.ndarray, m: int, axis: int, fill) -> np.ndarray:
+def _grouped(a, m: int, axis: int, fill) -> Any:
     """``a`` with ``axis`` moved last, padded with ``fill`` to groups of ``m``: shape (..., G, m)."""
-    a = np.moveaxis(np.asarray(a), axis, -1)
+    xp = array_module(a)
+    a = xp.moveaxis(a if xp is jnp else np.asarray(a), axis, -1)
     groups = -(-a.shape[-1] // m)
     pad = [(0, 0)] * (a.ndim - 1) + [(0, groups * m - a.shape[-1])]
-    return np.pad(a, pad, constant_values=fill).reshape(*a.shape[:-1], groups, m)
+    return xp.pad(a, pad, constant_values=fill).reshape(*a.shape[:-1], groups, m)
 
 
 def nm_positions(mask, n: int, m: int, axis: int) -> np.ndarray | None:
@@ -66,10 +68,11 @@ def nm_positions(mask, n: int, m: int, axis: int) -> np.ndarray | None:
     return np.sort(order, axis=-1).astype(np.uint8)
 
 
-def _gather(a: np.ndarray, positions: np.ndarray, m: int, axis: int) -> np.ndarray:
+def _gather(a, positions: np.ndarray, m: int, axis: int):
+    xp = array_module(a)
     grouped = _grouped(a, m, axis, 0)
-    kept = np.take_along_axis(grouped, positions.astype(np.int64), axis=-1)
-    return np.moveaxis(kept.reshape(*kept.shape[:-2], -1), -1, axis)
+    kept: Any = xp.take_along_axis(grouped, positions.astype(np.int64), axis=-1)
+    return xp.moveaxis(kept.reshape(*kept.shape[:-2], -1), -1, axis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +114,8 @@ class NMArray(Compressed):
         positions = nm_positions(mask, n, m, axis) if m <= MAX_M else None
         if positions is None:
             return None
-        x = np.where(np.asarray(mask, bool), np.asarray(x), 0)
+        xp = array_module(x)
+        x = xp.where(np.asarray(mask, bool), x if xp is jnp else np.asarray(x), 0)
         values = jnp.asarray(_gather(x, positions, m, axis))
         return cls(values, cls._pack(positions, m), tuple(np.shape(x)), int(n), int(m), int(axis))
 
@@ -122,7 +126,8 @@ class NMArray(Compressed):
         positions = nm_positions(mask, n, m, axis) if m <= MAX_M else None
         if positions is None:
             return None
-        values = build(jnp.asarray(_gather(np.asarray(codes), positions, m, axis)))
+        xp = array_module(codes)
+        values = build(jnp.asarray(_gather(codes if xp is jnp else np.asarray(codes), positions, m, axis)))
         return cls(values, cls._pack(positions, m), tuple(np.shape(codes)), int(n), int(m), int(axis))
 
     @staticmethod

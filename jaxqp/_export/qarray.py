@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..numerics._packing import container_width, pack, pack_mask, packed_size, unpack, unpack_mask
-from .compressed import Compressed, scatter, size_of
+from .compressed import Compressed, scatter, size_of, take_masked
 
 
 def _store_codes(codes: jax.Array, bits: int, qmin: int) -> jax.Array:
@@ -118,7 +118,7 @@ class QArray(Compressed):
         bitmask, kept = None, size_of(shape)
         if mask is not None:
             mask = np.asarray(mask, bool)
-            codes = jnp.asarray(np.asarray(codes).reshape(-1)[mask.reshape(-1)])
+            codes = take_masked(codes, mask)
             bitmask, kept = pack_mask(jnp.asarray(mask)), int(mask.sum())
         zp = None if zero_point is None else jnp.asarray(zero_point).astype(jnp.int32)
         group = None if group is None else (int(group[0]), int(group[1]))

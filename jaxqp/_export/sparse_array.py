@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..numerics._packing import pack_mask, unpack_mask
-from .compressed import Compressed, scatter, size_of
+from .compressed import Compressed, scatter, size_of, take_masked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,7 @@ class SparseArray(Compressed):
     @classmethod
     def from_dense(cls, x, mask) -> SparseArray:
         mask = np.asarray(mask, bool)
-        values = jnp.asarray(np.asarray(x).reshape(-1)[mask.reshape(-1)])
+        values = take_masked(x, mask)
         return cls(values, pack_mask(jnp.asarray(mask)), tuple(np.shape(x)))
 
     def dequantize(self) -> jax.Array:

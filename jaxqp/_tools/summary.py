@@ -24,13 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._export.compressed import nbytes
-from .._export.export import _export_leaf
+from .._export.export import stored_nbytes
 from .._transforms.views import LeafView, leaf_views
 
 COLUMNS = ("path", "shape", "bits", "sparsity", "bytes_float", "bytes_compressed")
 
 
-def _row(leaf, view: LeafView) -> dict:
+def _row(leaf, view: LeafView, stored: int) -> dict:
     entry = view.entry
     itembits = jnp.dtype(entry.dtype).itemsize * 8 if hasattr(leaf, "dtype") else 0
     kept = entry.size if view.mask is None else int(np.count_nonzero(np.asarray(view.mask)))
@@ -40,7 +40,7 @@ def _row(leaf, view: LeafView) -> dict:
         "bits": view.quant.bits if view.quant is not None else itembits,
         "sparsity": 0.0 if entry.size == 0 else 1.0 - kept / entry.size,
         "bytes_float": nbytes(leaf),
-        "bytes_compressed": nbytes(_export_leaf(leaf, view)),
+        "bytes_compressed": stored,
     }
 
 
@@ -89,5 +89,6 @@ def summary(params: Any, state: Any) -> Summary:
     Returns:
       A :class:`Summary`; it prints as a table.
     """
-    flat, _, views = leaf_views(params, state)
-    return Summary(tuple(_row(leaf, view) for (_, leaf), view in zip(flat, views)))
+    flat, _, views = leaf_views(params, state, host_masks=True)
+    stored = stored_nbytes(params, state)
+    return Summary(tuple(_row(leaf, view, n) for (_, leaf), view, n in zip(flat, views, stored)))

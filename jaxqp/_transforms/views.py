@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 from .._specs.rules import LeafPlan
 from ..numerics._packing import unpack_mask_rows
@@ -28,15 +29,22 @@ class LeafView(NamedTuple):
 
     entry: LeafPlan
     quant: Any  # QuantSpec | None: the first transform's that quantizes the leaf
-    mask: jax.Array | None  # AND of every transform's mask of the leaf
+    mask: jax.Array | np.ndarray | None  # AND of every transform's mask of the leaf (numpy: host_masks)
     learned: dict | None = None  # the quantizing transform's learned values (LSQ step)
 
 
-def leaf_views(params, state) -> tuple[list, Any, list[LeafView]]:
+def _host_mask(packed, shape: tuple[int, ...]) -> np.ndarray:
+    """``unpack_mask_rows`` in numpy: no device op, nothing to compile."""
+    rows = np.unpackbits(np.asarray(packed, np.uint8), axis=0, bitorder="little")[: shape[0] if shape else 1]
+    return rows.astype(bool).reshape(shape)
+
+
+def leaf_views(params, state, *, host_masks: bool = False) -> tuple[list, Any, list[LeafView]]:
     """Flattens ``params`` and merges every :class:`TransformState` found in ``state``.
 
     ``state`` may be a transform state, a tuple of them (``chain``) or an optimizer
     state holding one (``wrap``). Returns ``(flat, treedef, views)`` in leaf order.
+    ``host_masks=True`` gives the masks as numpy arrays (unpacked on the host).
     """
     nodes = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, TransformState))
     states = [n for n in nodes if isinstance(n, TransformState)]
@@ -55,7 +63,8 @@ def leaf_views(params, state) -> tuple[list, Any, list[LeafView]]:
             if quant is None and leaf.quant is not None:
                 quant, learned = leaf.quant, s.learned.get("weights", {}).get(leaf.path)
             if leaf.path in s.mask_bits:
-                this = unpack_mask_rows(s.mask_bits[leaf.path], leaf.shape)
+                packed = s.mask_bits[leaf.path]
+                this = _host_mask(packed, leaf.shape) if host_masks else unpack_mask_rows(packed, leaf.shape)
                 mask = this if mask is None else mask & this
         views.append(LeafView(entry, quant, mask, learned))
     return flat, treedef, views

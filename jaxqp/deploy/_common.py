@@ -2,7 +2,7 @@
 
 Example:
     >>> import jax.numpy as jnp
-    >>> [s.shape for s in input_specs("jaxqp.to_onnx", (jnp.ones((3, 4)),), dynamic_batch=False)]
+    >>> [s.shape for s in input_specs("jaxqp.deploy.to_onnx", (jnp.ones((3, 4)),), dynamic_batch=False)]
     [(3, 4)]
 """
 
@@ -29,7 +29,7 @@ def check_prepared(where: str, served: Any) -> None:
     """A clear error for leaves that only ``jaxqp.prepare`` turns into something servable.
 
     Args:
-      where: the public function's name, for the message (``"jaxqp.to_onnx"``).
+      where: the public function's name, for the message (``"jaxqp.deploy.to_onnx"``).
       served: the tree to export.
     """
     leaves = jax.tree_util.tree_leaves_with_path(served, is_leaf=lambda x: isinstance(x, Compressed))

@@ -13,7 +13,7 @@ Example:
     >>> params = model.init(jax.random.key(0), jnp.ones((1, 32)))["params"]
     >>> t = jaxqp.transform([jaxqp.Rule(".*kernel", quant=jaxqp.QuantSpec(bits=8))])
     >>> served = jaxqp.prepare(jaxqp.export(params, t.init(params)))
-    >>> onnx_model = jaxqp.to_onnx(jaxqp.linen_serving_apply(model), served, jnp.ones((1, 32)))
+    >>> onnx_model = jaxqp.deploy.to_onnx(jaxqp.linen_serving_apply(model), served, jnp.ones((1, 32)))
     >>> sorted({n.op_type for n in onnx_model.graph.node} & {"MatMulInteger", "Gemm", "MatMul"})
     ['MatMulInteger']
 """
@@ -47,7 +47,7 @@ def _require_extra():
         import jax2onnx  # noqa: F401
         import onnx  # noqa: F401
     except ImportError as err:
-        raise ImportError(f"jaxqp.to_onnx needs the optional extra 'onnx' ({err.name} is missing): "
+        raise ImportError(f"jaxqp.deploy.to_onnx needs the optional extra 'onnx' ({err.name} is missing): "
                           "pip install 'jaxqp[onnx]'") from err
     from . import _onnx_ops
 
@@ -92,7 +92,7 @@ class OnnxKernels:
             axis = codes.ndim - 1
             scale = scale.reshape(()) if scale.size == 1 else scale.reshape(-1)
         else:
-            raise TypeError(f"jaxqp.to_onnx: cannot decode a {type(kernel).__name__}")
+            raise TypeError(f"jaxqp.deploy.to_onnx: cannot decode a {type(kernel).__name__}")
         return self.ops.dequantize_p.bind(self._codes(codes, kernel.bits), jnp.asarray(scale, jnp.float32),
                                           axis=axis, dtype=np.dtype(kernel.dtype).name)
 
@@ -176,22 +176,22 @@ def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | N
 
     Example:
       >>> import jax.numpy as jnp, jaxqp
-      >>> m = jaxqp.to_onnx(lambda p, x: x @ p["w"], {"w": jnp.ones((4, 2))}, jnp.ones((3, 4)))
+      >>> m = jaxqp.deploy.to_onnx(lambda p, x: x @ p["w"], {"w": jnp.ones((4, 2))}, jnp.ones((3, 4)))
       >>> batch, features = m.graph.input[0].type.tensor_type.shape.dim
       >>> batch.dim_param, features.dim_value
       ('B', 4)
     """
     if opset < OPSET:
-        raise ValueError(f"jaxqp.to_onnx: opset={opset}; MatMulInteger with INT4 codes needs opset >= {OPSET}")
+        raise ValueError(f"jaxqp.deploy.to_onnx: opset={opset}; MatMulInteger with INT4 codes needs opset >= {OPSET}")
     if int8_matmul not in INT8_MATMULS:
-        raise ValueError(f"jaxqp.to_onnx: int8_matmul={int8_matmul!r}; expected one of {INT8_MATMULS}")
+        raise ValueError(f"jaxqp.deploy.to_onnx: int8_matmul={int8_matmul!r}; expected one of {INT8_MATMULS}")
     ops = _require_extra()
     import jax2onnx
     import onnx
     from jax.extend.core import jaxpr_as_fun
 
-    check_prepared("jaxqp.to_onnx", served)
-    specs = input_specs("jaxqp.to_onnx", example_inputs, dynamic_batch)
+    check_prepared("jaxqp.deploy.to_onnx", served)
+    specs = input_specs("jaxqp.deploy.to_onnx", example_inputs, dynamic_batch)
     with kernel_hook(OnnxKernels(ops, int8_matmul)):
         closed = jax.make_jaxpr(lambda *xs: apply_fn(served, *xs))(*specs)
     try:
@@ -200,7 +200,7 @@ def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | N
         onnx.checker.check_model(model, full_check=True)
     except (NotImplementedError, ValueError, TypeError, onnx.checker.ValidationError,
             onnx.shape_inference.InferenceError) as err:
-        raise ValueError(f"jaxqp.to_onnx: jax2onnx cannot express {_culprit(closed.jaxpr, str(err))} as ONNX "
+        raise ValueError(f"jaxqp.deploy.to_onnx: jax2onnx cannot express {_culprit(closed.jaxpr, str(err))} as ONNX "
                          f"({type(err).__name__}: {err}). Compute it outside the exported function, or "
                          "replace it by operations jax2onnx lowers") from err
     if file is not None:

@@ -1,7 +1,7 @@
 """jaxqp's integer layers as ONNX subgraphs: two JAX primitives and their jax2onnx lowerings (deploy layer).
 
 Importing this module registers the lowerings with jax2onnx (an optional extra); only
-:func:`jaxqp.to_onnx` imports it. While it traces a served model, every prepared kernel
+:func:`jaxqp.deploy.to_onnx` imports it. While it traces a served model, every prepared kernel
 becomes one of two primitives (see :class:`OnnxKernels`):
 
 - ``jaxqp_int_matmul``: ``rows (n, K)`` times a quantized ``(K, F)`` weight, exactly as

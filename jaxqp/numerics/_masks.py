@@ -25,6 +25,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def prune_count(sparsity: float | jax.Array, size: int) -> jax.Array:
@@ -252,7 +253,7 @@ def threshold_mask(x: jax.Array, threshold: float | jax.Array, prev_mask: jax.Ar
     return keep if prev_mask is None else keep & prev_mask
 
 
-def apply_mask(x: jax.Array, mask: jax.Array) -> jax.Array:
+def apply_mask(x: jax.Array, mask: jax.Array | np.ndarray) -> jax.Array:
     """``x`` with pruned entries set to exactly 0 (their gradient is 0 too).
 
     Args:
