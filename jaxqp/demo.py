@@ -6,10 +6,12 @@ magnitude-pruned on a polynomial schedule, and pruned + int8; then prints
 accuracy, test NLL, achieved sparsity and bytes. Finally it exports the
 pruned + int8 model, saves it, loads it back and serves it jit-compiled,
 printing the file size, the served memory and the serving latency next to float's. ``--json
-FILE`` writes the table as a list of rows; ``--quick`` trains briefly (for CI).
+FILE`` writes the table as a list of rows; ``--quick`` trains briefly (for CI). ``--plots DIR``
+also measures each layer's sensitivity (``jaxqp.choose``) on the float model and writes a
+heatmap of it and a chart of test NLL against stored bytes, uniform against allocated, as PNGs.
 
 Example:
-    $ python -m jaxqp.demo --json demo.json
+    $ python -m jaxqp.demo --json demo.json --plots plots
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -209,12 +212,14 @@ def _tree_bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
 
 
-def run(steps: int, seed: int = 0) -> tuple[list[dict], dict]:
-    """Trains every config; returns the table rows and what :func:`deploy` measured for pruned+int8."""
-    data = load_digits(seed)
-    rows, deployed = [], {}
+def run(steps: int, seed: int = 0, data=None) -> tuple[list[dict], dict, Any]:
+    """Trains every config; returns the table rows, what :func:`deploy` measured for pruned+int8 and the
+    float32 params."""
+    data = load_digits(seed) if data is None else data
+    rows, deployed, float_params = [], {}, {}
     for name, rules in configs(steps).items():
         params, t, state = train(rules, data, steps, seed, name)
+        float_params = params if name == "float32" else float_params
         accuracy, nll = evaluate(params, t, state, data)
         if not pruned_entries_exactly_zero(params, t, state):
             raise AssertionError(f"{name}: a pruned weight is not exactly 0.0")
@@ -230,7 +235,54 @@ def run(steps: int, seed: int = 0) -> tuple[list[dict], dict]:
         if name == "pruned+int8":
             print(f"\nper-layer summary of {name}:\n{table}\n")
             deployed = deploy(params, t, state, data)
-    return rows, deployed
+    return rows, deployed, float_params
+
+
+PLOT_CANDIDATES = {  # what the demo's sensitivity sweep tries on each layer
+    "w8": jaxqp.QuantSpec(bits=8), "w4": jaxqp.QuantSpec(bits=4), "w3": jaxqp.QuantSpec(bits=3),
+    "w2": jaxqp.QuantSpec(bits=2), "w2g32": jaxqp.QuantSpec(bits=2, group_size=32),
+    "w8+s80": (jaxqp.QuantSpec(bits=8), jaxqp.PruneSpec(sparsity=0.8)),
+    "w8+s90": (jaxqp.QuantSpec(bits=8), jaxqp.PruneSpec(sparsity=0.9)),
+    "w4+s90": (jaxqp.QuantSpec(bits=4), jaxqp.PruneSpec(sparsity=0.9)),
+    "w4+s75": (jaxqp.QuantSpec(bits=4), jaxqp.PruneSpec(sparsity=0.75)),
+    "w4+nm2:4": (jaxqp.QuantSpec(bits=4), jaxqp.PruneSpec(structure=jaxqp.NM(2, 4))),
+}
+
+
+def plots(params, data, out_dir: str) -> dict:
+    """Sensitivity of the float model, and test NLL against bytes for uniform and allocated settings.
+
+    No fine-tuning here (``benchmarks/allocate.py`` fine-tunes): each setting compresses the trained
+    float weights once. Writes ``sensitivity.png`` and ``pareto.png`` to ``out_dir``; returns the points.
+    """
+    (x_train, y_train), (x_test, y_test) = data
+    def loss(p, batch):
+        logits = jnp.asarray(MLP().apply({"params": p}, batch[0]))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+    calib = [(x_train[i:i + 256], y_train[i:i + 256]) for i in range(0, 1024, 256)]
+    s = jaxqp.choose.sensitivity(loss, params, calib, PLOT_CANDIDATES)
+    test_nll = jax.jit(lambda p: loss(p, (x_test, y_test)))
+
+    def nll_of(rules) -> float:
+        t = jaxqp.transform(rules)
+        return float(test_nll(t.apply(params, t.init(params))))
+
+    points: dict[str, list] = {"uniform": [], "allocated": []}
+    budgets = ["w4", "w3", "w2g32", "w8+s80", "w4+s75", "w8+s90"]
+    front = None
+    for name in budgets:
+        size, _ = s.uniform(name)
+        points["uniform"].append((size, nll_of([s.candidates[s.names.index(name)].rule(p) for p in s.layers])))
+        chosen = jaxqp.choose.allocate(s, size)
+        points["allocated"].append((chosen.bytes, nll_of(list(chosen.rules))))
+        front = chosen.front
+    os.makedirs(out_dir, exist_ok=True)
+    heat = jaxqp.choose.plot_sensitivity(s, os.path.join(out_dir, "sensitivity.png"))
+    pareto = jaxqp.choose.plot_pareto(points, os.path.join(out_dir, "pareto.png"), ylabel="test NLL",
+                                      base=float(test_nll(params)), front=front,
+                                      labels={"uniform": budgets})
+    return {"files": [heat, pareto], "points": points, "spearman": s.spearman().get("all")}
 
 
 def format_table(rows: list[dict]) -> str:
@@ -250,13 +302,15 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="train 150 steps per config (for CI)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="FILE", help="also write the table to FILE as JSON")
+    parser.add_argument("--plots", metavar="DIR", help="also write sensitivity.png and pareto.png to DIR")
     args = parser.parse_args(argv)
     steps = 150 if args.quick else args.steps
     if steps < 30:
         parser.error("--steps must be at least 30")
     backend = jax.default_backend()
     print(f"jaxqp {jaxqp.__version__} demo: MLP on sklearn digits, {steps} steps per config, backend {backend}")
-    rows, deployed = run(steps, args.seed)
+    data = load_digits(args.seed)
+    rows, deployed, float_params = run(steps, args.seed, data)
     print(format_table(rows))
     print("pruned weights exactly 0.0 in params and in t.apply(params, state): yes")
     d = deployed
@@ -273,6 +327,13 @@ def main(argv=None) -> int:
                "slower than float too: layers this small cost more in per-op overhead than in arithmetic")
     print(f"  keep_float     {d['ms_keep_float']:.3f} ms ({keep:.2f}x) in {d['keep_float_bytes']} bytes "
           f"({d['keep_float_bytes'] / d['served_bytes_float']:.3f}x): {verdict}")
+    if args.plots:
+        drawn = plots(float_params, data, args.plots)
+        print(f"\nbits and sparsity per layer (jaxqp.choose), test NLL without fine-tuning; proxy Spearman "
+              f"{drawn['spearman']:.2f}")
+        for (size, uniform), (chosen, allocated) in zip(drawn["points"]["uniform"], drawn["points"]["allocated"]):
+            print(f"  budget {size:6d} bytes: uniform NLL {uniform:.4f}, allocated ({chosen} bytes) {allocated:.4f}")
+        print(f"wrote {', '.join(drawn['files'])}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -20,7 +21,7 @@ def run_quick(command: list[str], out: pathlib.Path):
 
 @pytest.mark.slow
 def test_demo_quick_writes_the_table(tmp_path):
-    stdout, rows = run_quick(["-m", "jaxqp.demo"], tmp_path / "demo.json")
+    stdout, rows = run_quick(["-m", "jaxqp.demo", "--plots", str(tmp_path / "plots")], tmp_path / "demo.json")
     assert [r["config"] for r in rows] == ["float32", "int8", "pruned", "pruned+int8"]
     assert set(rows[0]) == {"config", "accuracy", "nll", "sparsity", "bytes_float", "bytes_compressed"}
     by = {r["config"]: r for r in rows}
@@ -38,6 +39,16 @@ def test_demo_quick_writes_the_table(tmp_path):
     assert file_bytes / float_file_bytes < 0.11  # README: 0.105x
     served = next(line for line in stdout.splitlines() if "served from the loaded file" in line)
     assert f"{by['pruned+int8']['accuracy']:.2f}%" in served  # the loaded file serves the trained accuracy
+    budgets = [line.split() for line in stdout.splitlines() if line.startswith("  budget ")]
+    assert len(budgets) == 6
+    for words in budgets:  # "budget B bytes: uniform NLL u, allocated (A bytes) a"
+        budget, uniform, allocated_bytes, allocated = int(words[1]), float(words[5]), int(words[7][1:]), float(words[9])
+        assert allocated_bytes <= budget and np.isfinite([uniform, allocated]).all()
+    # at the bytes of w8+s80 and w8+s90, measured: 0.09 vs 0.70 and 0.29 vs 1.74
+    assert all(float(w[9]) < float(w[5]) for w in budgets[3:4] + budgets[5:])
+    for name in ("sensitivity.png", "pareto.png"):
+        head = (tmp_path / "plots" / name).read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") >= 800
     memory = next(line for line in stdout.splitlines() if "served memory" in line)
     assert "77200 bytes vs float32 295080 (0.262x" in memory  # int8 codes + scales, float biases
 

@@ -83,3 +83,15 @@ def test_deploy_litert_quick(capsys):
     np.testing.assert_allclose(builtin, jax_logits, rtol=1e-5, atol=1e-4 * np.abs(jax_logits).max())
     assert np.mean(xnnpack.argmax(-1) == jax_logits.argmax(-1)) > 0.98  # its own activation codes
     assert "FULLY_CONNECTED" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.standard_promotion
+def test_choose_bits_quick(capsys, tmp_path):
+    sens, chosen, results = load("choose_bits").main(["--quick", "--plots", str(tmp_path)])
+    budget = sens.uniform("w3")[0]
+    assert chosen.bytes <= budget and results["allocated"]["stored"] == chosen.bytes
+    assert results["uniform w3"]["stored"] == budget
+    assert len(sens.layers) == 5 and (tmp_path / "sensitivity.png").stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert "budget:" in out and "Spearman" in out

@@ -155,3 +155,30 @@ def test_range_check_on_packed_bytes_equals_the_unpacked_check(bits):
             stored = np.asarray(pack(jnp.asarray(offsets, jnp.uint8), width))
             want = bool(((offsets + qmin) <= qmax).all())
             assert _stored_codes_in_range(stored, width, 37, qmin, qmax) == want, (qmin, qmax, bad)
+
+
+STORED_SPECS = [
+    dict(prune=PruneSpec(sparsity=0.9)), dict(prune=PruneSpec(structure=jaxqp.NM(2, 4))),
+    dict(quant=QuantSpec(bits=4, group_size=32)), dict(quant=QuantSpec(bits=3), prune=PruneSpec(sparsity=0.75)),
+    dict(quant=QuantSpec(bits=4), prune=PruneSpec(structure=jaxqp.NM(2, 4))),
+    dict(quant=QuantSpec(bits=8, format="pow2")), dict(quant=QuantSpec(bits=8, format="e4m3"),
+                                                       prune=PruneSpec(sparsity=0.5)),
+    dict(quant=QuantSpec(bits=4, format="pow2"), prune=PruneSpec(sparsity=0.8)),
+    dict(quant=QuantSpec(bits=8, symmetric=False)), dict(prune=PruneSpec(sparsity=0.5, structure=jaxqp.Channels())),
+    dict(quant=QuantSpec(bits=4, group_size=16), prune=PruneSpec(structure=jaxqp.NM(2, 4))),
+    dict(quant=QuantSpec(bits=1)), dict(quant=QuantSpec(bits=2), prune=PruneSpec(sparsity=0.3)),
+]
+
+
+@pytest.mark.parametrize("spec", STORED_SPECS, ids=lambda s: "-".join(f"{k}={v!r}"[:40] for k, v in s.items()))
+def test_stored_nbytes_equals_the_export(spec):
+    from jaxqp._export.compressed import is_compressed, nbytes
+    from jaxqp._export.export import stored_nbytes
+
+    params = {"a": {"kernel": jax.random.normal(jax.random.key(0), (64, 32))},
+              "b": {"kernel": jax.random.normal(jax.random.key(1), (32, 8)), "bias": jnp.zeros(8)}}
+    state = jaxqp.transform([Rule(".*kernel", **spec)]).init(params)
+    exported = jax.tree.leaves(jaxqp.export(params, state), is_leaf=is_compressed)
+    assert stored_nbytes(params, state) == [nbytes(leaf) for leaf in exported]
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    assert stored_nbytes(abstract, state) == stored_nbytes(params, state)  # shapes and masks suffice

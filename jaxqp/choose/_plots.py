@@ -36,8 +36,9 @@ def _pyplot():
 def plot_sensitivity(sensitivity: Sensitivity, file: str | os.PathLike, *, use: str = "auto") -> str:
     """A heatmap of loss increase, layers x candidates, each cell labelled with its value.
 
-    Colours are on a symmetric log scale, so that 1e-4 and 1 are both readable; grey cells are
-    candidates that do not fit the layer.
+    Colours are on a log scale from 1e-4 of the largest increase (so that 1e-4 and 1 are both
+    readable); smaller and negative increases get the lowest colour, and their label still
+    shows the value. Grey cells are candidates that do not fit the layer.
 
     Args:
       sensitivity: what :func:`jaxqp.choose.sensitivity` returned.
@@ -48,17 +49,17 @@ def plot_sensitivity(sensitivity: Sensitivity, file: str | os.PathLike, *, use: 
       The path written.
     """
     plt = _pyplot()
-    from matplotlib.colors import SymLogNorm
+    from matplotlib.colors import LogNorm
 
     scores = sensitivity.scores(use)
-    finite = np.abs(scores[np.isfinite(scores)])
-    top = float(finite.max()) if finite.size else 1.0
-    tiny = max(top * 1e-4, 1e-8)
+    finite = scores[np.isfinite(scores)]
+    top = max(float(finite.max()) if finite.size else 1.0, 1e-8)
+    tiny = top * 1e-4
     n, m = scores.shape
-    fig, ax = plt.subplots(figsize=(1.1 * m + 3.5, 0.42 * n + 1.8), layout="constrained")
+    fig, ax = plt.subplots(figsize=(0.9 * m + 4.0, 0.4 * n + 2.2), layout="constrained")
     ax.set_facecolor("0.85")
-    image = ax.imshow(np.ma.masked_invalid(scores), cmap="RdYlGn_r", aspect="auto",
-                      norm=SymLogNorm(linthresh=tiny, vmin=-top, vmax=top))
+    shown = np.ma.masked_invalid(np.clip(scores, tiny, None))
+    image = ax.imshow(shown, cmap="RdYlGn_r", aspect="auto", norm=LogNorm(vmin=tiny, vmax=top))
     for i in range(n):
         for j in range(m):
             if np.isfinite(scores[i, j]):
@@ -68,9 +69,9 @@ def plot_sensitivity(sensitivity: Sensitivity, file: str | os.PathLike, *, use: 
     ax.set_xlabel("candidate")
     ax.set_ylabel("layer")
     source = "measured" if use != "proxy" and sensitivity.measured else "HAWQ-v2 proxy"
-    ax.set_title(f"Loss increase with one layer compressed ({source}; base loss {sensitivity.base_loss:.3f})",
-                 fontsize=10)
-    fig.colorbar(image, ax=ax, label="loss increase")
+    ax.set_title(f"Loss increase with one layer compressed ({source}; base loss {sensitivity.base_loss:.3f}; "
+                 f"below {tiny:.1g} or negative: darkest green)", fontsize=10)
+    fig.colorbar(image, ax=ax, label="loss increase (log scale)")
     fig.savefig(file, dpi=120)
     plt.close(fig)
     return os.fspath(file)
@@ -96,17 +97,18 @@ def plot_pareto(series: Mapping[str, Sequence[tuple[float, float]]], file: str |
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     markers = "osD^v<>"
     for k, (name, points) in enumerate(series.items()):
-        points = sorted(points)
-        x = [b / 1e3 for b, _ in points]
-        ax.plot(x, [v for _, v in points], marker=markers[k % len(markers)], label=name)
-        for text, (b, v) in zip((labels or {}).get(name, ()), points):
-            ax.annotate(text, (b / 1e3, v), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        texts = list((labels or {}).get(name, ())) or [""] * len(points)
+        order = sorted(range(len(points)), key=lambda i: points[i][0])
+        x = [points[i][0] / 1e3 for i in order]
+        ax.plot(x, [points[i][1] for i in order], marker=markers[k % len(markers)], label=name)
+        for i in order:
+            ax.annotate(texts[i], (points[i][0] / 1e3, points[i][1]), textcoords="offset points",
+                        xytext=(5, 6 - 14 * k), fontsize=7)
     if front is not None and len(front.bytes):
         ax.step(front.bytes / 1e3, (base or 0.0) + front.delta, where="post", color="0.5", lw=0.8,
                 label="predicted (sum of one-layer deltas)")
     if base is not None:
         ax.axhline(base, color="k", ls="--", lw=0.8, label="uncompressed")
-    ax.set_xscale("log")
     ax.set_xlabel("stored bytes (kB, as jaxqp.export stores them)")
     ax.set_ylabel(ylabel)
     ax.set_title(f"{ylabel} against model size")

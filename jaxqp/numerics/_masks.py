@@ -48,7 +48,7 @@ def _sortable_scores(x: jax.Array, prev_mask: jax.Array | None) -> jax.Array:
     bits = jax.lax.bitcast_convert_type(jnp.abs(jnp.asarray(x, jnp.float32)), jnp.uint32) + jnp.uint32(1)
     if prev_mask is not None:
         bits = jnp.where(prev_mask, bits, jnp.uint32(0))
-    return bits.ravel()
+    return bits
 
 
 def _kth_smallest(scores: list[jax.Array], k: jax.Array) -> jax.Array:
@@ -68,6 +68,36 @@ def _kth_smallest(scores: list[jax.Array], k: jax.Array) -> jax.Array:
 
     _, hi = jax.lax.fori_loop(0, 32, body, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
     return hi
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+    """The row-major flat index of every entry, built from iotas (no reshape of a sharded array)."""
+    index = jnp.zeros(shape, jnp.int32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.int32, shape, axis) * stride
+        stride *= shape[axis]
+    return index
+
+
+def _first_index_reaching(flags: list[jax.Array], indices: list[jax.Array], need: jax.Array) -> jax.Array:
+    """Smallest ``j`` with ``count(flags & (indices <= j)) >= need``; -1 when ``need <= 0``.
+
+    A bisection of counting passes, like ``_kth_smallest``: a rank by cumsum would flatten each
+    array, and XLA gathers a sharded array to flatten it.
+    """
+    total = sum(int(np.prod(f.shape)) for f in flags)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        count = sum(jnp.sum(f & (i <= mid), dtype=jnp.int32) for f, i in zip(flags, indices))
+        enough = count >= need
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    steps = max(int(total - 1).bit_length(), 1)
+    _, hi = jax.lax.fori_loop(0, steps, body, (jnp.int32(0), jnp.int32(max(total - 1, 0))))
+    return jnp.where(need > 0, hi, -1)
 
 
 def global_magnitude_masks(
@@ -100,18 +130,16 @@ def global_magnitude_masks(
     need = k - sum(jnp.sum(s < threshold, dtype=jnp.int32) for s in scores)  # ties still to prune
     n_ties = sum(jnp.sum(s == threshold, dtype=jnp.int32) for s in scores)
 
-    def some_ties(scores):  # rank the ties by flat index (a cumsum: as costly as the whole bisection)
-        prunes, ties_before = [], jnp.zeros((), jnp.int32)
-        for s in scores:
-            ties = s == threshold
-            rank = ties_before + jnp.cumsum(ties, dtype=jnp.int32)
-            prunes.append((s < threshold) | (ties & (rank <= need)))
-            ties_before = ties_before + jnp.sum(ties, dtype=jnp.int32)
-        return prunes
+    def some_ties(scores):  # prune the first `need` ties in (array, row-major index) order
+        offsets = np.cumsum([0] + [s.size for s in scores[:-1]])
+        indices = [_flat_index(s.shape) + int(o) for s, o in zip(scores, offsets)]
+        ties = [s == threshold for s in scores]
+        last = _first_index_reaching(ties, indices, need)
+        return [(s < threshold) | (t & (i <= last)) for s, t, i in zip(scores, ties, indices)]
 
     # usually every tie at the threshold goes (one entry, or all the zeros): no ranking needed
     prunes = jax.lax.cond(need >= n_ties, lambda scores: [s <= threshold for s in scores], some_ties, scores)
-    return [jnp.where(k > 0, ~prune, True).reshape(x.shape) for x, prune in zip(xs, prunes)]
+    return [jnp.where(k > 0, ~prune, True) for prune in prunes]
 
 
 def magnitude_mask(x: jax.Array, sparsity: float | jax.Array, prev_mask: jax.Array | None = None) -> jax.Array:

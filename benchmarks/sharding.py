@@ -1,0 +1,49 @@
+"""jaxqp training under SPMD layouts on 8 simulated CPU devices: step time, extra collectives, state bytes.
+
+Runs ``tests/sharded_layouts.py --time ROUNDS`` in a subprocess (the 8 host devices must be
+requested before JAX starts): a 64-256-32 MLP trained with each layout (dp, tp, fsdp, 2d)
+and config (w8a8, pruned80+int8, nm2:4, global90, float), sharded and unsharded. Rows:
+``{layout, config, step_ratio_vs_float_same_layout, collectives_extra,
+state_bytes_per_device_ratio, max_abs_diff, masks_equal}``. The 8 devices share this
+machine's cores, so step times measure the overhead of jaxqp's extra work under SPMD, not
+a speed-up.
+
+    python benchmarks/sharding.py --json sharding.json
+    python benchmarks/sharding.py --rounds 5         # fewer timed steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from _common import write_json
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "sharded_layouts.py")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=50, help="timed steps per layout and config")
+    parser.add_argument("--json", metavar="FILE")
+    args = parser.parse_args(argv)
+    proc = subprocess.run([sys.executable, SCRIPT, "--time", str(args.rounds)], capture_output=True, text=True,
+                          timeout=3600)
+    if proc.returncode:
+        sys.exit(proc.stderr[-4000:])
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    print(f"{'layout':<6} {'config':<14} {'step vs float':>13} {'extra collectives':>18} {'state/params':>13} "
+          f"{'max |diff|':>11} {'masks':>6}")
+    for r in rows:
+        print(f"{r['layout']:<6} {r['config']:<14} {r['step_ratio_vs_float_same_layout']:12.3f}x "
+              f"{len(r['collectives_extra']):18d} {r['state_bytes_per_device_ratio']:13.4f} "
+              f"{r['max_abs_diff']:11.1e} {'equal' if r['masks_equal'] else 'DIFFER':>6}")
+    write_json(args.json, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
