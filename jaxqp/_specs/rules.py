@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .activation import ActSpec
+from .layout import LAYOUTS, in_layout
 from .paths import paths_and_leaves
 from .prune import Blocks, PruneSpec
 from .quant import QuantSpec
@@ -35,7 +36,7 @@ _EXAMPLES = 6
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """``Rule(pattern, quant=None, prune=None, act=None)``: specs for the paths ``pattern`` fully matches.
+    """``Rule(pattern, quant=None, prune=None, act=None, layout="in_out")``: specs for the paths ``pattern`` matches.
 
     ``act`` fake-quantizes the *input* of the layer that owns a matched kernel
     (see :class:`jaxqp.ActSpec`). A rule with no spec excludes what it matches
@@ -47,12 +48,17 @@ class Rule:
       quant: the weight's :class:`QuantSpec`, or None.
       prune: the weight's :class:`PruneSpec`, or None.
       act: the layer input's :class:`ActSpec`, or None.
+      layout: ``"in_out"`` (Flax kernels ``(*spatial, in, out)``; default) or ``"out_in"``
+        (Equinox and PyTorch weights ``(out, in, *spatial)``): the specs' axes keep their Flax
+        meaning (``axis=-1`` is the output channel, ``NM(axis=-2)`` the input axis) and are
+        mapped onto the matched arrays (see ``jaxqp._specs.layout``).
     """
 
     pattern: str
     quant: QuantSpec | None = None
     prune: PruneSpec | None = None
     act: ActSpec | None = None
+    layout: str = "in_out"
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
@@ -67,6 +73,9 @@ class Rule:
             raise TypeError(f"Rule({self.pattern!r}, prune={self.prune!r}): prune must be a jaxqp.PruneSpec or None")
         if self.act is not None and not isinstance(self.act, ActSpec):
             raise TypeError(f"Rule({self.pattern!r}, act={self.act!r}): act must be a jaxqp.ActSpec or None")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"Rule({self.pattern!r}, layout={self.layout!r}): layout must be 'in_out' (Flax "
+                             "kernels) or 'out_in' (Equinox / PyTorch weights)")
 
     def matches(self, path: str) -> bool:
         return re.fullmatch(self.pattern, path) is not None
@@ -250,8 +259,9 @@ def resolve(rules: Sequence[Rule] | Rule, params: Any) -> Plan:
             for i, rule in enumerate(rules):
                 if rule.matches(path):
                     used[i] = True
-                    quant, prune, act = rule.quant, rule.prune, rule.act
-                    _check_fits(path, shape, rule, i)
+                    quant, prune = in_layout(rule.quant, rule.prune, rule.layout, path, len(shape))
+                    act = rule.act
+                    _check_fits(path, shape, dataclasses.replace(rule, quant=quant, prune=prune), i)
                     break
         dtype_name = str(dtype if dtype is not None else _safe_dtype(leaf))
         leaves.append(LeafPlan(path, shape, dtype_name, quant, prune, act))

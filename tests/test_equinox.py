@@ -1,0 +1,109 @@
+"""Equinox models: the same rules, transforms, wrap, export and summary, with Rule(layout="out_in")."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxqp
+
+eqx = pytest.importorskip("equinox")
+
+Q, P = jaxqp.QuantSpec, jaxqp.PruneSpec
+SPECS = {
+    "per-channel int8": dict(quant=Q(bits=8)),
+    "int4 groups of 8": dict(quant=Q(bits=4, group_size=8)),
+    "2:4": dict(prune=P(structure=jaxqp.NM(2, 4))),
+    "channels": dict(prune=P(sparsity=0.5, structure=jaxqp.Channels(bias=False))),
+    "blocks": dict(prune=P(sparsity=0.5, structure=jaxqp.Blocks(2, 4))),
+    "80% + int8": dict(quant=Q(bits=8), prune=P(sparsity=0.8)),
+}
+
+
+def model():
+    return eqx.nn.MLP(16, 4, 32, 2, key=jax.random.key(0))
+
+
+def test_paths_of_an_equinox_model():
+    params, _ = eqx.partition(model(), eqx.is_inexact_array)
+    plan = jaxqp.resolve([jaxqp.Rule(r"layers/\d+/weight", quant=Q(bits=8), layout="out_in")], params)
+    assert [e.path for e in plan.leaves if e.quant is not None] == ["layers/0/weight", "layers/1/weight",
+                                                                    "layers/2/weight"]
+    assert plan.by_path()["layers/0/weight"].quant.axis == 0  # one scale per output row of (out, in)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_out_in_layout_equals_the_flax_layout_transposed(name):
+    """A rule with layout="out_in" on W (out, in) does exactly what the same rule does to W.T (in, out)."""
+    w = jax.random.normal(jax.random.key(1), (24, 32))  # (out, in)
+    spec = SPECS[name]
+    eq = jaxqp.transform([jaxqp.Rule("w", **spec, layout="out_in")])
+    fx = jaxqp.transform([jaxqp.Rule("w", **spec)])
+    got = eq.apply({"w": w}, eq.init({"w": w}))["w"]
+    want = fx.apply({"w": w.T}, fx.init({"w": w.T}))["w"].T
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_conv_weight_axes():
+    w = jax.random.normal(jax.random.key(2), (8, 4, 3))  # Equinox Conv1d: (out, in, width)
+    rule = jaxqp.Rule("w", quant=Q(bits=8), prune=P(structure=jaxqp.NM(2, 4)), layout="out_in")
+    entry = jaxqp.resolve([rule], {"w": w}).by_path()["w"]
+    assert entry.quant.axis == 0 and entry.prune.structure.axis == 1  # output channels; NM over inputs
+    flax = jnp.transpose(w, (2, 1, 0))  # Flax Conv: (width, in, out)
+    t = jaxqp.transform([rule])
+    f = jaxqp.transform([jaxqp.Rule("w", quant=Q(bits=8), prune=P(structure=jaxqp.NM(2, 4)))])
+    got = t.apply({"w": w}, t.init({"w": w}))["w"]
+    want = jnp.transpose(f.apply({"w": flax}, f.init({"w": flax}))["w"], (2, 1, 0))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_bad_layout_is_refused():
+    with pytest.raises(ValueError, match="layout must be 'in_out'"):
+        jaxqp.Rule("w", quant=Q(bits=8), layout="oi")
+    with pytest.raises(ValueError, match="Channels\\(next=...\\) assumes the Flax"):
+        jaxqp.resolve([jaxqp.Rule("w", prune=P(sparsity=0.5, structure=jaxqp.Channels(next="v")),
+                                  layout="out_in")], {"w": jnp.ones((4, 4)), "v": jnp.ones((4, 4))})
+
+
+@pytest.mark.standard_promotion
+def test_train_export_and_summary_of_an_equinox_mlp():
+    net = model()
+    params, static = eqx.partition(net, eqx.is_inexact_array)
+    rules = [jaxqp.Rule(r"layers/\d+/weight", quant=Q(bits=8),
+                        prune=P(sparsity=jaxqp.polynomial(0.0, 0.75, 2, 10, 2)), layout="out_in")]
+    t = jaxqp.transform(rules)
+    tx = jaxqp.wrap(optax.adam(1e-2), t)
+    opt_state = tx.init(params)
+    x = jax.random.normal(jax.random.key(3), (32, 16))
+    y = jax.random.normal(jax.random.key(4), (32, 4))
+
+    @jax.jit
+    def step(params, opt_state):
+        state = jaxqp.state_of(opt_state)
+
+        def loss(p):
+            m = eqx.combine(t.apply(p, state), static)
+            return jnp.mean((jax.vmap(m)(x) - y) ** 2)
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    losses = []
+    for _ in range(12):
+        params, opt_state, value = step(params, opt_state)
+        losses.append(float(value))
+    assert losses[-1] < losses[0]
+    state = jaxqp.state_of(opt_state)
+    packed = jaxqp.export(params, state)
+    applied = t.apply(params, state)
+    for path in ("layers/0/weight", "layers/1/weight", "layers/2/weight"):
+        mask = np.asarray(state.mask(path))
+        assert (~mask).sum() == round(0.75 * mask.size)
+        layer = int(path.split("/")[1])
+        np.testing.assert_array_equal(np.asarray(jaxqp.dequantize(packed).layers[layer].weight),
+                                      np.asarray(applied.layers[layer].weight))
+        assert packed.layers[layer].weight.scale.shape[0] == mask.shape[0]  # a scale per output row
+    table = jaxqp.summary(params, state)
+    assert table.bytes_compressed < 0.2 * table.bytes_float
