@@ -139,3 +139,23 @@ def test_whole_model_choice_skips_pinned_models_and_can_be_turned_off(monkeypatc
     assert calls == []
     jax.jit(jaxqp.linen_serving_apply(model))(auto, jax.numpy.ones((2, 16)))
     assert len(calls) == 1 and calls[0][0] == "model"
+
+
+def test_cpu_heuristics_are_not_assumed_on_another_backend(monkeypatch):
+    """Row padding was measured on CPU only; a decision made on one backend is never reused on another."""
+    from jaxqp.numerics import _int_dot
+
+    assert _int_dot.min_rows("cpu") == _int_dot.MIN_ROWS == 4 and _int_dot.min_rows("gpu") == 1
+    x = jax.numpy.ones((1, 8))
+    cpu_rows, _ = _int_dot.padded_rows(x, 8)
+    cpu_key = pc._key("dense-int8", (8, 8), 1)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    pc.machine_key.cache_clear()
+    try:
+        gpu_rows, n = _int_dot.padded_rows(x, 8)
+        gpu_key = pc._key("dense-int8", (8, 8), 1)
+    finally:
+        monkeypatch.undo()
+        pc.machine_key.cache_clear()
+    assert cpu_rows.shape == (4, 8) and gpu_rows.shape == (1, 8) and n == 1
+    assert gpu_key.startswith("gpu|") and gpu_key != cpu_key

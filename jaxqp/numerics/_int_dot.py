@@ -46,7 +46,20 @@ def pow2_codes(x: jax.Array, bits: int, axis: int | None) -> tuple[jax.Array, ja
     return codes.astype(jnp.int8), scale
 
 
-MIN_ROWS = 4  # XLA's CPU integer dot is ~10x slower for one row than for four
+MIN_ROWS = 4  # XLA's CPU integer dot is ~10x slower for one row than for four (measured on CPU only)
+
+
+def min_rows(backend: str | None = None) -> int:
+    """Rows an integer matmul's input is zero-padded to: ``MIN_ROWS`` on CPU, where it was measured
+    faster; 1 (no padding) on other backends, where nothing was measured.
+
+    Args:
+      backend: a backend name; default ``jax.default_backend()``.
+
+    Returns:
+      The row count.
+    """
+    return MIN_ROWS if (backend or jax.default_backend()) == "cpu" else 1
 SWAP_MAX_ROWS = 64  # up to this many rows, the kernel-first operand order is faster
 
 
@@ -163,11 +176,11 @@ def exact_int_dot(codes: jax.Array, kernel_codes: jax.Array, carrier: jax.Array 
 
 
 def padded_rows(x: jax.Array, n_in: int) -> tuple[jax.Array, int]:
-    """``x`` as ``(n, n_in)`` rows, zero-padded to at least ``MIN_ROWS``, and the real ``n``."""
+    """``x`` as ``(n, n_in)`` rows, zero-padded to at least ``min_rows()``, and the real ``n``."""
     rows = x.reshape(-1, n_in)
-    n = rows.shape[0]
-    if n < MIN_ROWS:
-        rows = jnp.concatenate([rows, jnp.zeros((MIN_ROWS - n, n_in), rows.dtype)])
+    n, least = rows.shape[0], min_rows()
+    if n < least:
+        rows = jnp.concatenate([rows, jnp.zeros((least - n, n_in), rows.dtype)])
     return rows, n
 
 
@@ -208,7 +221,7 @@ def _train_candidates(rows, k, out, x_bits, w_bits, per_token):
 
 def _forward(x, w, x_bits, w_bits, per_token):
     k, out = w.shape
-    rows = max(math.prod(x.shape[:-1]), MIN_ROWS)
+    rows = max(math.prod(x.shape[:-1]), min_rows())
     kind = f"int_dense-a{x_bits}w{w_bits}{'-per_token' if per_token else ''}"
     form = decide(kind, (k, out), rows,
                   lambda: _train_candidates(rows, k, out, x_bits, w_bits, per_token)).path
