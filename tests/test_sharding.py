@@ -23,42 +23,20 @@ SCRIPT = pathlib.Path(__file__).with_name("sharded_layouts.py")
 TOLERANCE = {"float": 1e-6, "pruned80+int8": 1e-6, "global90": 1e-6, "nm2:4": 5e-5, "w8a8": 2e-4}
 
 
-@pytest.fixture(scope="module")
-def rows():
+@pytest.mark.slow
+def test_sharded_training_on_8_devices_equals_one_device():
+    """One subprocess for every layout and config (a module fixture would run once per xdist worker)."""
     proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-
-
-@pytest.mark.slow
-def test_every_layout_and_config_ran(rows):
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert {(r["layout"], r["config"]) for r in rows} == {
         (layout, config) for layout in ("dp", "tp", "fsdp", "2d") for config in TOLERANCE}
-
-
-@pytest.mark.slow
-def test_sharded_training_equals_unsharded(rows):
     for r in rows:
-        assert r["masks_equal"], r
+        assert r["masks_equal"], r  # bit for bit
         assert r["max_abs_diff"] <= TOLERANCE[r["config"]], r
-
-
-@pytest.mark.slow
-def test_masks_follow_their_parameters_sharding(rows):
-    for r in rows:
-        assert r["not_following"] == [] and r["init_not_following"] == [], r
-
-
-@pytest.mark.slow
-def test_no_parameter_sized_collective_beyond_float_training(rows):
-    for r in rows:  # all-gathers, all-reduces... of at least a kernel shard that the float step lacks
-        assert r["collectives_extra"] == [], r
-
-
-@pytest.mark.slow
-def test_state_is_small_per_device(rows):
-    for r in rows:  # masks are packed 8 per byte and sharded like their parameters
-        assert r["state_bytes_per_device_ratio"] <= 0.04, r
+        assert r["not_following"] == [] and r["init_not_following"] == [], r  # masks sharded like params
+        assert r["collectives_extra"] == [], r  # no collective of a kernel shard's size beyond float's
+        assert r["state_bytes_per_device_ratio"] <= 0.04, r  # packed masks, sharded like their params
 
 
 @pytest.mark.slow

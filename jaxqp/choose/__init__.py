@@ -10,7 +10,9 @@ Example:
     >>> import jax, jax.numpy as jnp, jaxqp
     >>> params = {"a": {"kernel": jax.random.normal(jax.random.key(0), (32, 16))},
     ...           "b": {"kernel": jax.random.normal(jax.random.key(1), (16, 4))}}
-    >>> loss = lambda p, x: jnp.mean((jnp.tanh(x @ p["a"]["kernel"]) @ p["b"]["kernel"]) ** 2)
+    >>> def loss(p, x):
+    ...     a, b = p["a"], p["b"]
+    ...     return jnp.mean((jnp.tanh(x @ a["kernel"]) @ b["kernel"]) ** 2)
     >>> s = jaxqp.choose.sensitivity(loss, params, [jnp.ones((4, 32))],
     ...                              [jaxqp.QuantSpec(bits=8), jaxqp.QuantSpec(bits=4)], progress=False)
     >>> a = jaxqp.choose.allocate(s, budget_bytes=s.uniform("w4")[0] + 100)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .._specs.prune import NM, Channels, PruneSpec
 from .._specs.quant import QuantSpec
@@ -71,7 +72,7 @@ class Candidate:
                     "magnitude pruning in the sweep (criterion='magnitude')")
 
     @classmethod
-    def of(cls, spec, name: str | None = None) -> Candidate:
+    def of(cls, spec: Any, name: str | None = None) -> Candidate:
         """A candidate from a ``QuantSpec``, a ``PruneSpec``, a ``(quant, prune)`` pair or a ``Candidate``.
 
         Args:

@@ -19,7 +19,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,8 @@ import numpy as np
 from ._sweep import batched_loss, layer_ids
 
 
-def hessian_traces(loss_fn, params, batches, layers: Sequence[str], *, samples: int = 16,
-                   seed: int = 0) -> np.ndarray:
+def hessian_traces(loss_fn: Callable[[Any, Any], Any], params: Any, batches: Sequence[Any],
+                   layers: Sequence[str], *, samples: int = 16, seed: int = 0) -> np.ndarray:
     """Hutchinson estimates of the Hessian trace of each layer's weights, averaged over ``batches``.
 
     Args:
@@ -88,7 +89,7 @@ def ranks(values) -> np.ndarray:
     return out
 
 
-def spearman(a, b) -> float:
+def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
     """Spearman's rank correlation of two equal-length sequences (NaN pairs dropped; ties averaged).
 
     Args:

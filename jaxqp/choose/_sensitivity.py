@@ -13,7 +13,9 @@ Example:
     >>> from jaxqp.choose import sensitivity
     >>> params = {"a": {"kernel": jax.random.normal(jax.random.key(0), (16, 8))},
     ...           "b": {"kernel": jax.random.normal(jax.random.key(1), (8, 4))}}
-    >>> loss = lambda p, x: jnp.mean((x @ p["a"]["kernel"] @ p["b"]["kernel"]) ** 2)
+    >>> def loss(p, x):
+    ...     a, b = p["a"], p["b"]
+    ...     return jnp.mean((x @ a["kernel"] @ b["kernel"]) ** 2)
     >>> s = sensitivity(loss, params, [jnp.ones((2, 16))], [jaxqp.QuantSpec(bits=2)], progress=False)
     >>> s.layers, s.names, s.delta.shape
     (('a/kernel', 'b/kernel'), ('w2',), (2, 1))
@@ -26,7 +28,8 @@ import json
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -190,8 +193,8 @@ def _progress(total: int, enabled: bool | None):
                 leave=False)
 
 
-def sensitivity(loss_fn, params, batches, candidates, *, layers: str | Sequence[str] = DEFAULT_LAYERS,
-                measure: bool = True, proxy: bool = True, proxy_samples: int = 16, seed: int = 0,
+def sensitivity(loss_fn: Callable[[Any, Any], Any], params: Any, batches: Sequence[Any], candidates: Any, *,
+                layers: str | Sequence[str] = DEFAULT_LAYERS, measure: bool = True, proxy: bool = True, proxy_samples: int = 16, seed: int = 0,
                 progress: bool | None = None) -> Sensitivity:
     """Loss increase on ``batches`` of compressing each layer alone, for every candidate.
 
