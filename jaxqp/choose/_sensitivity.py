@@ -194,8 +194,8 @@ def _progress(total: int, enabled: bool | None):
 
 
 def sensitivity(loss_fn: Callable[[Any, Any], Any], params: Any, batches: Sequence[Any], candidates: Any, *,
-                layers: str | Sequence[str] = DEFAULT_LAYERS, measure: bool = True, proxy: bool = True, proxy_samples: int = 16, seed: int = 0,
-                progress: bool | None = None) -> Sensitivity:
+                layers: str | Sequence[str] = DEFAULT_LAYERS, measure: bool = True, proxy: bool = True,
+                proxy_samples: int = 16, seed: int = 0, progress: bool | None = None) -> Sensitivity:
     """Loss increase on ``batches`` of compressing each layer alone, for every candidate.
 
     Args:
