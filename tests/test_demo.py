@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -39,13 +40,13 @@ def test_demo_quick_writes_the_table(tmp_path):
     assert file_bytes / float_file_bytes < 0.11  # README: 0.105x
     served = next(line for line in stdout.splitlines() if "served from the loaded file" in line)
     assert f"{by['pruned+int8']['accuracy']:.2f}%" in served  # the loaded file serves the trained accuracy
-    budgets = [line.split() for line in stdout.splitlines() if line.startswith("  budget ")]
-    assert len(budgets) == 6
-    for words in budgets:  # "budget B bytes: uniform NLL u, allocated (A bytes) a"
-        budget, uniform, allocated_bytes, allocated = int(words[1]), float(words[5]), int(words[7][1:]), float(words[9])
-        assert allocated_bytes <= budget and np.isfinite([uniform, allocated]).all()
+    line = re.compile(r"  budget +(\d+) bytes: uniform NLL ([\d.]+), allocated \((\d+) bytes\) ([\d.]+)$")
+    budgets = [m.groups() for m in map(line.match, stdout.splitlines()) if m]
+    assert len(budgets) == 6, stdout
+    for budget, uniform, allocated_bytes, allocated in budgets:
+        assert int(allocated_bytes) <= int(budget) and np.isfinite([float(uniform), float(allocated)]).all()
     # at the bytes of w8+s80 and w8+s90, measured: 0.09 vs 0.70 and 0.29 vs 1.74
-    assert all(float(w[9]) < float(w[5]) for w in budgets[3:4] + budgets[5:])
+    assert all(float(b[3]) < float(b[1]) for b in budgets[3:4] + budgets[5:])
     for name in ("sensitivity.png", "pareto.png"):
         head = (tmp_path / "plots" / name).read_bytes()[:24]
         assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") >= 800
