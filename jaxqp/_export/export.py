@@ -128,6 +128,11 @@ def stored_nbytes(params: Any, state: Any) -> list[int]:
       One int per leaf of ``params``.
     """
     flat, _, views = leaf_views(params, state, host_masks=True)
+    return views_nbytes(flat, views)
+
+
+def views_nbytes(flat: list, views: list) -> list[int]:
+    """:func:`stored_nbytes` of leaves already paired with their views (``leaf_views(..., host_masks=True)``)."""
     out = []
     for (_, leaf), view in zip(flat, views):
         if view.quant is None and view.mask is None:

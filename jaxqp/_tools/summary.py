@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._export.compressed import nbytes
-from .._export.export import stored_nbytes
+from .._export.export import views_nbytes
 from .._transforms.views import LeafView, leaf_views
 
 COLUMNS = ("path", "shape", "bits", "sparsity", "bytes_float", "bytes_compressed")
@@ -90,5 +90,5 @@ def summary(params: Any, state: Any) -> Summary:
       A :class:`Summary`; it prints as a table.
     """
     flat, _, views = leaf_views(params, state, host_masks=True)
-    stored = stored_nbytes(params, state)
+    stored = views_nbytes(flat, views)
     return Summary(tuple(_row(leaf, view, n) for (_, leaf), view, n in zip(flat, views, stored)))
