@@ -134,3 +134,31 @@ def test_state_holds_packed_masks_and_reads_bool_masks():
     np.testing.assert_array_equal(np.asarray(t.apply(params, state)["w"]), np.where(mask, params["w"], 0.0))
     state_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(state.mask_bits))
     assert state_bytes * 32 == params["w"].nbytes
+
+
+def test_first_masks_compile_once_and_equal_the_eager_masks():
+    # t.init computes every first mask in one jit (cached per plan); the masks are the eager ones.
+    from jaxqp._specs.paths import paths_and_leaves
+    from jaxqp._transforms.pruning import MaskInputs, _first_masks_jit, masks_for
+
+    rng = np.random.default_rng(0)
+    params = {"a": {"kernel": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32), "bias": jnp.zeros(8)},
+              "b": {"kernel": jnp.asarray(np.round(rng.normal(size=(8, 12)), 1), jnp.float32)},  # many ties
+              "c": {"kernel": jnp.asarray(rng.normal(size=(12, 4)), jnp.float32)},
+              "d": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32), "bias": jnp.zeros(8)}}
+    rules = [jaxqp.Rule("a/kernel", prune=jaxqp.PruneSpec(structure=jaxqp.Channels(), sparsity=0.25)),
+             jaxqp.Rule("b/kernel", prune=jaxqp.PruneSpec(sparsity=0.7, scope="global")),
+             jaxqp.Rule("c/kernel", prune=jaxqp.PruneSpec(sparsity=0.7, scope="global")),
+             jaxqp.Rule("d/kernel", prune=jaxqp.PruneSpec(structure=jaxqp.NM(2, 4)))]
+    t = jaxqp.transform(rules)
+    state = t.init(params)
+    misses = _first_masks_jit._cache_size()
+    again = t.init(jax.tree.map(lambda x: x + 1.0, params))  # new values, same shapes: no new compile
+    assert _first_masks_jit._cache_size() == misses
+    flat = paths_and_leaves(params)[0]
+    eager = masks_for(state.plan, flat, None, 0, MaskInputs())
+    got = t.masks(state)
+    assert set(got) == set(eager) == {"a/kernel", "a/bias", "b/kernel", "c/kernel", "d/kernel"}
+    for path in eager:
+        np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(eager[path]), err_msg=path)
+    assert not np.array_equal(np.asarray(t.masks(again)["b/kernel"]), np.asarray(got["b/kernel"]))

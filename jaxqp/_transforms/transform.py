@@ -36,7 +36,7 @@ from ..numerics._formats import straight_through
 from ..numerics._masks import apply_mask
 from ..numerics._packing import pack_mask_rows, unpack_mask_rows
 from . import input_quantizer
-from .pruning import MaskInputs, masks_for, refresh_due
+from .pruning import MaskInputs, first_masks, masks_for, refresh_due
 from .weight_quantizer import fake_quant_weight, init_step
 
 Params = Any
@@ -245,7 +245,7 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> Param
                              "e.g. jaxqp.transform(rules, seed=0)")
         key = None if seed is None else jax.random.key_data(jax.random.key(seed))
         scores = _initial_scores(plan)
-        masks = masks_for(plan, flat, None, 0, MaskInputs(key=key, scores=scores))
+        masks = first_masks(plan, flat, MaskInputs(key=key, scores=scores))
         ranges = {e.path: input_quantizer.init_ranges(e.act) for e in plan.leaves
                   if e.act is not None and e.act.range == "static"}
         return TransformState(jnp.zeros((), jnp.int32), pack_masks(masks), plan, _initial_learned(plan, flat, masks),
