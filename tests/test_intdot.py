@@ -173,8 +173,10 @@ def test_every_training_form_gives_the_same_bits(k):
     assert train_forms(k, 8, 8) == ((*INT_FORMS, "float") if k <= 1040 else INT_FORMS)
     x = jax.random.normal(jax.random.key(0), (5, k)) * 3.0
     w = jax.random.normal(jax.random.key(1), (k, 24))
-    outs = {form: jax.jit(lambda x, w, form=form: _forward_form(x, w, 8, 8, True, form)[0])(x, w)
+    both = {form: jax.jit(lambda x, w, form=form: _forward_form(x, w, 8, 8, True, form))(x, w)
             for form in (*INT_FORMS, "float")}
+    outs = {form: y for form, (y, _) in both.items()}
     for form in train_forms(k, 8, 8):
         assert bits_equal(outs[form], outs["int8"]), form
+        assert bits_equal(both[form][1], both["int8"][1]), form  # the saved fq(x) for the backward too
     np.testing.assert_array_equal(np.asarray(int_dense(x, w, 8, 8, True)), np.asarray(outs["int8"]))

@@ -197,13 +197,17 @@ def train_forms(k: int, x_bits: int, w_bits: int) -> tuple[str, ...]:
 
 def _forward_form(x, w, x_bits, w_bits, per_token, form):
     k = w.shape[0]
+    if form == "float":  # the fake-quant matmul in (in, out) layout: no transpose, no padded rows
+        rows = x.astype(jnp.float32).reshape(-1, k)
+        x_codes, x_scale = pow2_codes(rows, x_bits, 1 if per_token else None)
+        w_codes, w_scale = pow2_codes(w.astype(jnp.float32), w_bits, 0)  # the same scales as the (out, in) codes
+        x_hat = x_codes.astype(jnp.float32) * x_scale
+        y = x_hat @ (w_codes.astype(jnp.float32) * w_scale)
+        return y.reshape(*x.shape[:-1], w.shape[1]).astype(x.dtype), x_hat.reshape(x.shape)
     rows, n = padded_rows(x.astype(jnp.float32), k)
     x_codes, x_scale = pow2_codes(rows, x_bits, 1 if per_token else None)
     w_codes, w_scale = pow2_codes(w.astype(jnp.float32).T, w_bits, 1)  # (out, in): the fast dot layout
-    if form == "float":
-        y = ((x_codes.astype(jnp.float32) * x_scale) @ (w_codes.astype(jnp.float32) * w_scale).T)[:n]
-    else:
-        y = (int_dot(x_codes, w_codes, form).astype(jnp.float32) * x_scale * w_scale.T)[:n]
+    y = (int_dot(x_codes, w_codes, form).astype(jnp.float32) * x_scale * w_scale.T)[:n]
     x_hat = (x_codes.astype(jnp.float32) * x_scale)[:n].reshape(x.shape)
     return y.reshape(*x.shape[:-1], w.shape[1]).astype(x.dtype), x_hat
 
