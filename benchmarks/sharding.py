@@ -10,6 +10,7 @@ a speed-up.
 
     python benchmarks/sharding.py --json sharding.json
     python benchmarks/sharding.py --rounds 5         # fewer timed steps
+    python benchmarks/sharding.py --scale 8          # a 512-2048-256 MLP, batch 512
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=50, help="timed steps per layout and config")
+    parser.add_argument("--scale", type=int, default=1,
+                        help="multiply the MLP's widths and batch (--scale 8: 512-2048-256, batch 512)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
-    proc = subprocess.run([sys.executable, SCRIPT, "--time", str(args.rounds)], capture_output=True, text=True,
-                          timeout=3600)
+    proc = subprocess.run([sys.executable, SCRIPT, "--time", str(args.rounds), "--scale", str(args.scale)],
+                          capture_output=True, text=True, timeout=3600)
     if proc.returncode:
         sys.exit(proc.stderr[-4000:])
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -172,7 +172,10 @@ def seconds_per_step(step, params, opt_state, x, y, rounds: int) -> float:
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--time", type=int, default=0, help="also time ROUNDS steps per layout and config")
+    parser.add_argument("--scale", type=int, default=1, help="multiply every layer width and the batch by this")
     args = parser.parse_args(argv)
+    global IN, HIDDEN, OUT, BATCH
+    IN, HIDDEN, OUT, BATCH = (n * args.scale for n in (IN, HIDDEN, OUT, BATCH))
     devices = jax.devices()
     assert len(devices) == 8, devices
     params0 = init_params()
