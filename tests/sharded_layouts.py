@@ -169,6 +169,25 @@ def seconds_per_step(step, params, opt_state, x, y, rounds: int) -> float:
     return (time.perf_counter() - start) / rounds
 
 
+def masks_on_the_same_weights(devices) -> dict:
+    """Magnitude and global masks of kernels sharded on either axis (with exact ties) vs one device."""
+    from jaxqp.numerics._masks import global_magnitude_masks, magnitude_mask
+
+    mesh = Mesh(np.array(devices), ("model",))
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(64, 512)).astype(np.float32)
+    b = rng.normal(size=(512, 32)).astype(np.float32)
+    b[:40] = b[40:80]  # exact ties across shards of the input axis
+    sharded = (jax.device_put(a, NamedSharding(mesh, P(None, "model"))),
+               jax.device_put(b, NamedSharding(mesh, P("model", None))))
+    equal = {}
+    for sparsity in (0.5, 0.8, 0.9):
+        masks = jax.jit(lambda x, y, s=sparsity: [*global_magnitude_masks([x, y], s), magnitude_mask(y, s)])
+        one, spread = masks(jnp.asarray(a), jnp.asarray(b)), masks(*sharded)
+        equal[str(sparsity)] = all(np.array_equal(np.asarray(m), np.asarray(n)) for m, n in zip(one, spread))
+    return {"check": "masks_on_the_same_weights", "equal": equal}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--time", type=int, default=0, help="also time ROUNDS steps per layout and config")
@@ -178,6 +197,7 @@ def main(argv=None):
     IN, HIDDEN, OUT, BATCH = (n * args.scale for n in (IN, HIDDEN, OUT, BATCH))
     devices = jax.devices()
     assert len(devices) == 8, devices
+    print(json.dumps(masks_on_the_same_weights(devices)), flush=True)
     params0 = init_params()
     x, y = data()
     kernel_elements = min(IN * HIDDEN, HIDDEN * OUT) // 8  # a shard of the smallest kernel
