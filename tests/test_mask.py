@@ -162,3 +162,15 @@ def test_first_masks_compile_once_and_equal_the_eager_masks():
     for path in eager:
         np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(eager[path]), err_msg=path)
     assert not np.array_equal(np.asarray(t.masks(again)["b/kernel"]), np.asarray(got["b/kernel"]))
+
+
+def test_count_true_is_exact_past_float32_integers():
+    # Counts are summed in float32 (faster on CPU) only where every partial sum stays exact.
+    from jaxqp.numerics._masks import count_true
+
+    big = jnp.ones((2, 2**24), bool).at[1, 5].set(False)  # rows of 2**24: float32 per row, int32 across
+    assert int(jax.jit(count_true)(big)) == 2**25 - 1
+    long = jnp.ones(2**24 + 3, bool)  # one row past 2**24: int32 throughout
+    assert int(jax.jit(count_true)(long)) == 2**24 + 3
+    flags = jax.random.bernoulli(jax.random.key(0), 0.3, (1000, 999))
+    assert int(jax.jit(count_true)(flags)) == int(np.asarray(flags).sum())
