@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from .._specs.paths import paths_and_leaves
 from .._specs.prune import RigL
-from ..numerics._masks import magnitude_mask
+from ..numerics._masks import count_true, magnitude_mask
 
 
 def drop_fraction(spec: RigL, step) -> jax.Array:
@@ -40,7 +40,7 @@ def drop_and_grow(w: jax.Array, mask: jax.Array, grad: jax.Array | None, n, grow
     active entries is unchanged.
     """
     size = math.prod(w.shape)
-    active = jnp.sum(mask, dtype=jnp.int32)
+    active = count_true(mask)
     n = jnp.minimum(n, active)
     as_fraction = lambda count: count.astype(jnp.float32) / jnp.float32(size)
     dropped = magnitude_mask(w, as_fraction(size - active + n), mask)
@@ -62,7 +62,7 @@ def rigl_due(spec: RigL, step) -> jax.Array:
 def rigl_mask(w, mask, grad, spec: RigL, step, key) -> jax.Array:
     """The mask after a RigL/SET update at ``step`` (unchanged off schedule)."""
     due = rigl_due(spec, step)
-    n = jnp.round(drop_fraction(spec, step) * jnp.sum(mask, dtype=jnp.int32).astype(jnp.float32)).astype(jnp.int32)
+    n = jnp.round(drop_fraction(spec, step) * count_true(mask).astype(jnp.float32)).astype(jnp.int32)
     return jax.lax.cond(due, lambda: drop_and_grow(w, mask, grad, n, spec.grow, key), lambda: mask)
 
 
