@@ -175,6 +175,14 @@ def first_masks(plan: Plan, flat: list, inputs: MaskInputs) -> Masks:
     sharding: 0.2-0.3 s for a global mask over a sharded tree); one jit of all of them
     compiles once. Masks are booleans from exact comparisons and counts, so the compiled
     call gives the same masks as eager ops. Each mask is then placed like its parameter.
+
+    Args:
+      plan: the resolved plan (static: the jit is cached per plan and leaf shapes).
+      flat: ``[(path, leaf), ...]`` of the whole tree.
+      inputs: the key and scores random and movement criteria read.
+
+    Returns:
+      ``{path: bool mask}``, as :func:`masks_for` at step 0.
     """
     if not any(entry.prune is not None for entry in plan.leaves):
         return {}
