@@ -206,8 +206,10 @@ def _forward_form(x, w, x_bits, w_bits, per_token, form):
         return y.reshape(*x.shape[:-1], w.shape[1]).astype(x.dtype), x_hat.reshape(x.shape)
     rows, n = padded_rows(x.astype(jnp.float32), k)
     x_codes, x_scale = pow2_codes(rows, x_bits, 1 if per_token else None)
-    w_codes, w_scale = pow2_codes(w.astype(jnp.float32).T, w_bits, 1)  # (out, in): the fast dot layout
-    y = (int_dot(x_codes, w_codes, form).astype(jnp.float32) * x_scale * w_scale.T)[:n]
+    # Codes in the kernel's own (in, out) layout: (out, in) codes cost a transposed copy of every
+    # kernel at every step (measured: w8a8-int step 1.53x float with it, 1.13x without).
+    w_codes, w_scale = pow2_codes(w.astype(jnp.float32), w_bits, 0)
+    y = (int_dot(x_codes, w_codes, form, kernel_in_axis=0).astype(jnp.float32) * x_scale * w_scale)[:n]
     x_hat = (x_codes.astype(jnp.float32) * x_scale)[:n].reshape(x.shape)
     return y.reshape(*x.shape[:-1], w.shape[1]).astype(x.dtype), x_hat
 
