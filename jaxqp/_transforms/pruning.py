@@ -23,7 +23,6 @@ from typing import NamedTuple
 import jax
 import jax.core
 import jax.numpy as jnp
-import numpy as np
 
 from .._specs.prune import NM, Blocks, Channels, PruneSpec
 from .._specs.rules import LeafPlan, Plan
@@ -189,10 +188,7 @@ def first_masks(plan: Plan, flat: list, inputs: MaskInputs) -> Masks:
     leaves = dict(flat)  # all of them: a channel mask also covers the bias that goes with a kernel
     try:
         hash(plan)
-        arrays = all(isinstance(leaf, (jax.Array, np.ndarray, np.generic, float, int)) for leaf in leaves.values())
-    except TypeError:  # a spec holding something unhashable
-        arrays = False
-    if not arrays:  # the eager path still works
+    except TypeError:  # a spec holding something unhashable cannot key a jit cache: eager
         return masks_for(plan, flat, None, 0, inputs)
     masks = _first_masks_jit(plan, leaves, inputs)
     return {path: _follow_sharding(mask, leaves[path]) for path, mask in masks.items()}
