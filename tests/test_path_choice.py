@@ -159,3 +159,22 @@ def test_cpu_heuristics_are_not_assumed_on_another_backend(monkeypatch):
         pc.machine_key.cache_clear()
     assert cpu_rows.shape == (4, 8) and gpu_rows.shape == (1, 8) and n == 1
     assert gpu_key.startswith("gpu|") and gpu_key != cpu_key
+
+
+def test_a_candidate_that_cannot_run_here_is_never_chosen():
+    # XLA's CPU runtime lacks some dot kernels for some shapes and shardings: measuring must not crash.
+    from jaxqp.numerics import _path_choice as pc
+
+    def broken():
+        raise RuntimeError("UNIMPLEMENTED: Unsupported element type for DotThunk::Execute")
+
+    ok = lambda: jax.numpy.ones(3) * 2.0
+    seconds = pc.time_candidates({"bf16": broken, "int8": ok}, rounds=2, min_round_s=1e-4)
+    assert seconds["bf16"] == float("inf") and 0 < seconds["int8"] < float("inf")
+    assert pc.choose(seconds) == "int8"
+    with pytest.raises(RuntimeError, match="DotThunk"):  # nothing runs: the first error, not a silent pick
+        pc.time_candidates({"bf16": broken, "int8_t": broken}, rounds=2, min_round_s=1e-4)
+    pc.clear_decisions()
+    with pytest.raises(RuntimeError, match="no candidate path of test-kind"):
+        pc.decide("test-kind", (3,), 1, lambda: ({"bf16": broken}, ok), rounds=2, min_round_s=1e-4)
+    pc.clear_decisions()

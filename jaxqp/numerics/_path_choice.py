@@ -178,23 +178,36 @@ def time_candidates(fns: Mapping[str, Callable[[], object]], rounds: int = ROUND
       min_round_s: each round repeats a call until it lasts at least this long.
 
     Returns:
-      name -> median seconds per call.
+      name -> median seconds per call; ``inf`` for a candidate that fails to compile or run
+      here (XLA's CPU runtime lacks some dot kernels for some shapes and shardings, e.g. a bf16
+      dot into float32), so that :func:`choose` never picks it.
+
+    Raises:
+      The first candidate's error when every candidate fails.
     """
-    calls = {}
+    calls, failed = {}, {}
     for name, fn in fns.items():
-        jax.block_until_ready(fn())  # compile and warm up
+        try:
+            jax.block_until_ready(fn())  # compile and warm up
+        except Exception as error:  # any failure rules the candidate out; all failing re-raises
+            failed[name] = error
+            continue
         start = time.perf_counter()
         jax.block_until_ready(fn())
         calls[name] = max(1, int(min_round_s / max(time.perf_counter() - start, 1e-7)))
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    if not calls:
+        raise next(iter(failed.values()))
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, fn in fns.items():
+            if name not in calls:
+                continue
             start = time.perf_counter()
             for _ in range(calls[name]):
                 out = fn()
             jax.block_until_ready(out)
             times[name].append((time.perf_counter() - start) / calls[name])
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return {name: float(np.median(times[name])) if name in calls else float("inf") for name in fns}
 
 
 def _time_built(build, timing: dict) -> dict[str, float]:
@@ -246,6 +259,9 @@ def decide(kind: str, shape: tuple, rows: int,
         return found
     seconds = _in_clean_thread(lambda: _time_built(build, timing))
     float_seconds = seconds.pop("_float")
+    if all(t == float("inf") for t in seconds.values()):
+        raise RuntimeError(f"no candidate path of {kind} {shape} at {rows} rows runs on this backend "
+                           f"({', '.join(seconds)} all failed to compile or run); pin one with path=...")
     decision = Decision(choose(seconds), seconds, float_seconds)
     with _LOCK:
         decision = _DECISIONS.setdefault(_key(kind, shape, row_bucket(rows)), decision)
