@@ -106,3 +106,13 @@ def test_nm_axis_out_of_range_names_the_path():
     message = r"rules\[0\] \(pattern '.*'\) matches 'b' of shape \(4,\), but NM\(axis=-2\) is out of range"
     with pytest.raises(ValueError, match=message):
         jaxqp.resolve([Rule(".*", prune=PruneSpec(structure=NM(2, 4)))], {"a": jnp.ones((4, 4)), "b": jnp.ones(4)})
+
+
+@pytest.mark.parametrize("m", [2, 4, 7, 16, 17, 32])
+def test_group_rank_equals_a_stable_double_argsort(m):
+    # pairwise counting (groups up to 16) and the sort fallback must give a stable sort's positions
+    from jaxqp.numerics._masks import _rank_in_groups
+
+    groups = np.random.default_rng(m).integers(0, 4, size=(50, m)).astype(np.uint32)  # many ties
+    expected = np.argsort(np.argsort(groups, axis=-1, kind="stable"), axis=-1, kind="stable")
+    np.testing.assert_array_equal(np.asarray(_rank_in_groups(jnp.asarray(groups))), expected)
