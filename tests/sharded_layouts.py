@@ -102,8 +102,8 @@ def place(params, mesh, specs):
 
 def train(tx, step, params, x, y):
     opt_state = tx.init(params)
-    for _ in range(STEPS):
-        params, opt_state = step(params, opt_state, x, y)
+    for _ in range(STEPS):  # one step in flight at a time (see seconds_per_step)
+        params, opt_state = jax.block_until_ready(step(params, opt_state, x, y))
     return params, opt_state
 
 
@@ -159,14 +159,22 @@ def follows(state, params) -> list[str]:
     return wrong
 
 
-def seconds_per_step(step, params, opt_state, x, y, rounds: int) -> float:
-    out = step(params, opt_state, x, y)
-    jax.block_until_ready(out)
-    start = time.perf_counter()
+def seconds_per_step(runs: dict, x, y, rounds: int) -> dict:
+    """Median seconds of one step of each run ``{config: [step, params, opt_state]}``, round-robin.
+
+    The configs take turns, one step each per round, so drift on a shared machine hits them
+    alike; every step is waited for: with many steps in flight, 8 simulated devices on 2 cores
+    deadlocked in an all-reduce's rendezvous (XLA CPU, ``--scale 8``).
+    """
+    for run in runs.values():
+        run[1:] = jax.block_until_ready(run[0](run[1], run[2], x, y))[:2]
+    times: dict = {config: [] for config in runs}
     for _ in range(rounds):
-        out = step(*out, x, y)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / rounds
+        for config, run in runs.items():
+            start = time.perf_counter()
+            run[1:] = jax.block_until_ready(run[0](run[1], run[2], x, y))[:2]
+            times[config].append(time.perf_counter() - start)
+    return {config: float(np.median(t)) for config, t in times.items()}
 
 
 def masks_on_the_same_weights(devices) -> dict:
@@ -208,7 +216,7 @@ def main(argv=None):
         sharded0 = place(params0, mesh, specs)
         float_tx, float_step = steps["float"]
         float_ops = collectives(float_step, sharded0, float_tx.init(sharded0), xs, ys)
-        float_time = None
+        rows, runs = [], {}
         for config, (tx, step) in steps.items():
             ref_params, ref_opt = reference[config]
             sh_params, sh_opt = train(tx, step, sharded0, xs, ys)
@@ -226,11 +234,13 @@ def main(argv=None):
                                                                                        kernel_elements)),
                    "state_bytes_per_device_ratio": per_device_bytes(sh_state, devices[0])
                    / per_device_bytes(sh_params, devices[0])}
-            if args.time:
-                seconds = seconds_per_step(step, sh_params, sh_opt, xs, ys, args.time)
-                float_time = seconds if config == "float" else float_time
-                row["step_ms"] = 1e3 * seconds
-                row["step_ratio_vs_float_same_layout"] = seconds / float_time
+            rows.append(row)
+            runs[config] = [step, sh_params, sh_opt]
+        seconds = seconds_per_step(runs, xs, ys, args.time) if args.time else {}
+        for row in rows:
+            if seconds:
+                row["step_ms"] = 1e3 * seconds[row["config"]]
+                row["step_ratio_vs_float_same_layout"] = seconds[row["config"]] / seconds["float"]
             print(json.dumps(row), flush=True)
 
 
