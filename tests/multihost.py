@@ -2,8 +2,9 @@
 processes with 4 each (``jax.distributed`` on the loopback address, gloo collectives).
 
 Run by ``tests/test_multihost.py``, which starts every process itself and compares the
-results. Process 0 (or the single process) writes the trained params, the packed masks and the
-exported codes of every kernel to ``--out`` (npz).
+results. Process 0 (or the single process) writes the trained params and the packed masks to
+``--out`` (npz). Every process also checks that ``jaxqp.export`` refuses the tree while its leaves
+are sharded across processes, and that the gathered tree exports to what ``t.apply`` computes.
 
     python tests/multihost.py --devices 8 --out single.npz
     python tests/multihost.py --devices 4 --processes 2 --process-id 0 --port 12345 --out multi.npz &
@@ -81,11 +82,23 @@ def main(argv=None):
     for _ in range(6):
         params, opt_state = step(params, opt_state, x, y)
     state = jaxqp.state_of(opt_state)
-    gathered = multihost_utils.process_allgather({"params": params, "masks": dict(state.mask_bits)}, tiled=True)
+    if args.processes > 1:  # export reads each leaf on this host: a leaf with shards elsewhere is refused
+        try:
+            jaxqp.export(params, state)
+            raise AssertionError("export of a tree sharded across processes did not raise")
+        except ValueError as err:
+            assert "'l1/kernel' is sharded across processes" in str(err) and "process_allgather" in str(err), err
+            print("export refused the sharded tree by name", flush=True)
+    gathered = multihost_utils.process_allgather({"params": params, "state": state}, tiled=True)
+    exported = jaxqp.export(gathered["params"], gathered["state"])  # the fix the error names
+    applied = t.apply(gathered["params"], gathered["state"])
+    for layer in exported:  # the export contract holds on the gathered tree: decodes to t.apply, bit for bit
+        assert np.array_equal(np.asarray(jaxqp.dequantize(exported[layer]["kernel"])),
+                              np.asarray(applied[layer]["kernel"])), layer
     if args.process_id == 0:
         out = {f"params/{layer}/{name}": np.asarray(v) for layer, d in gathered["params"].items()
                for name, v in d.items()}
-        out.update({f"masks/{path}": np.asarray(v) for path, v in gathered["masks"].items()})
+        out.update({f"masks/{path}": np.asarray(v) for path, v in gathered["state"].mask_bits.items()})
         np.savez(args.out, **out)
     if args.checkpoint:
         restore_onto_another_mesh(args.checkpoint, params, opt_state, step, x, y)
