@@ -88,7 +88,14 @@ def main(argv=None):
             raise AssertionError("export of a tree sharded across processes did not raise")
         except ValueError as err:
             assert "'l1/kernel' is sharded across processes" in str(err) and "process_allgather" in str(err), err
-            print("export refused the sharded tree by name", flush=True)
+        target = f"{args.out}.{args.process_id}.jaxqp"
+        try:  # save too, before writing anything
+            jaxqp.save(target, params)
+            raise AssertionError("save of a tree sharded across processes did not raise")
+        except ValueError as err:
+            assert "jaxqp.save: 'l1/bias' is sharded across processes" in str(err), err  # the first leaf
+        assert not os.path.exists(target)
+        print("export refused the sharded tree by name", flush=True)
     gathered = multihost_utils.process_allgather({"params": params, "state": state}, tiled=True)
     exported = jaxqp.export(gathered["params"], gathered["state"])  # the fix the error names
     applied = t.apply(gathered["params"], gathered["state"])

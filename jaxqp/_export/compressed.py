@@ -49,6 +49,23 @@ def take_masked(x, mask: np.ndarray) -> jax.Array:
     return jnp.asarray(np.asarray(x).reshape(-1)[mask.reshape(-1)])
 
 
+def require_on_this_host(who: str, path: str, array: Any, why: str) -> None:
+    """Refuses, by name, an array with shards in another process (``jax.distributed``): it cannot be
+    read on this host. Called before any work, so nothing is half built or half written.
+
+    Args:
+      who: the public function, for the message (``"jaxqp.export"``).
+      path: the leaf's path in the user's tree.
+      array: any leaf; only a ``jax.Array`` that is not fully addressable is refused.
+      why: why ``who`` reads the leaf on this host.
+    """
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        raise ValueError(
+            f"{who}: '{path}' is sharded across processes (some shards live in another process), and {why}. "
+            "Gather the tree first, in every process: params, state = jax.experimental.multihost_utils."
+            "process_allgather((params, jaxqp.state_of(opt_state)), tiled=True)")
+
+
 class Compressed:
     """Base of compressed leaves: each has ``dequantize()`` and ``nbytes``."""
 

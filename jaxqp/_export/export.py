@@ -44,6 +44,7 @@ from .._transforms.views import LeafView, leaf_views
 from .._transforms.weight_quantizer import fp8_weight, weight_codes
 from ..numerics._formats import pow2_codes_of
 from ..numerics._masks import apply_mask
+from .compressed import require_on_this_host
 from .nm_array import NMArray
 from .qarray import QArray
 from .sparse_array import SparseArray
@@ -165,18 +166,8 @@ def export(params: Any, state: Any) -> Any:
     flat, treedef, views = leaf_views(params, state)
     for (path, leaf), view in zip(flat, views):
         if view.quant is not None or view.mask is not None:
-            _require_on_this_host(path, leaf, view.mask)
+            for array in (leaf, view.mask):
+                require_on_this_host("jaxqp.export", path, array, "export builds each compressed leaf on this host")
     out = [_export_leaf(leaf, view) for (_, leaf), view in zip(flat, views)]
     return jax.tree_util.tree_unflatten(treedef, out)
 
-
-def _require_on_this_host(path: str, *arrays) -> None:
-    """Export builds each compressed leaf on this host: a leaf (or its mask) with shards that live
-    in other processes cannot be read here, so it is refused by name, before any leaf is built."""
-    for array in arrays:
-        if isinstance(array, jax.Array) and not array.is_fully_addressable:
-            raise ValueError(
-                f"jaxqp.export: '{path}' is sharded across processes (some shards live in another process), "
-                "and export builds each compressed leaf on this host. Gather the tree first, in every process: "
-                "params, state = jax.experimental.multihost_utils.process_allgather("
-                "(params, jaxqp.state_of(opt_state)), tiled=True); then jaxqp.export(params, state)")

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..numerics._packing import container_width, pack, packed_size, unpack
+from .compressed import require_on_this_host
 from .nm_array import NMArray, index_bits
 from .qarray import QArray
 from .sparse_array import SparseArray
@@ -75,6 +76,7 @@ class _Writer:
     def add(self, name: str, array) -> str | None:
         if array is None:
             return None
+        require_on_this_host("jaxqp.save", name, array, "save writes every array from this host")
         array = np.asarray(array)
         if str(array.dtype) not in _CODES:
             raise TypeError(f"jaxqp.save: '{name}' has dtype {array.dtype}, which safetensors cannot store")
