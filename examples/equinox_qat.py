@@ -7,6 +7,9 @@ N:M groups along the input axis) and jaxqp maps them onto Equinox's axes. Equino
 method interceptor and jaxqp does not monkey-patch, so the model quantizes its layers' inputs
 itself with ``jaxqp.quantize_input``: one line per layer.
 
+At the end the exported model is served from its int8 codes with
+``jaxqp.serving.equinox_serving_model``.
+
     python examples/equinox_qat.py            # 1500 steps
     python examples/equinox_qat.py --quick    # 60 steps, for CI
 """
@@ -80,7 +83,12 @@ def main(argv=None):
     packed = jaxqp.export(params, state)
     print(f"{steps} steps, loss {float(value):.4f}; w8a8, 80% sparse Equinox MLP: test accuracy {100 * accuracy:.1f}%")
     print(jaxqp.summary(params, state))
-    return accuracy, params, state, packed
+    # serve from the int8 codes: every eqx.nn.Linear becomes an integer matmul (int8 inputs too)
+    served = jaxqp.serving.equinox_serving_model(eqx.combine(params, static), packed)
+    served_logits, _ = jax.jit(lambda model, x: model(x, state))(served, jnp.asarray(x_test))
+    served_accuracy = float(jnp.mean(jnp.argmax(served_logits, -1) == y_test))
+    print(f"served from int8 codes: test accuracy {100 * served_accuracy:.1f}%")
+    return accuracy, params, state, packed, served_accuracy
 
 
 if __name__ == "__main__":

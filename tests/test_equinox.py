@@ -107,3 +107,62 @@ def test_train_export_and_summary_of_an_equinox_mlp():
         assert packed.layers[layer].weight.scale.shape[0] == mask.shape[0]  # a scale per output row
     table = jaxqp.summary(params, state)
     assert table.bytes_compressed < 0.2 * table.bytes_float
+
+
+def served_mlp(bits=8, path="int8", **spec):
+    net = eqx.nn.MLP(64, 10, 96, 2, key=jax.random.key(1))
+    params = eqx.filter(net, eqx.is_inexact_array)
+    t = jaxqp.transform([jaxqp.Rule(r"layers/\d+/weight", quant=Q(bits=bits, **spec), layout="out_in")])
+    exported = jaxqp.export(params, t.init(params))
+    return net, exported, jaxqp.serving.equinox_serving_model(net, exported, path=path)
+
+
+def test_served_linear_equals_int8_matmul_of_its_kernel_bit_for_bit():
+    _, exported, served = served_mlp()
+    assert [type(layer).__name__ for layer in served.layers] == ["EqxInt8Linear"] * 3
+    x = jax.random.normal(jax.random.key(2), (32, 64))
+    layer = served.layers[0]
+    expected = jax.jit(lambda x: jaxqp.serving.int8_matmul(x, layer.kernel) + layer.bias)(x)
+    np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(layer))(x)), np.asarray(expected))
+    # eager: the same integers and scales; XLA may fuse the rescale and the bias into one rounding (1 ulp)
+    np.testing.assert_allclose(np.asarray(jax.vmap(layer)(x)), np.asarray(expected), rtol=2e-7, atol=2e-7)
+    # the kernel decodes to the exported (out, in) weight, transposed to the (in, out) of x @ W
+    np.testing.assert_array_equal(np.asarray(layer.kernel.dequantize()),
+                                  np.asarray(exported.layers[0].weight.dequantize()).T)
+
+
+def test_served_mlp_is_close_to_the_decoded_model_and_matmuls_see_the_whole_batch():
+    from jaxqp.numerics._path_choice import record_paths
+
+    net, exported, served = served_mlp(bits=8, path="int8")
+    decoded = eqx.combine(jaxqp.dequantize(exported), eqx.filter(net, eqx.is_inexact_array, inverse=True))
+    x = jax.random.normal(jax.random.key(3), (4, 8, 64))
+    with record_paths() as used:
+        out = jax.jit(jax.vmap(jax.vmap(served)))(x)
+    assert 32 in {entry["rows"] for entry in used}  # custom_vmap also traces the unbatched body (1 and 8 rows)
+    # the compiled program quantizes all 4 x 8 rows at once: int8 codes of (32, 64), no per-example rows
+    hlo = jax.jit(jax.vmap(jax.vmap(served))).lower(x).compile().as_text()
+    assert "s8[32,64]" in hlo and "s8[4,8,4,64]" not in hlo and "s8[1,64]" not in hlo
+    reference = jax.vmap(jax.vmap(decoded))(x)
+    # the only difference is the int8 rounding of each layer's input (per row, 1/254 of its absmax)
+    assert float(jnp.max(jnp.abs(out - reference))) < 0.05 * float(jnp.max(jnp.abs(reference)))
+
+
+def test_layers_without_an_integer_path_are_decoded_and_bad_inputs_are_refused():
+    net, exported, served = served_mlp(bits=4, path="int8", group_size=16)  # per-group scales: no int8 kernel
+    assert [type(layer).__name__ for layer in served.layers] == ["Linear"] * 3
+    assert isinstance(served.layers[0].weight, jax.Array)
+    np.testing.assert_array_equal(np.asarray(served.layers[0].weight),
+                                  np.asarray(exported.layers[0].weight.dequantize()))
+    with pytest.raises(ValueError, match="path='fast'"):
+        jaxqp.serving.equinox_serving_model(net, exported, path="fast")
+    other = eqx.nn.MLP(64, 10, 96, 3, key=jax.random.key(1))  # one more layer than the export
+    with pytest.raises(ValueError, match="does not have the model's structure"):
+        jaxqp.serving.equinox_serving_model(other, exported)
+
+
+def test_exporting_a_served_equinox_model_is_refused_by_name():
+    pytest.importorskip("jax2onnx")
+    _, _, served = served_mlp()
+    with pytest.raises(ValueError, match=r"ServingKernel \(96, 64\)\) reached the exporter as a traced value"):
+        jaxqp.deploy.to_onnx(lambda model, x: jax.vmap(model)(x), served, jnp.ones((4, 64)))

@@ -101,8 +101,9 @@ def test_choose_bits_quick(capsys, tmp_path):
 @pytest.mark.standard_promotion
 def test_equinox_qat_quick(capsys):
     pytest.importorskip("equinox")
-    accuracy, params, state, packed = load("equinox_qat").main(["--quick"])
+    accuracy, params, state, packed, served_accuracy = load("equinox_qat").main(["--quick"])
     assert accuracy > 0.8  # 89.4% measured after 60 steps, 80% sparse w8a8
+    assert abs(served_accuracy - accuracy) <= 0.02  # int8 serving: the same model up to input rounding
     for i in range(3):
         mask = np.asarray(state.mask(f"layers/{i}/weight"))
         assert (~mask).sum() == round(0.8 * mask.size)

@@ -67,3 +67,19 @@ def write_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder: never a half-written file."""
     with replaced_atomically(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
+
+
+def require_constant(where: str, kernel: Any) -> None:
+    """Refuses a served kernel whose codes are traced values: the exporters write codes as constants.
+
+    A kernel passed through ``jax.custom_vmap`` (an Equinox model from
+    ``jaxqp.serving.equinox_serving_model``) or carried by ``vmap``/``scan`` reaches the kernel
+    hook as tracers, which cannot become ONNX or LiteRT weights.
+    """
+    if isinstance(kernel.codes, jax.core.Tracer):
+        raise ValueError(
+            f"{where}: a served kernel ({type(kernel).__name__} {kernel.codes_shape}) reached the exporter as a "
+            "traced value (a kernel passed through jax.custom_vmap, as in an Equinox model from "
+            "equinox_serving_model, or carried through vmap/scan), but export writes the codes as constants. "
+            "Export a Flax (linen or NNX) model, or close over the prepared kernels instead of passing them through "
+            "a transformation")

@@ -44,7 +44,7 @@ import numpy as np
 from ..serving._hooks import kernel_hook
 from ..serving._kernels import GeneralKernel, ServingKernel, _Int8Codes
 from ..serving._matmul import quantize_rows
-from ._common import check_prepared, input_specs, write_atomic
+from ._common import check_prepared, input_specs, require_constant, write_atomic
 
 SIGNATURE = "serving_default"
 
@@ -94,6 +94,7 @@ class LiteRTKernels:
     """The kernel hook used while tracing: products and decodes become ``quant.fake_quant`` composites."""
 
     def product(self, rows: jax.Array, kernel: _Int8Codes, n_contract: int) -> jax.Array:
+        require_constant("jaxqp.deploy.to_litert", kernel)
         with jax.ensure_compile_time_eval():  # the codes are constants: computed now, not traced
             codes = np.asarray(kernel.matrix_codes(n_contract)).astype(np.float32)
             scale = np.asarray(kernel.out_scale(n_contract), np.float32)
@@ -101,6 +102,7 @@ class LiteRTKernels:
         return jnp.dot(_rows(rows.astype(jnp.float32)), weight, preferred_element_type=jnp.float32)
 
     def decode(self, kernel: _Int8Codes) -> jax.Array:
+        require_constant("jaxqp.deploy.to_litert", kernel)
         with jax.ensure_compile_time_eval():
             codes, scale = np.asarray(kernel.int8_codes()).astype(np.float32), np.asarray(kernel.scale, np.float32)
         if isinstance(kernel, ServingKernel):  # codes (out, in), scale (out,): the weight is (in, out)
@@ -116,6 +118,7 @@ class LiteRTKernels:
 
 
     def lookup(self, kernel: ServingKernel, indices: jax.Array) -> jax.Array:
+        require_constant("jaxqp.deploy.to_litert", kernel)
         # gathers the int8 codes, then scales the rows taken: the table stays int8 in the file
         # (a quantized weight feeding a gather crashes litert-converter 0.5)
         with jax.ensure_compile_time_eval():

@@ -33,7 +33,7 @@ from jax.extend.core import jaxprs_in_params
 
 from ..serving._hooks import kernel_hook
 from ..serving._kernels import GeneralKernel, ServingKernel, _Int8Codes
-from ._common import check_prepared, input_specs, write_atomic
+from ._common import check_prepared, input_specs, require_constant, write_atomic
 
 if TYPE_CHECKING:
     import onnx
@@ -72,6 +72,7 @@ class OnnxKernels:
         return jnp.asarray(self.ops.int4_array(codes))
 
     def product(self, rows: jax.Array, kernel: _Int8Codes, n_contract: int) -> jax.Array:
+        require_constant("jaxqp.deploy.to_onnx", kernel)
         with jax.ensure_compile_time_eval():  # the codes are constants: computed now, not traced
             codes = np.asarray(kernel.matrix_codes(n_contract))
             out_scale = jnp.asarray(np.asarray(kernel.out_scale(n_contract), np.float32))
@@ -84,6 +85,7 @@ class OnnxKernels:
         return self.ops.int_matmul_p.bind(rows.astype(jnp.float32), weight, out_scale, pow2=kernel.pow2, kind=kind)
 
     def decode(self, kernel: _Int8Codes) -> jax.Array:
+        require_constant("jaxqp.deploy.to_onnx", kernel)
         with jax.ensure_compile_time_eval():
             codes, scale = np.asarray(kernel.int8_codes()), np.asarray(kernel.scale)
         if isinstance(kernel, ServingKernel):
@@ -98,6 +100,7 @@ class OnnxKernels:
 
 
     def lookup(self, kernel: ServingKernel, indices: jax.Array) -> jax.Array:
+        require_constant("jaxqp.deploy.to_onnx", kernel)
         return jnp.take(self.decode(kernel), indices, axis=0)
 
 

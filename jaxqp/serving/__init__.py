@@ -1,8 +1,8 @@
 """Serving exported models jit-compiled: ``prepare``, int8 kernels and matmuls, model adapters.
 
 The training-script names (``prepare``, ``linen_serving_apply``, ``nnx_serving_model``,
-``export_serving``, ``load_serving``) are also at the top level of ``jaxqp``; the kernels and
-the integer matmuls they run live here.
+``export_serving``, ``load_serving``) are also at the top level of ``jaxqp``; the kernels, the
+integer matmuls they run and the Equinox adapter (``equinox_serving_model``) live here.
 
 Example:
     >>> import jax, jax.numpy as jnp, jaxqp
@@ -14,6 +14,7 @@ Example:
 """
 
 from ._describe import describe
+from ._equinox import equinox_serving_model
 from ._hooks import PATHS
 from ._kernels import GeneralKernel, ServingKernel
 from ._linen import linen_serving_apply
@@ -30,6 +31,7 @@ __all__ = [
     "Int8Linear",
     "ServingKernel",
     "describe",
+    "equinox_serving_model",
     "export_serving",
     "int8_matmul",
     "int8_matmul_general",

@@ -1,0 +1,160 @@
+"""Serving an Equinox model from its exported codes (tools layer: equinox + serving).
+
+:func:`equinox_serving_model` puts the exported leaves (``jaxqp.export`` of
+``eqx.filter(model, eqx.is_inexact_array)`` with a ``layout="out_in"`` rule) back into the
+model and swaps every ``eqx.nn.Linear`` whose weight is a servable :class:`QArray` for an
+``EqxInt8Linear``, which multiplies with :func:`jaxqp.serving.int8_matmul` from the
+weight's int8 (or packed 4-bit) codes. Every other compressed leaf is decoded to float once.
+The user's classes are not modified; only the returned tree's layers are replaced.
+
+Equinox layers see one example and the model is ``jax.vmap``-ed over the batch. A served
+matmul must see the whole batch (its path is chosen per row count, and padding one row to
+four per example would quadruple the work), so ``EqxInt8Linear`` carries a
+``jax.custom_batching.custom_vmap`` rule: under ``vmap`` (nested or not) it multiplies every
+row at once.
+
+Example:
+    >>> import equinox as eqx, jax, jax.numpy as jnp, jaxqp
+    >>> model = eqx.nn.Linear(256, 64, key=jax.random.key(0))
+    >>> params = eqx.filter(model, eqx.is_inexact_array)
+    >>> t = jaxqp.transform([jaxqp.Rule("weight", quant=jaxqp.QuantSpec(bits=8), layout="out_in")])
+    >>> served = jaxqp.serving.equinox_serving_model(model, jaxqp.export(params, t.init(params)))
+    >>> type(served).__name__, jax.vmap(served)(jnp.ones((3, 256))).shape
+    ('EqxInt8Linear', (3, 64))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .._export.compressed import Compressed, is_compressed
+from .._export.qarray import QArray
+from ..numerics._packing import pack_nibbles
+from ._hooks import PINS
+from ._kernels import ServingKernel
+from ._matmul import int8_matmul
+
+
+def _require_equinox():
+    try:
+        import equinox
+    except ImportError as err:
+        raise ImportError("jaxqp.serving.equinox_serving_model needs equinox: pip install 'jaxqp[equinox]'") from err
+    return equinox
+
+
+@jax.custom_batching.custom_vmap
+def _served_matmul(x: jax.Array, kernel: ServingKernel) -> jax.Array:
+    return int8_matmul(x, kernel)
+
+
+@_served_matmul.def_vmap
+def _served_matmul_batched(axis_size, in_batched, x, kernel):
+    x_batched, kernel_batched = in_batched
+    if any(jax.tree_util.tree_leaves(kernel_batched)):  # a stack of kernels: one matmul per kernel
+        x = x if x_batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+        return jax.lax.map(lambda pair: int8_matmul(*pair), (x, kernel)), True
+    if not x_batched:
+        return _served_matmul(x, kernel), False
+    return _served_matmul(x, kernel), True  # the batch axis is x's first: every row in one matmul
+
+
+def _out_in_kernel(weight: QArray, path: str, pow2_inputs: bool, keep_float: bool) -> ServingKernel | None:
+    """The :class:`ServingKernel` of an ``(out, in)`` QArray with one scale per output row (or per tensor)."""
+    servable = (len(weight.shape) == 2 and weight.zero_point is None and weight.bits <= 8 and weight.qmin >= -127
+                and weight.group is None and weight.scale.shape[-1] == 1)
+    if not servable:
+        return None
+    codes = weight.int_codes()  # already (out, in): the layout a ServingKernel stores
+    bits = 4 if weight.bits <= 4 and weight.qmin >= -8 else 8
+    stored = pack_nibbles(codes) if bits == 4 else codes.astype(jnp.int8)
+    scale = jnp.broadcast_to(weight.scale.reshape(-1), (weight.shape[0],)).astype(jnp.float32)
+    float_weight = weight.dequantize().T if keep_float else None  # the (in, out) weight the float path uses
+    return ServingKernel(stored, scale, weight.dtype, pow2_inputs, path, bits, tuple(codes.shape), float_weight)
+
+
+def _int8_linear_class():
+    eqx = _require_equinox()
+
+    class EqxInt8Linear(eqx.Module):
+        """``W x + b`` of an ``eqx.nn.Linear`` from its :class:`ServingKernel` (int8 inputs and weights).
+
+        Called on one example like the layer it replaces (``(in,)`` -> ``(out,)``); under
+        ``jax.vmap`` every row of the batch goes through one integer matmul.
+
+        Attributes:
+          kernel: the layer's weight as a :class:`ServingKernel`.
+          bias: the bias, or None.
+        """
+
+        kernel: ServingKernel
+        bias: jax.Array | None
+
+        def __call__(self, x: jax.Array, *, key: Any = None) -> jax.Array:
+            del key  # a Linear layer draws no randomness
+            y = _served_matmul(x, self.kernel)
+            return y if self.bias is None else y + self.bias.astype(y.dtype)
+
+    return EqxInt8Linear
+
+
+_CLASSES: dict = {}
+
+
+def int8_linear_class():
+    """The ``EqxInt8Linear`` Equinox module class (built on first use: equinox is an optional extra)."""
+    if "EqxInt8Linear" not in _CLASSES:
+        _CLASSES["EqxInt8Linear"] = _int8_linear_class()
+    return _CLASSES["EqxInt8Linear"]
+
+
+def equinox_serving_model(model: Any, exported: Any, *, path: str = "auto", pow2_inputs: bool = False,
+                          keep_float: bool = False) -> Any:
+    """The Equinox ``model`` with its exported leaves, every quantized ``eqx.nn.Linear`` running from codes.
+
+    Args:
+      model: the float Equinox model (its structure and static fields are kept).
+      exported: ``jaxqp.export(eqx.filter(model, eqx.is_inexact_array), state)`` (or ``jaxqp.load``
+        of its file), quantized with ``Rule(..., layout="out_in")``.
+      path: ``"auto"`` (measure each layer's fastest path on this machine) or a pin, as in
+        :func:`jaxqp.prepare`.
+      pow2_inputs: quantize inputs with power-of-two row scales (models trained with
+        ``ActSpec(integer=True)``).
+      keep_float: also keep each served weight's float copy, for a faster float path.
+
+    Returns:
+      The model with ``EqxInt8Linear`` layers in place of the ``eqx.nn.Linear`` layers whose
+      weight is an int8/int4 QArray with one scale per output (or per tensor); every other
+      compressed leaf (zero points, groups, sparse and N:M containers, other layers) decoded to float.
+
+    Raises:
+      ImportError: without equinox.
+      ValueError: for an unknown ``path``, or an ``exported`` tree that was not exported from
+        this model's inexact arrays.
+    """
+    eqx = _require_equinox()
+    if path not in PINS:
+        raise ValueError(f"equinox_serving_model: path={path!r}; expected one of {PINS}")
+    static = eqx.filter(model, eqx.is_inexact_array, inverse=True)
+    try:
+        merged = eqx.combine(exported, static, is_leaf=lambda x: x is None or is_compressed(x))
+    except ValueError as err:
+        raise ValueError("equinox_serving_model: `exported` does not have the model's structure; export "
+                         "eqx.filter(model, eqx.is_inexact_array) of this model (with jaxqp.export)") from err
+    int8_linear = int8_linear_class()
+
+    def serve(node):
+        if isinstance(node, eqx.nn.Linear) and isinstance(node.weight, QArray):
+            kernel = _out_in_kernel(node.weight, path, pow2_inputs, keep_float)
+            if kernel is not None:
+                bias = node.bias.dequantize() if isinstance(node.bias, Compressed) else node.bias
+                return int8_linear(kernel, bias)
+        return node
+
+    served = jax.tree_util.tree_map(serve, merged, is_leaf=lambda x: isinstance(x, eqx.nn.Linear))
+    decode = lambda x: x.dequantize() if is_compressed(x) and not isinstance(x, ServingKernel) else x
+    return jax.tree_util.tree_map(decode, served, is_leaf=is_compressed)
+
