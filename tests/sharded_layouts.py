@@ -178,21 +178,26 @@ def seconds_per_step(runs: dict, x, y, rounds: int) -> dict:
 
 
 def masks_on_the_same_weights(devices) -> dict:
-    """Magnitude and global masks of kernels sharded on either axis (with exact ties) vs one device."""
-    from jaxqp.numerics._masks import global_magnitude_masks, magnitude_mask
+    """Magnitude, global and channel masks of kernels sharded on either axis (with exact ties), and
+    2:4 masks with the N:M axis sharded, vs one device."""
+    from jaxqp.numerics._masks import channel_mask, global_magnitude_masks, magnitude_mask, nm_mask
 
     mesh = Mesh(np.array(devices), ("model",))
     rng = np.random.default_rng(0)
     a = rng.normal(size=(64, 512)).astype(np.float32)
     b = rng.normal(size=(512, 32)).astype(np.float32)
     b[:40] = b[40:80]  # exact ties across shards of the input axis
+    a[:, 64:72] = a[:, 0:8]  # whole output channels tied across shards (equal norms)
     sharded = (jax.device_put(a, NamedSharding(mesh, P(None, "model"))),
                jax.device_put(b, NamedSharding(mesh, P("model", None))))
     equal = {}
     for sparsity in (0.5, 0.8, 0.9):
-        masks = jax.jit(lambda x, y, s=sparsity: [*global_magnitude_masks([x, y], s), magnitude_mask(y, s)])
+        masks = jax.jit(lambda x, y, s=sparsity: [*global_magnitude_masks([x, y], s), magnitude_mask(y, s),
+                                                  channel_mask(x, s, axis=-1), channel_mask(y, s, axis=-1)])
         one, spread = masks(jnp.asarray(a), jnp.asarray(b)), masks(*sharded)
         equal[str(sparsity)] = all(np.array_equal(np.asarray(m), np.asarray(n)) for m, n in zip(one, spread))
+    nm = jax.jit(lambda y: nm_mask(y, 2, 4, axis=-2))  # groups along the sharded input axis
+    equal["nm2:4"] = bool(np.array_equal(np.asarray(nm(jnp.asarray(b))), np.asarray(nm(sharded[1]))))
     return {"check": "masks_on_the_same_weights", "equal": equal}
 
 
