@@ -109,8 +109,8 @@ def test_train_export_and_summary_of_an_equinox_mlp():
     assert table.bytes_compressed < 0.2 * table.bytes_float
 
 
-def served_mlp(bits=8, path="int8", **spec):
-    net = eqx.nn.MLP(64, 10, 96, 2, key=jax.random.key(1))
+def served_mlp(bits=8, path="int8", seed=1, **spec):
+    net = eqx.nn.MLP(64, 10, 96, 2, key=jax.random.key(seed))
     params = eqx.filter(net, eqx.is_inexact_array)
     t = jaxqp.transform([jaxqp.Rule(r"layers/\d+/weight", quant=Q(bits=bits, **spec), layout="out_in")])
     exported = jaxqp.export(params, t.init(params))
@@ -166,3 +166,28 @@ def test_exporting_a_served_equinox_model_is_refused_by_name():
     _, _, served = served_mlp()
     with pytest.raises(ValueError, match=r"ServingKernel \(96, 64\)\) reached the exporter as a traced value"):
         jaxqp.deploy.to_onnx(lambda model, x: jax.vmap(model)(x), served, jnp.ones((4, 64)))
+
+
+def test_a_vmap_over_stacked_kernels_multiplies_each_with_its_own_kernel():
+    from jaxqp.serving._equinox import _served_matmul
+
+    layers = [served_mlp()[2].layers[1], served_mlp(seed=2)[2].layers[1]]  # two different kernels
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(layer.kernel for layer in layers))
+    x = jax.random.normal(jax.random.key(5), (2, 6, 96))
+    got = jax.jit(jax.vmap(lambda k, x: jax.vmap(lambda row: _served_matmul(row, k))(x)))(stacked, x)
+    for i, layer in enumerate(layers):
+        expected = jax.jit(jaxqp.serving.int8_matmul)(x[i], layer.kernel)
+        np.testing.assert_allclose(np.asarray(got[i]), np.asarray(expected), rtol=2e-7, atol=2e-7)
+
+
+def test_two_four_pruned_int8_layers_serve_from_codes():
+    net = eqx.nn.MLP(64, 10, 96, 2, key=jax.random.key(1))
+    params = eqx.filter(net, eqx.is_inexact_array)
+    t = jaxqp.transform([jaxqp.Rule(r"layers/\d+/weight", quant=Q(bits=8), prune=P(structure=jaxqp.NM(2, 4)),
+                                    layout="out_in")])
+    exported = jaxqp.export(params, t.init(params))
+    assert type(exported.layers[0].weight).__name__ == "NMArray"
+    served = jaxqp.serving.equinox_serving_model(net, exported, path="int8")
+    assert [type(layer).__name__ for layer in served.layers] == ["EqxInt8Linear"] * 3
+    np.testing.assert_array_equal(np.asarray(served.layers[0].kernel.dequantize()),
+                                  np.asarray(exported.layers[0].weight.dequantize()).T)

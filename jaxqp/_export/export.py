@@ -170,4 +170,3 @@ def export(params: Any, state: Any) -> Any:
                 require_on_this_host("jaxqp.export", path, array, "export builds each compressed leaf on this host")
     out = [_export_leaf(leaf, view) for (_, leaf), view in zip(flat, views)]
     return jax.tree_util.tree_unflatten(treedef, out)
-

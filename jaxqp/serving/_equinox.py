@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from .._export.compressed import Compressed, is_compressed
+from .._export.nm_array import NMArray
 from .._export.qarray import QArray
 from ..numerics._packing import pack_nibbles
 from ._hooks import PINS
@@ -147,8 +148,11 @@ def equinox_serving_model(model: Any, exported: Any, *, path: str = "auto", pow2
     int8_linear = int8_linear_class()
 
     def serve(node):
-        if isinstance(node, eqx.nn.Linear) and isinstance(node.weight, QArray):
-            kernel = _out_in_kernel(node.weight, path, pow2_inputs, keep_float)
+        weight = getattr(node, "weight", None) if isinstance(node, eqx.nn.Linear) else None
+        if isinstance(weight, NMArray) and isinstance(weight.values, QArray):
+            weight = weight.dense_qarray()  # N:M saves bytes, not time: the int8 kernel needs every code
+        if isinstance(weight, QArray):
+            kernel = _out_in_kernel(weight, path, pow2_inputs, keep_float)
             if kernel is not None:
                 bias = node.bias.dequantize() if isinstance(node.bias, Compressed) else node.bias
                 return int8_linear(kernel, bias)
