@@ -191,3 +191,26 @@ def test_two_four_pruned_int8_layers_serve_from_codes():
     assert [type(layer).__name__ for layer in served.layers] == ["EqxInt8Linear"] * 3
     np.testing.assert_array_equal(np.asarray(served.layers[0].kernel.dequantize()),
                                   np.asarray(exported.layers[0].weight.dequantize()).T)
+
+
+def test_a_saved_equinox_export_loads_and_serves_like_the_export(tmp_path):
+    net, exported, served = served_mlp()
+    jaxqp.save(tmp_path / "mlp.jaxqp", exported)  # an Equinox module: saved as the dict of its fields
+    loaded = jaxqp.load(tmp_path / "mlp.jaxqp")
+    assert len(loaded["layers"]) == 3 and sorted(loaded["layers"][0]) == ["bias", "weight"]
+    from_file = jaxqp.serving.equinox_serving_model(net, loaded, path="int8")
+    x = jax.random.normal(jax.random.key(6), (8, 64))
+    np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(from_file))(x)), np.asarray(jax.jit(jax.vmap(served))(x)))
+    del loaded["layers"][2]["weight"]
+    with pytest.raises(ValueError, match="the loaded tree has no 'layers/2/weight'"):
+        jaxqp.serving.equinox_serving_model(net, loaded)
+
+
+def test_an_nnx_state_saves_like_its_pure_dict(tmp_path):
+    nnx = pytest.importorskip("flax.nnx")
+    _, state = nnx.split(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), nnx.Param)
+    jaxqp.save(tmp_path / "state.jaxqp", state)
+    loaded, pure = jaxqp.load(tmp_path / "state.jaxqp"), nnx.to_pure_dict(state)
+    assert sorted(loaded) == sorted(pure) == ["bias", "kernel"]
+    for key in pure:
+        np.testing.assert_array_equal(np.asarray(loaded[key]), np.asarray(pure[key]))

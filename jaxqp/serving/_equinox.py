@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from .._export.compressed import Compressed, is_compressed
 from .._export.nm_array import NMArray
 from .._export.qarray import QArray
+from .._specs.paths import paths_and_leaves
 from ..numerics._packing import pack_nibbles
 from ._hooks import PINS
 from ._kernels import ServingKernel
@@ -112,14 +113,34 @@ def int8_linear_class():
     return _CLASSES["EqxInt8Linear"]
 
 
+def _as_module(params: Any, loaded: dict) -> Any:
+    """The loaded tree (dicts of module fields, lists/tuples of layers) put back into the structure of
+    ``params`` (the model's inexact arrays), leaf by leaf, by path."""
+    flat, treedef = paths_and_leaves(params)
+    leaves = []
+    for path, _ in flat:
+        node: Any = loaded
+        for key in path.split("/"):
+            if isinstance(node, (list, tuple)) and key.isdigit() and int(key) < len(node):
+                node = node[int(key)]
+            elif isinstance(node, dict) and key in node:
+                node = node[key]
+            else:
+                raise ValueError(f"equinox_serving_model: the loaded tree has no '{path}'; load a file saved from "
+                                 "jaxqp.export(eqx.filter(model, eqx.is_inexact_array), state) of this model")
+        leaves.append(node)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 def equinox_serving_model(model: Any, exported: Any, *, path: str = "auto", pow2_inputs: bool = False,
                           keep_float: bool = False) -> Any:
     """The Equinox ``model`` with its exported leaves, every quantized ``eqx.nn.Linear`` running from codes.
 
     Args:
       model: the float Equinox model (its structure and static fields are kept).
-      exported: ``jaxqp.export(eqx.filter(model, eqx.is_inexact_array), state)`` (or ``jaxqp.load``
-        of its file), quantized with ``Rule(..., layout="out_in")``.
+      exported: ``jaxqp.export(eqx.filter(model, eqx.is_inexact_array), state)``, quantized with
+        ``Rule(..., layout="out_in")``, or ``jaxqp.load`` of its saved file (a nested dict of the
+        module's fields, put back into the model's structure by path).
       path: ``"auto"`` (measure each layer's fastest path on this machine) or a pin, as in
         :func:`jaxqp.prepare`.
       pow2_inputs: quantize inputs with power-of-two row scales (models trained with
@@ -133,13 +154,15 @@ def equinox_serving_model(model: Any, exported: Any, *, path: str = "auto", pow2
 
     Raises:
       ImportError: without equinox.
-      ValueError: for an unknown ``path``, or an ``exported`` tree that was not exported from
-        this model's inexact arrays.
+      ValueError: for an unknown ``path``, or an ``exported`` tree (or loaded dict) that was not
+        exported from this model's inexact arrays (the message names the first missing path).
     """
     eqx = _require_equinox()
     if path not in PINS:
         raise ValueError(f"equinox_serving_model: path={path!r}; expected one of {PINS}")
     static = eqx.filter(model, eqx.is_inexact_array, inverse=True)
+    if isinstance(exported, dict):  # jaxqp.load of a saved export: the module's fields as nested dicts
+        exported = _as_module(eqx.filter(model, eqx.is_inexact_array), exported)
     try:
         merged = eqx.combine(exported, static, is_leaf=lambda x: x is None or is_compressed(x))
     except ValueError as err:
