@@ -4,7 +4,9 @@ Latency: a jitted forward pass of (a) a 2-layer 4096-wide MLP, (b) a small trans
 block (d_model 512, 8 heads, MLP 2048, 16 tokens per sequence; its attention projections
 are `DenseGeneral` layers, served from codes with ``prepare(..., dense_general=True)``) and
 (c) a byte-level transformer language model (d_model 128, 4 heads, MLP 512, 2 blocks,
-vocabulary 256, 64 tokens), at batch 1, 2, 8, 32 and 256, for float32 and for the jaxqp
+vocabulary 256, 64 tokens) and (d) the MLP of (a) as an Equinox model (``eqx_mlp``, int8 and
+int4, served with ``jaxqp.serving.equinox_serving_model`` under ``jax.vmap``; when equinox is
+installed), at batch 1, 2, 8, 32 and 256, for float32 and for the jaxqp
 int8, int4, 2:4 + int8 and 90%-sparse + int8 exports of every Dense, DenseGeneral and Embed
 weight (``jaxqp.prepare`` + ``jaxqp.linen_serving_apply``), and, when Qwix is installed,
 Qwix's int8 PTQ model (``qwix-ptq-int8``). Each matmul takes the path ``prepare`` measured
@@ -23,11 +25,13 @@ The first JSON row records the machine: CPU model, flags (avx512_vnni, avx_vnni,
 avx512_bf16, amx), backend and jax version.
 
     python benchmarks/serving.py --json serving.json
+    python benchmarks/serving.py --models equinox    # one model (mlp, transformer, lm, equinox)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import tempfile
@@ -179,6 +183,52 @@ def latency_rows(model_name, model, params, make_input, batches, configs, repeat
     return rows
 
 
+def equinox_rows(width, batches, repeats, calls):
+    """The MLP as an Equinox model, served with ``jaxqp.serving.equinox_serving_model`` (vmapped)."""
+    import equinox as eqx
+
+    class EqxMLP(eqx.Module):
+        layers: list
+
+        def __init__(self, key):
+            keys = jax.random.split(key, 2)
+            self.layers = [eqx.nn.Linear(width, width, key=k) for k in keys]
+
+        def __call__(self, x):
+            return self.layers[1](jax.nn.relu(self.layers[0](x)))
+
+    net = EqxMLP(jax.random.key(0))
+    params = eqx.filter(net, eqx.is_inexact_array)
+    served = {}
+    for name, bits in (("int8", 8), ("int4", 4)):
+        t = jaxqp.transform([jaxqp.Rule(r"layers/\d+/weight", quant=jaxqp.QuantSpec(bits=bits), layout="out_in")])
+        served[name] = jaxqp.serving.equinox_serving_model(net, jaxqp.export(params, t.init(params)))
+    memory = {name: tree_bytes(eqx.filter(tree, eqx.is_array)) / tree_bytes(params) for name, tree in served.items()}
+    run = jax.jit(lambda model, x: jax.vmap(model)(x))
+    rows = []
+    for batch in batches:
+        x = jax.random.normal(jax.random.key(batch), (batch, width))
+        fns = {"float32": run, **{name: run for name in served}}
+        args = {"float32": (net, x), **{name: (tree, x) for name, tree in served.items()}}
+        paths = {}
+        for name, tree in served.items():
+            with record_paths() as used:  # this MLP also runs on a whole batch: one entry per layer, all rows
+                jax.eval_shape(lambda tree, x: tree(x), tree, x)  # (under vmap, custom_vmap traces 1 row too)
+            paths[name] = path_counts(used)
+        t = time_calls(fns, args, repeats, calls)
+        cells = []
+        for name in served:
+            rows.append({"model": f"eqx_mlp{width}", "batch": batch, "config": name,
+                         "latency_ratio": round(t[name] / t["float32"], 4),
+                         "served_bytes_ratio": round(memory[name], 4), "path": paths[name],
+                         "latency_ms": round(t[name] * 1e3, 3), "float_ms": round(t["float32"] * 1e3, 3)})
+            chosen = ",".join(f"{p}:{c}" for p, c in paths[name].items())
+            cells.append(f"{name} {t[name] / t['float32']:.2f}x [{chosen}]")
+        print(f"eqx_mlp{width:<5} batch {batch:>4}: float {t['float32'] * 1e3:8.2f} ms | " + " | ".join(cells),
+              flush=True)
+    return rows
+
+
 def bytes_rows(params, configs):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,7 +251,12 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--models", default="mlp,transformer,lm,equinox",
+                        help="comma-separated subset of mlp, transformer, lm, equinox (equinox: when installed)")
     args = parser.parse_args(argv)
+    models = set(args.models.split(","))
+    if models - {"mlp", "transformer", "lm", "equinox"}:
+        parser.error(f"--models: unknown {sorted(models - {'mlp', 'transformer', 'lm', 'equinox'})}")
     width, d_model, batches = args.width, 512, [1, 2, 8, 32, 256]
     if args.quick:
         width, d_model, batches, args.repeats, args.calls = 256, 64, [1, 4], 2, 2
@@ -214,29 +269,43 @@ def main(argv=None):
     mlp = MLP(width)
     mlp_params = mlp.init(jax.random.key(0), jnp.ones((1, width)))["params"]
     configs = exports(mlp_params)
-    rows = machine + latency_rows(f"mlp{width}", mlp, mlp_params,
-                                  lambda b: jax.random.normal(jax.random.key(b), (b, width)),
-                                  batches, configs, args.repeats, args.calls)
+    rows = list(machine)
+    if "mlp" in models:
+        rows += latency_rows(f"mlp{width}", mlp, mlp_params, lambda b: jax.random.normal(jax.random.key(b), (b, width)),
+                             batches, configs, args.repeats, args.calls)
+    if "equinox" in models and importlib.util.find_spec("equinox") is not None:
+        rows += equinox_rows(width, batches, args.repeats, args.calls)
+    if "transformer" in models:
+        rows += transformer_rows(d_model, batches, args)
+    if "lm" in models:
+        rows += lm_rows(batches, args)
+    if "mlp" in models:
+        rows += bytes_rows(mlp_params, configs)
+    write_json(args.json, rows)
+    return rows
+
+
+def transformer_rows(d_model, batches, args):
     block = Block(d_model, 8)
     block_params = block.init(jax.random.key(1), jnp.ones((1, 16, d_model)))["params"]
     block_configs = exports(block_params)
     if args.quick:  # exporting is eager and compiles per leaf shape: one config keeps the check short
         block_configs = {"int8": block_configs["int8"]}
-    rows += latency_rows("transformer", block, block_params,
-                         lambda b: jax.random.normal(jax.random.key(b), (b, 16, d_model)),
-                         batches, block_configs, args.repeats, args.calls)
+    return latency_rows("transformer", block, block_params,
+                        lambda b: jax.random.normal(jax.random.key(b), (b, 16, d_model)),
+                        batches, block_configs, args.repeats, args.calls)
+
+
+def lm_rows(batches, args):
     lm = TinyLM(d_model=32, blocks=1) if args.quick else TinyLM()
     seq = 8 if args.quick else 64
     lm_params = lm.init(jax.random.key(2), jnp.ones((1, seq), jnp.int32))["params"]
     lm_configs = exports(lm_params)
     if args.quick:
         lm_configs = {"int8": lm_configs["int8"]}
-    rows += latency_rows("tiny_lm", lm, lm_params,
-                         lambda b: jax.random.randint(jax.random.key(b), (b, seq), 0, 256),
-                         batches, lm_configs, args.repeats, args.calls, keep_float=("int8",))
-    rows += bytes_rows(mlp_params, configs)
-    write_json(args.json, rows)
-    return rows
+    return latency_rows("tiny_lm", lm, lm_params,
+                        lambda b: jax.random.randint(jax.random.key(b), (b, seq), 0, 256),
+                        batches, lm_configs, args.repeats, args.calls, keep_float=("int8",))
 
 
 if __name__ == "__main__":

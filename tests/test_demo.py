@@ -59,10 +59,10 @@ def test_serving_benchmark_quick_writes_rows(tmp_path):
     _, rows = run_quick([str(ROOT / "benchmarks" / "serving.py")], tmp_path / "serving.json")
     latency = [r for r in rows if "latency_ratio" in r]
     sizes = {r["config"]: r["bytes_ratio"] for r in rows if "bytes_ratio" in r}
-    models = ("mlp256", "transformer", "tiny_lm")
+    models = ("mlp256", "eqx_mlp256", "transformer", "tiny_lm")
     assert {(r["model"], r["batch"]) for r in latency} == {(m, b) for m in models for b in (1, 4)}
     configs = {m: {r["config"] for r in latency if r["model"] == m} for m in models}
-    assert configs == {"mlp256": {"int8", "int4", "nm2:4+int8", "sparse90+int8"},
+    assert configs == {"mlp256": {"int8", "int4", "nm2:4+int8", "sparse90+int8"}, "eqx_mlp256": {"int8", "int4"},
                        "transformer": {"int8"}, "tiny_lm": {"int8", "int8+keep_float"}}  # quick mode
     # Served memory follows from the shapes: 256x256 kernels stay int8 codes (or two 4-bit codes a
     # byte) plus a float32 scale per output; biases stay float32.
@@ -70,9 +70,9 @@ def test_serving_benchmark_quick_writes_rows(tmp_path):
     mlp = {bits: round(2 * (256 * 256 * bits // 8 + 256 * 4 + 256 * 4) / float_bytes, 4) for bits in (8, 4)}
     assert (mlp[8], mlp[4]) == (0.2568, 0.1323)
     for r in latency:
-        if r["model"] == "mlp256":
+        if r["model"] in ("mlp256", "eqx_mlp256"):  # the same MLP as linen Dense or eqx.nn.Linear layers
             assert r["served_bytes_ratio"] == (mlp[4] if r["config"] == "int4" else mlp[8]), r
-            assert r["path"] and sum(r["path"].values()) == 2  # both Dense layers, by the path measured fastest
+            assert r["path"] and sum(r["path"].values()) == 2  # both layers, by the path measured fastest
         elif r["config"] == "int8":  # small models: every Dense, DenseGeneral and Embed weight stays codes
             assert r["served_bytes_ratio"] < 0.30, r
         else:  # keep_float: a float copy next to the codes
