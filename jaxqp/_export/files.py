@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._specs.paths import path_str
+from .._specs.paths import named_children
 from ..numerics._packing import container_width, pack, packed_size, unpack
 from .compressed import require_on_this_host
 from .nm_array import NMArray, index_bits
@@ -85,22 +85,6 @@ class _Writer:
         return name
 
 
-def _pytree_children(node) -> dict[str, Any] | None:
-    """A registered pytree node's children by key name (attribute, key or index), or None for a leaf.
-
-    An Equinox module is saved as the dict of its array fields (``load`` gives that dict back, and
-    ``jaxqp.serving.equinox_serving_model`` accepts it in place of the module); an NNX state as
-    ``nnx.to_pure_dict`` would give it (a ``Variable``'s one child, ``value``, is its path's end).
-    """
-    flat = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
-    if len(flat) == 1 and flat[0][1] is node:
-        return None
-    names = [path_str(keypath) for keypath, _ in flat]
-    if len(set(names)) != len(names):
-        return None
-    return dict(zip(names, (child for _, child in flat)))
-
-
 def _describe(node, path: str, writer: _Writer):
     where = path or "<root>"
     if isinstance(node, QArray):
@@ -136,7 +120,7 @@ def _describe(node, path: str, writer: _Writer):
         return {kind: [_describe(v, f"{path}/{i}" if path else str(i), writer) for i, v in enumerate(node)]}
     if isinstance(node, (jax.Array, np.ndarray, np.generic, int, float, bool)):
         return {"array": writer.add(where, node)}
-    children = _pytree_children(node)
+    children = named_children(node)
     if children is not None and list(children) == [""]:  # a wrapper of one value (an NNX Variable): the value
         return _describe(children[""], path, writer)
     if children is not None:  # another pytree node (an Equinox module): a dict of its children

@@ -41,3 +41,29 @@ def paths_and_leaves(tree) -> tuple[list[tuple[str, Any]], Any]:
     """``([(path, leaf), ...], treedef)`` in ``jax.tree_util`` leaf order."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     return [(path_str(kp), leaf) for kp, leaf in flat], treedef
+
+
+def named_children(node) -> dict[str, Any] | None:
+    """A pytree node's children by path name (attribute, key or index), or None for a leaf.
+
+    ``jaxqp.save`` saves any pytree node this way: an Equinox module becomes the dict of its
+    array fields; a node whose one child adds nothing to the path (an NNX ``Variable``'s
+    ``value``) gives ``{"": child}``. None also when two children would share a name.
+
+    Args:
+      node: any object.
+
+    Returns:
+      ``{name: child}`` in ``jax.tree_util`` order, or None.
+
+    Example:
+      >>> named_children({"b": 1, "a": [2]})
+      {'a': [2], 'b': 1}
+    """
+    flat = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
+    if len(flat) == 1 and flat[0][1] is node:
+        return None
+    names = [path_str(keypath) for keypath, _ in flat]
+    if len(set(names)) != len(names):
+        return None
+    return dict(zip(names, (child for _, child in flat)))
