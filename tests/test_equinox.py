@@ -214,3 +214,14 @@ def test_an_nnx_state_saves_like_its_pure_dict(tmp_path):
     assert sorted(loaded) == sorted(pure) == ["bias", "kernel"]
     for key in pure:
         np.testing.assert_array_equal(np.asarray(loaded[key]), np.asarray(pure[key]))
+
+
+def test_a_scalar_linear_is_decoded_and_runs_like_the_decoded_layer():
+    layer = eqx.nn.Linear("scalar", 8, key=jax.random.key(7))
+    params = eqx.filter(layer, eqx.is_inexact_array)
+    t = jaxqp.transform([jaxqp.Rule("weight", quant=Q(bits=8), layout="out_in")])
+    exported = jaxqp.export(params, t.init(params))
+    served = jaxqp.serving.equinox_serving_model(layer, exported)
+    assert type(served).__name__ == "Linear" and isinstance(served.weight, jax.Array)
+    np.testing.assert_array_equal(np.asarray(served(jnp.float32(0.5))),
+                                  np.asarray(eqx.combine(jaxqp.dequantize(exported), layer)(jnp.float32(0.5))))

@@ -171,7 +171,8 @@ def equinox_serving_model(model: Any, exported: Any, *, path: str = "auto", pow2
     int8_linear = int8_linear_class()
 
     def serve(node):
-        weight = getattr(node, "weight", None) if isinstance(node, eqx.nn.Linear) else None
+        vector = isinstance(node, eqx.nn.Linear) and "scalar" not in (node.in_features, node.out_features)
+        weight = node.weight if vector else None  # a "scalar" Linear reshapes around its matmul: decoded
         if isinstance(weight, NMArray) and isinstance(weight.values, QArray):
             weight = weight.dense_qarray()  # N:M saves bytes, not time: the int8 kernel needs every code
         if isinstance(weight, QArray):
