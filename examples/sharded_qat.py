@@ -74,7 +74,9 @@ def main(argv=None):
             x, y = jnp.asarray(x_train[idx]), jnp.asarray(y_train[idx])
             if shard:
                 x, y = jax.device_put(x, batch_sharding), jax.device_put(y, batch_sharding)
-            params, opt_state = step(params, opt_state, x, y)
+            # waiting for each step: with many steps in flight, XLA's CPU all-reduce deadlocked 8 simulated
+            # devices on 2 cores (docs/sharding.md); on real devices, let steps run ahead
+            params, opt_state = jax.block_until_ready(step(params, opt_state, x, y))
         return params, jaxqp.state_of(opt_state)
 
     params = init(jax.random.key(0))
