@@ -225,3 +225,17 @@ def test_a_scalar_linear_is_decoded_and_runs_like_the_decoded_layer():
     assert type(served).__name__ == "Linear" and isinstance(served.weight, jax.Array)
     np.testing.assert_array_equal(np.asarray(served(jnp.float32(0.5))),
                                   np.asarray(eqx.combine(jaxqp.dequantize(exported), layer)(jnp.float32(0.5))))
+
+
+@pytest.mark.parametrize("axis_spec", [dict(), dict(axis=None)])
+def test_an_embedding_keeps_its_table_as_codes_and_looks_up_the_exported_rows_exactly(axis_spec):
+    table = eqx.nn.Embedding(50, 16, key=jax.random.key(8))
+    params = eqx.filter(table, eqx.is_inexact_array)
+    t = jaxqp.transform([jaxqp.Rule("weight", quant=Q(bits=8, **axis_spec), layout="out_in")])
+    exported = jaxqp.export(params, t.init(params))
+    served = jaxqp.serving.equinox_serving_model(table, exported)
+    assert type(served).__name__ == "EqxInt8Embedding" and served.codes.dtype == jnp.int8
+    tokens = jnp.array([[0, 7, 49], [3, 3, 12]])
+    expected = np.asarray(jaxqp.dequantize(exported.weight))[np.asarray(tokens)]
+    np.testing.assert_array_equal(np.asarray(jax.vmap(jax.vmap(served))(tokens)), expected)
+    np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(jax.vmap(served)))(tokens)), expected)

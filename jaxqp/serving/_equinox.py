@@ -4,7 +4,9 @@
 ``eqx.filter(model, eqx.is_inexact_array)`` with a ``layout="out_in"`` rule) back into the
 model and swaps every ``eqx.nn.Linear`` whose weight is a servable :class:`QArray` for an
 ``EqxInt8Linear``, which multiplies with :func:`jaxqp.serving.int8_matmul` from the
-weight's int8 (or packed 4-bit) codes. Every other compressed leaf is decoded to float once.
+weight's int8 (or packed 4-bit) codes, and every ``eqx.nn.Embedding`` with a quantized table
+for an ``EqxInt8Embedding`` (int8 codes in memory, the rows taken decoded at lookup). Every
+other compressed leaf is decoded to float once.
 The user's classes are not modified; only the returned tree's layers are replaced.
 
 Equinox layers see one example and the model is ``jax.vmap``-ed over the batch. A served
@@ -103,14 +105,61 @@ def _int8_linear_class():
     return EqxInt8Linear
 
 
+def _int8_embedding_class():
+    eqx = _require_equinox()
+
+    class EqxInt8Embedding(eqx.Module):
+        """An ``eqx.nn.Embedding`` whose table stays int8 codes: a lookup decodes only the rows taken.
+
+        The rows equal the exported table's (``QArray.dequantize``) bit for bit: the same codes
+        times the same float32 scales, cast to ``dtype``.
+
+        Attributes:
+          codes: the ``(num_embeddings, dim)`` int8 codes.
+          scale: float32 scales of shape ``(num_embeddings, 1)``, ``(1, dim)`` or ``(1, 1)``.
+          dtype: the dtype of the looked-up rows.
+        """
+
+        codes: jax.Array
+        scale: jax.Array
+        dtype: str = eqx.field(static=True)
+
+        def __call__(self, x: jax.Array, *, key: Any = None) -> jax.Array:
+            del key
+            scale = self.scale[x] if self.scale.shape[0] > 1 else self.scale[0]
+            return (self.codes[x].astype(jnp.float32) * scale).astype(self.dtype)
+
+    return EqxInt8Embedding
+
+
 _CLASSES: dict = {}
+
+
+def _module_class(name: str, build):
+    if name not in _CLASSES:
+        _CLASSES[name] = build()
+    return _CLASSES[name]
 
 
 def int8_linear_class():
     """The ``EqxInt8Linear`` Equinox module class (built on first use: equinox is an optional extra)."""
-    if "EqxInt8Linear" not in _CLASSES:
-        _CLASSES["EqxInt8Linear"] = _int8_linear_class()
-    return _CLASSES["EqxInt8Linear"]
+    return _module_class("EqxInt8Linear", _int8_linear_class)
+
+
+def int8_embedding_class():
+    """The ``EqxInt8Embedding`` Equinox module class (built on first use)."""
+    return _module_class("EqxInt8Embedding", _int8_embedding_class)
+
+
+def _embedding(node, int8_embedding):
+    """The ``EqxInt8Embedding`` of an ``eqx.nn.Embedding`` whose table is a symmetric QArray, or None."""
+    table = node.weight
+    if isinstance(table, NMArray) and isinstance(table.values, QArray):
+        table = table.dense_qarray()
+    if not (isinstance(table, QArray) and len(table.shape) == 2 and table.zero_point is None
+            and table.group is None and table.bits <= 8 and table.qmin >= -127):
+        return None
+    return int8_embedding(table.int_codes().astype(jnp.int8), table.scale.astype(jnp.float32), str(table.dtype))
 
 
 def _as_module(params: Any, loaded: dict) -> Any:
@@ -149,8 +198,10 @@ def equinox_serving_model(model: Any, exported: Any, *, path: str = "auto", pow2
 
     Returns:
       The model with ``EqxInt8Linear`` layers in place of the ``eqx.nn.Linear`` layers whose
-      weight is an int8/int4 QArray with one scale per output (or per tensor); every other
-      compressed leaf (zero points, groups, sparse and N:M containers, other layers) decoded to float.
+      weight is an int8/int4 QArray with one scale per output (or per tensor), and
+      ``EqxInt8Embedding`` in place of ``eqx.nn.Embedding`` layers whose table is a symmetric
+      QArray (kept as int8 codes, rows decoded at lookup); every other compressed leaf (zero
+      points, groups, sparse containers, other layers) decoded to float.
 
     Raises:
       ImportError: without equinox.
@@ -168,9 +219,12 @@ def equinox_serving_model(model: Any, exported: Any, *, path: str = "auto", pow2
     except ValueError as err:
         raise ValueError("equinox_serving_model: `exported` does not have the model's structure; export "
                          "eqx.filter(model, eqx.is_inexact_array) of this model (with jaxqp.export)") from err
-    int8_linear = int8_linear_class()
+    int8_linear, int8_embedding = int8_linear_class(), int8_embedding_class()
 
     def serve(node):
+        if isinstance(node, eqx.nn.Embedding):
+            embedding = _embedding(node, int8_embedding)
+            return node if embedding is None else embedding
         vector = isinstance(node, eqx.nn.Linear) and "scalar" not in (node.in_features, node.out_features)
         weight = node.weight if vector else None  # a "scalar" Linear reshapes around its matmul: decoded
         if isinstance(weight, NMArray) and isinstance(weight.values, QArray):
@@ -182,7 +236,7 @@ def equinox_serving_model(model: Any, exported: Any, *, path: str = "auto", pow2
                 return int8_linear(kernel, bias)
         return node
 
-    served = jax.tree_util.tree_map(serve, merged, is_leaf=lambda x: isinstance(x, eqx.nn.Linear))
+    served = jax.tree_util.tree_map(serve, merged, is_leaf=lambda x: isinstance(x, (eqx.nn.Linear, eqx.nn.Embedding)))
     decode = lambda x: x.dequantize() if is_compressed(x) and not isinstance(x, ServingKernel) else x
     return jax.tree_util.tree_map(decode, served, is_leaf=is_compressed)
 
