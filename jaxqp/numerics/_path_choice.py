@@ -199,14 +199,13 @@ def time_candidates(fns: Mapping[str, Callable[[], object]], rounds: int = ROUND
         raise next(iter(failed.values()))
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
-        for name, fn in fns.items():
-            if name not in calls:
-                continue
+        for name, count in calls.items():
+            fn = fns[name]
             start = time.perf_counter()
-            for _ in range(calls[name]):
+            for _ in range(count):
                 out = fn()
             jax.block_until_ready(out)
-            times[name].append((time.perf_counter() - start) / calls[name])
+            times[name].append((time.perf_counter() - start) / count)
     return {name: float(np.median(times[name])) if name in calls else float("inf") for name in fns}
 
 

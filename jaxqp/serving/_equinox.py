@@ -61,9 +61,7 @@ def _served_matmul_batched(axis_size, in_batched, x, kernel):
     if any(jax.tree_util.tree_leaves(kernel_batched)):  # a stack of kernels: one matmul per kernel
         x = x if x_batched else jnp.broadcast_to(x, (axis_size, *x.shape))
         return jax.lax.map(lambda pair: int8_matmul(*pair), (x, kernel)), True
-    if not x_batched:
-        return _served_matmul(x, kernel), False
-    return _served_matmul(x, kernel), True  # the batch axis is x's first: every row in one matmul
+    return _served_matmul(x, kernel), True  # only x batched, on its first axis: every row in one matmul
 
 
 def _out_in_kernel(weight: QArray, path: str, pow2_inputs: bool, keep_float: bool) -> ServingKernel | None:
@@ -151,11 +149,16 @@ def int8_embedding_class():
     return _module_class("EqxInt8Embedding", _int8_embedding_class)
 
 
+def _dense_codes(weight):
+    """An N:M leaf of kept codes as the dense QArray (N:M saves bytes, not time: serving needs every code)."""
+    if isinstance(weight, NMArray) and isinstance(weight.values, QArray):
+        return weight.dense_qarray()
+    return weight
+
+
 def _embedding(node, int8_embedding):
     """The ``EqxInt8Embedding`` of an ``eqx.nn.Embedding`` whose table is a symmetric QArray, or None."""
-    table = node.weight
-    if isinstance(table, NMArray) and isinstance(table.values, QArray):
-        table = table.dense_qarray()
+    table = _dense_codes(node.weight)
     if not (isinstance(table, QArray) and len(table.shape) == 2 and table.zero_point is None
             and table.group is None and table.bits <= 8 and table.qmin >= -127):
         return None
@@ -226,9 +229,7 @@ def equinox_serving_model(model: Any, exported: Any, *, path: str = "auto", pow2
             embedding = _embedding(node, int8_embedding)
             return node if embedding is None else embedding
         vector = isinstance(node, eqx.nn.Linear) and "scalar" not in (node.in_features, node.out_features)
-        weight = node.weight if vector else None  # a "scalar" Linear reshapes around its matmul: decoded
-        if isinstance(weight, NMArray) and isinstance(weight.values, QArray):
-            weight = weight.dense_qarray()  # N:M saves bytes, not time: the int8 kernel needs every code
+        weight = _dense_codes(node.weight) if vector else None  # a "scalar" Linear reshapes around its matmul
         if isinstance(weight, QArray):
             kernel = _out_in_kernel(weight, path, pow2_inputs, keep_float)
             if kernel is not None:
