@@ -166,13 +166,17 @@ def seconds_per_step(runs: dict, x, y, rounds: int) -> dict:
     alike; every step is waited for: with many steps in flight, 8 simulated devices on 2 cores
     deadlocked in an all-reduce's rendezvous (XLA CPU, ``--scale 8``).
     """
+    def advance(run):  # one awaited step: the run's params and optimizer state move on
+        step, params, opt_state = run
+        run[1:] = jax.block_until_ready(step(params, opt_state, x, y))[:2]
+
     for run in runs.values():
-        run[1:] = jax.block_until_ready(run[0](run[1], run[2], x, y))[:2]
+        advance(run)  # compiled and warm
     times: dict = {config: [] for config in runs}
     for _ in range(rounds):
         for config, run in runs.items():
             start = time.perf_counter()
-            run[1:] = jax.block_until_ready(run[0](run[1], run[2], x, y))[:2]
+            advance(run)
             times[config].append(time.perf_counter() - start)
     return {config: float(np.median(t)) for config, t in times.items()}
 
