@@ -99,3 +99,71 @@ def test_load_serving_of_foreign_bytes_is_a_value_error(blob):
     with pytest.raises(TypeError, match="load_serving: blob must be the bytes"):
         jaxqp.load_serving(np.zeros(3))
     np.testing.assert_array_equal(jaxqp.load_serving(good)(jnp.ones(3)), 2 * np.ones(3))
+
+
+def _exported():
+    params = {"l1": {"kernel": jnp.ones((4, 8))}}
+    return params, jaxqp.export(params, jaxqp.transform([Rule(".*kernel", quant=QuantSpec(bits=8))]).init(params))
+
+
+def test_save_and_load_refuse_folders_before_writing(tmp_path):
+    params, exported = _exported()
+    with pytest.raises(ValueError, match=r"jaxqp\.save: '.*' is a folder; give a file path inside it, e\.g\. "
+                                         r"'.*model\.jaxqp'"):
+        jaxqp.save(tmp_path, exported)
+    with pytest.raises(ValueError, match=r"jaxqp\.save: the folder of '.*x\.jaxqp' does not exist .*os\.makedirs"):
+        jaxqp.save(tmp_path / "missing" / "x.jaxqp", exported)
+    with pytest.raises(ValueError, match=r"jaxqp\.load\('.*'\): is a folder; give the file jaxqp\.save wrote"):
+        jaxqp.load(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary file left
+    jaxqp.save(tmp_path / "x.jaxqp", exported)  # the fix
+    assert [p.name for p in tmp_path.iterdir()] == ["x.jaxqp"]
+
+
+@pytest.mark.parametrize("exporter,suffix", [("to_onnx", ".onnx"), ("to_litert", ".tflite")])
+def test_exporters_refuse_a_bad_file_or_function_before_tracing(tmp_path, exporter, suffix):
+    export = getattr(jaxqp.deploy, exporter)
+    traced = []
+
+    def apply(p, x):
+        traced.append(True)
+        return x @ p["w"]
+
+    params = {"w": jnp.ones((4, 2))}
+    with pytest.raises(ValueError, match=rf"jaxqp\.deploy\.{exporter}: '.*' is a folder; .*model\{suffix}"):
+        export(apply, params, jnp.ones((1, 4)), file=tmp_path)
+    with pytest.raises(ValueError, match=rf"jaxqp\.deploy\.{exporter}: the folder of .* does not exist"):
+        export(apply, params, jnp.ones((1, 4)), file=tmp_path / "missing" / f"m{suffix}")
+    with pytest.raises(TypeError, match=rf"jaxqp\.deploy\.{exporter}: apply_fn must be the serving function.*"
+                                        "got NoneType"):
+        export(None, params, jnp.ones((1, 4)))
+    assert traced == [] and list(tmp_path.iterdir()) == []
+
+
+def test_freeze_masks_of_a_tree_without_state_is_an_error():
+    params = {"w": jnp.arange(1.0, 5.0)}
+    with pytest.raises(ValueError, match=r"jaxqp\.freeze_masks: no jaxqp state found"):
+        jaxqp.freeze_masks(params)
+    state = jaxqp.transform([Rule("w", prune=PruneSpec(sparsity=0.5))]).init(params)
+    assert bool(jaxqp.freeze_masks(state).frozen)
+
+
+def test_serving_functions_refuse_what_prepare_did_not_make():
+    params, exported = _exported()
+    with pytest.raises(TypeError, match=r"int8_matmul: kernel must be a ServingKernel from jaxqp\.prepare"):
+        jaxqp.serving.int8_matmul(jnp.ones((2, 4)), params["l1"]["kernel"])
+    with pytest.raises(TypeError, match=r"int8_matmul_general: kernel must be a GeneralKernel"):
+        jaxqp.serving.int8_matmul_general(jnp.ones((2, 4)), exported["l1"]["kernel"], 1)
+    with pytest.raises(ValueError, match=r"describe: \['l1'\]\['kernel'\] is a QArray, not a served kernel; "
+                                         r"describe jaxqp\.prepare\(tree\)"):
+        jaxqp.serving.describe(exported)
+    assert "['l1']['kernel']" in str(jaxqp.serving.describe(jaxqp.prepare(exported)))
+    with pytest.raises(TypeError, match=r"nnx_serving_model: graphdef must be the model's nnx\.GraphDef"):
+        jaxqp.nnx_serving_model(None, exported)
+
+
+def test_equinox_serving_model_refuses_a_model_that_is_not_a_module():
+    pytest.importorskip("equinox")
+    _, exported = _exported()
+    with pytest.raises(TypeError, match=r"equinox_serving_model: model must be the Equinox model \(an eqx\.Module\)"):
+        jaxqp.serving.equinox_serving_model({"l1": None}, exported)

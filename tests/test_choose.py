@@ -242,3 +242,15 @@ def test_plots_write_readable_pngs(swept, tmp_path):
         assert head[:8] == b"\x89PNG\r\n\x1a\n"
         width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
         assert width >= 600 and height >= 300
+
+
+def test_plots_and_json_refuse_a_folder_before_drawing(swept, tmp_path):
+    pytest.importorskip("matplotlib")
+    s = swept[2]
+    with pytest.raises(ValueError, match=r"plot_sensitivity: '.*' is a folder; .*model\.png"):
+        jaxqp.choose.plot_sensitivity(s, tmp_path)
+    with pytest.raises(ValueError, match=r"plot_pareto: the folder of .* does not exist"):
+        jaxqp.choose.plot_pareto({"uniform": [s.uniform(n) for n in s.names]}, tmp_path / "no" / "p.png")
+    with pytest.raises(ValueError, match=r"Sensitivity\.to_json: '.*' is a folder"):
+        s.to_json(tmp_path)
+    assert list(tmp_path.iterdir()) == []

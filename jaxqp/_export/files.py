@@ -141,11 +141,13 @@ def save(path: str | os.PathLike, tree: Any) -> None:
 
     Raises:
       TypeError: if a leaf is not an array or a jaxqp container (nothing is written).
+      ValueError: if ``path`` is a folder or its folder does not exist (nothing is written).
     """
     from safetensors.numpy import save_file
 
     from .. import __version__
 
+    check_writable("jaxqp.save", path)
     writer = _Writer()
     structure = _describe(tree, "", writer)
     info: dict[str, Any] = {
@@ -161,6 +163,33 @@ def save(path: str | os.PathLike, tree: Any) -> None:
     metadata = {METADATA_KEY: json.dumps(info, sort_keys=True)}
     with replaced_atomically(path) as tmp:
         save_file(writer.tensors, tmp, metadata=metadata)
+
+
+def check_writable(where: str, path: str | os.PathLike, suffix: str = ".jaxqp") -> None:
+    """Refuses, before any work, a ``path`` that no file can be written to: a folder, or a file in a missing folder.
+
+    Args:
+      where: the public function, for the message (``"jaxqp.save"``).
+      path: the file about to be written.
+      suffix: the file name ending suggested in the message.
+
+    Raises:
+      ValueError: naming the path and the fix.
+
+    Example:
+      >>> check_writable("jaxqp.save", ".")
+      Traceback (most recent call last):
+      ...
+      ValueError: jaxqp.save: '.' is a folder; give a file path inside it, e.g. './model.jaxqp'
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{where}: {path!r} is a folder; give a file path inside it, e.g. "
+                         f"{os.path.join(path, 'model' + suffix)!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{where}: the folder of {path!r} does not exist ({folder}); create it first "
+                         "(os.makedirs(folder, exist_ok=True))")
 
 
 @contextlib.contextmanager
@@ -383,6 +412,8 @@ def load(path: str | os.PathLike) -> Any:
     """
     from safetensors import SafetensorError, safe_open
 
+    if os.path.isdir(path):
+        raise _refuse(path, "is a folder; give the file jaxqp.save wrote")
     try:
         with safe_open(os.fspath(path), framework="numpy") as handle:
             structure, version, tensors = _read(path, handle)

@@ -385,6 +385,9 @@ def freeze_masks(tree: Any, frozen: bool = True) -> Any:
     Returns:
       ``tree`` with every transform state's ``frozen`` flag set.
 
+    Raises:
+      ValueError: if ``tree`` holds no transform state (nothing would be frozen).
+
     Example:
       >>> import jax.numpy as jnp, jaxqp
       >>> t = jaxqp.transform([jaxqp.Rule("w", prune=jaxqp.PruneSpec(sparsity=jaxqp.polynomial(0.0, 0.5, 0, 2)))])
@@ -393,4 +396,7 @@ def freeze_masks(tree: Any, frozen: bool = True) -> Any:
       >>> bool(t.update(params, state).masks["w"].all())
       True
     """
+    if not transform_states(tree):
+        raise ValueError("jaxqp.freeze_masks: no jaxqp state found in the tree, so there is no mask to freeze; pass "
+                         "t.init(params)'s result, or the optimizer state of jaxqp.wrap(optax_tx, t)")
     return map_states(tree, lambda s: dataclasses.replace(s, frozen=jnp.asarray(frozen, bool)))

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .._export.files import check_writable, replaced_atomically
 from ._allocate import Front
 from ._sensitivity import Sensitivity
 
@@ -31,6 +32,17 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, file: str | os.PathLike) -> str:
+    """Writes ``fig`` to ``file`` atomically (the format from its ending, PNG without one), then closes it."""
+    fmt = os.path.splitext(os.fspath(file))[1].lstrip(".").lower() or "png"
+    try:
+        with replaced_atomically(file) as tmp:
+            fig.savefig(tmp, dpi=120, format=fmt)
+    finally:
+        plt.close(fig)
+    return os.fspath(file)
 
 
 def plot_sensitivity(sensitivity: Sensitivity, file: str | os.PathLike, *, use: str = "auto") -> str:
@@ -48,6 +60,7 @@ def plot_sensitivity(sensitivity: Sensitivity, file: str | os.PathLike, *, use: 
     Returns:
       The path written.
     """
+    check_writable("jaxqp.choose.plot_sensitivity", file, ".png")
     plt = _pyplot()
     from matplotlib.colors import LogNorm
 
@@ -72,9 +85,7 @@ def plot_sensitivity(sensitivity: Sensitivity, file: str | os.PathLike, *, use: 
     ax.set_title(f"Loss increase with one layer compressed ({source}; base loss {sensitivity.base_loss:.3f}; "
                  f"below {tiny:.1g} or negative: darkest green)", fontsize=10)
     fig.colorbar(image, ax=ax, label="loss increase (log scale)")
-    fig.savefig(file, dpi=120)
-    plt.close(fig)
-    return os.fspath(file)
+    return _save(plt, fig, file)
 
 
 def plot_pareto(series: Mapping[str, Sequence[tuple[float, float]]], file: str | os.PathLike, *,
@@ -93,6 +104,7 @@ def plot_pareto(series: Mapping[str, Sequence[tuple[float, float]]], file: str |
     Returns:
       The path written.
     """
+    check_writable("jaxqp.choose.plot_pareto", file, ".png")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     markers = "osD^v<>"
@@ -114,6 +126,4 @@ def plot_pareto(series: Mapping[str, Sequence[tuple[float, float]]], file: str |
     ax.set_title(f"{ylabel} against model size")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.savefig(file, dpi=120)
-    plt.close(fig)
-    return os.fspath(file)
+    return _save(plt, fig, file)

@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .._export.files import replaced_atomically
+from .._export.files import check_writable, replaced_atomically
 from .._specs.paths import paths_and_leaves
 from .._specs.rules import is_float, resolve
 from .._tools.summary import summary
@@ -140,6 +140,7 @@ class Sensitivity:
 
     def to_json(self, file: str | os.PathLike) -> None:
         """Writes :meth:`to_dict` as JSON (atomically: a temporary file, then a rename)."""
+        check_writable("Sensitivity.to_json", file, ".json")
         with replaced_atomically(file) as tmp, open(tmp, "w") as f:
             json.dump(self.to_dict(), f, indent=1)
 

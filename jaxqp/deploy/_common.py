@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._export.compressed import Compressed
-from .._export.files import replaced_atomically
+from .._export.files import check_writable, replaced_atomically
 from ..serving._kernels import _Int8Codes
 
 
@@ -25,13 +25,23 @@ def path_name(path) -> str:
     return "/".join(str(getattr(e, "key", getattr(e, "idx", getattr(e, "name", e)))) for e in path)
 
 
-def check_prepared(where: str, served: Any) -> None:
-    """A clear error for leaves that only ``jaxqp.prepare`` turns into something servable.
+def check_request(where: str, apply_fn: Any, served: Any, file: Any, suffix: str) -> None:
+    """Refuses, before any tracing, what an exporter cannot use: ``apply_fn`` not callable, a ``file``
+    that cannot be written (a folder, a missing folder), and leaves that only ``jaxqp.prepare`` makes
+    servable (or traced ones).
 
     Args:
       where: the public function's name, for the message (``"jaxqp.deploy.to_onnx"``).
+      apply_fn: the serving function.
       served: the tree to export.
+      file: the output file, or None.
+      suffix: the output file's usual ending (``".onnx"``), for the message.
     """
+    if not callable(apply_fn):
+        raise TypeError(f"{where}: apply_fn must be the serving function, apply_fn(served, *inputs), e.g. "
+                        f"jaxqp.linen_serving_apply(model); got {type(apply_fn).__name__}")
+    if file is not None:
+        check_writable(where, file, suffix)
     leaves = jax.tree_util.tree_leaves_with_path(served, is_leaf=lambda x: isinstance(x, Compressed))
     for path, leaf in leaves:
         if isinstance(leaf, Compressed) and not isinstance(leaf, _Int8Codes):

@@ -44,7 +44,7 @@ import numpy as np
 from ..serving._hooks import kernel_hook
 from ..serving._kernels import GeneralKernel, ServingKernel, _Int8Codes
 from ..serving._matmul import quantize_rows
-from ._common import check_prepared, input_specs, require_constant, write_atomic
+from ._common import check_request, input_specs, require_constant, write_atomic
 
 SIGNATURE = "serving_default"
 
@@ -171,8 +171,10 @@ def to_litert(apply_fn: Callable, served: Any, *example_inputs: Any, file: str |
 
     Raises:
       ImportError: without the ``litert`` extra.
-      ValueError: for a tree that was exported but not prepared, or a model the converter
-        cannot express (the converter's message names the operation).
+      TypeError: if ``apply_fn`` is not callable.
+      ValueError: for a tree that was exported but not prepared, a ``file`` that cannot be
+        written (a folder, a missing folder: refused before any tracing), or a model the
+        converter cannot express (the converter's message names the operation).
 
     Example:
       >>> import jax.numpy as jnp, jaxqp
@@ -181,7 +183,7 @@ def to_litert(apply_fn: Callable, served: Any, *example_inputs: Any, file: str |
       True
     """
     _require_extra()
-    check_prepared("jaxqp.deploy.to_litert", served)
+    check_request("jaxqp.deploy.to_litert", apply_fn, served, file, ".tflite")
     specs = input_specs("jaxqp.deploy.to_litert", example_inputs, dynamic_batch=False)
     names = list(input_names) if input_names is not None else [f"x{i}" for i in range(len(specs))]
     if len(names) != len(specs) or len(set(names)) != len(names):

@@ -33,7 +33,7 @@ from jax.extend.core import jaxprs_in_params
 
 from ..serving._hooks import kernel_hook
 from ..serving._kernels import GeneralKernel, ServingKernel, _Int8Codes
-from ._common import check_prepared, input_specs, require_constant, write_atomic
+from ._common import check_request, input_specs, require_constant, write_atomic
 
 if TYPE_CHECKING:
     import onnx
@@ -174,7 +174,9 @@ def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | N
 
     Raises:
       ImportError: without the ``onnx`` extra.
-      ValueError: for a tree that was exported but not prepared, an opset below 21, or a
+      TypeError: if ``apply_fn`` is not callable.
+      ValueError: for a tree that was exported but not prepared, an opset below 21, a ``file``
+        that cannot be written (a folder, a missing folder: refused before any tracing), or a
         layer jax2onnx cannot express (the message names the operation and where it was traced).
 
     Example:
@@ -193,7 +195,7 @@ def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | N
     import onnx
     from jax.extend.core import jaxpr_as_fun
 
-    check_prepared("jaxqp.deploy.to_onnx", served)
+    check_request("jaxqp.deploy.to_onnx", apply_fn, served, file, ".onnx")
     specs = input_specs("jaxqp.deploy.to_onnx", example_inputs, dynamic_batch)
     with kernel_hook(OnnxKernels(ops, int8_matmul)):
         closed = jax.make_jaxpr(lambda *xs: apply_fn(served, *xs))(*specs)

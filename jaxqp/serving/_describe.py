@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from ..numerics._path_choice import decisions, machine_key, row_bucket
+from .._export.compressed import is_compressed
 from ._kernels import GeneralKernel, ServingKernel
 from ._matmul import kernel_path
 
@@ -108,12 +109,18 @@ def describe(served: Any, rows: Sequence[int] | None = None) -> ServingReport:
 
     Returns:
       A :class:`ServingReport`.
+
+    Raises:
+      ValueError: for non-positive ``rows``, or a tree exported but not prepared.
     """
     if rows is not None and any(int(r) < 1 for r in rows):
         raise ValueError(f"describe: rows={list(rows)} must be positive row counts")
     out = []
-    flat = jax.tree_util.tree_flatten_with_path(served, is_leaf=_is_kernel)[0]
+    flat = jax.tree_util.tree_flatten_with_path(served, is_leaf=is_compressed)[0]
     for key_path, leaf in flat:
+        if is_compressed(leaf) and not _is_kernel(leaf):
+            raise ValueError(f"describe: {jax.tree_util.keystr(key_path)} is a {type(leaf).__name__}, not a served "
+                             "kernel; describe jaxqp.prepare(tree), the tree a model is served from")
         if not _is_kernel(leaf):
             continue
         if rows is not None and isinstance(leaf, ServingKernel):

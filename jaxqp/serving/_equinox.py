@@ -208,10 +208,14 @@ def equinox_serving_model(model: Any, exported: Any, *, path: str = "auto", pow2
 
     Raises:
       ImportError: without equinox.
+      TypeError: if ``model`` is not an ``eqx.Module``.
       ValueError: for an unknown ``path``, or an ``exported`` tree (or loaded dict) that was not
         exported from this model's inexact arrays (the message names the first missing path).
     """
     eqx = _require_equinox()
+    if not isinstance(model, eqx.Module):
+        raise TypeError(f"equinox_serving_model: model must be the Equinox model (an eqx.Module) the export was made "
+                        f"from, got {type(model).__name__}")
     if path not in PINS:
         raise ValueError(f"equinox_serving_model: path={path!r}; expected one of {PINS}")
     static = eqx.filter(model, eqx.is_inexact_array, inverse=True)

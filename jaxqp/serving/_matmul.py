@@ -129,6 +129,12 @@ def kernel_path(kernel: _Int8Codes, rows: int, n_contract: int = 1) -> str:
     return path
 
 
+def _require_kernel(where: str, kernel, kind: type) -> None:
+    if not isinstance(kernel, kind):
+        raise TypeError(f"{where}: kernel must be a {kind.__name__} from jaxqp.prepare(jaxqp.export(params, state)), "
+                        f"got {type(kernel).__name__}; a float weight multiplies with x @ w")
+
+
 def int8_matmul(x: jax.Array, kernel: ServingKernel) -> jax.Array:
     """``x @ W`` over the last axis of ``x``, by the kernel's path (see :func:`rows_product`).
 
@@ -139,6 +145,7 @@ def int8_matmul(x: jax.Array, kernel: ServingKernel) -> jax.Array:
     Returns:
       ``(..., out)`` in ``x``'s dtype.
     """
+    _require_kernel("int8_matmul", kernel, ServingKernel)
     n_in = kernel.shape[0]
     if x.shape[-1] != n_in:
         raise ValueError(f"int8_matmul: x has {x.shape[-1]} features, the kernel expects {n_in}")
@@ -162,6 +169,7 @@ def int8_matmul_general(x: jax.Array, kernel: GeneralKernel, n_contract: int) ->
     Returns:
       The output, in ``x``'s dtype.
     """
+    _require_kernel("int8_matmul_general", kernel, GeneralKernel)
     contracted, features = kernel.shape[:n_contract], kernel.shape[n_contract:]
     if tuple(x.shape[x.ndim - n_contract:]) != contracted:
         raise ValueError(f"int8_matmul_general: x's last axes {x.shape[x.ndim - n_contract:]} do not match "

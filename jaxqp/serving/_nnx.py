@@ -108,6 +108,9 @@ def nnx_serving_model(graphdef: Any, served: Any, *rest: Any) -> nnx.Module:
       and ``nnx.Embed`` layers by :class:`Int8Embed`; other layers' prepared kernels
       decoded to float.
     """
+    if not isinstance(graphdef, nnx.GraphDef):
+        raise TypeError(f"nnx_serving_model: graphdef must be the model's nnx.GraphDef (graphdef, state = "
+                        f"nnx.split(model)), got {type(graphdef).__name__}")
     model = nnx.merge(graphdef, served, *rest)
     _decode_others(model)
     swapped = _swap(model)
