@@ -107,7 +107,7 @@ def _exported():
 
 
 def test_save_and_load_refuse_folders_before_writing(tmp_path):
-    params, exported = _exported()
+    _, exported = _exported()
     with pytest.raises(ValueError, match=r"jaxqp\.save: '.*' is a folder; give a file path inside it, e\.g\. "
                                          r"'.*model\.jaxqp'"):
         jaxqp.save(tmp_path, exported)

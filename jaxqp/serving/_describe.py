@@ -22,8 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from ..numerics._path_choice import decisions, machine_key, row_bucket
 from .._export.compressed import is_compressed
+from ..numerics._path_choice import decisions, machine_key, row_bucket
 from ._kernels import GeneralKernel, ServingKernel
 from ._matmul import kernel_path
 
