@@ -21,11 +21,17 @@ scales, kept float copies, float leaves), divided by the bytes of the float32 pa
 Bytes: the saved file (``jaxqp.save``) of each export of the MLP, divided by the
 saved float32 file.
 
+With ``--pins``, every config is also timed with all its matmuls pinned to each path of
+``jaxqp.serving.PATHS`` (int8, kernel-first int8, bf16, float with decoded weights): the keys
+``pinned`` (ratio per path) and ``best_pinned`` say what the best single path reaches on this
+machine, so a cell above 1.0x can be told apart from a wrong choice.
+
 The first JSON row records the machine: CPU model, flags (avx512_vnni, avx_vnni,
 avx512_bf16, amx), backend and jax version.
 
     python benchmarks/serving.py --json serving.json
     python benchmarks/serving.py --models equinox    # one model (mlp, transformer, lm, equinox)
+    python benchmarks/serving.py --models transformer,lm --pins  # also every path pinned, per cell
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from _common import write_json
 
 import jaxqp
 from jaxqp.numerics._path_choice import cpu_info, machine_key, record_paths
+from jaxqp.serving._hooks import PATHS, override_paths
 
 
 class MLP(nn.Module):
@@ -144,7 +151,21 @@ def path_counts(used) -> dict:
     return dict(sorted(counts.items()))
 
 
-def latency_rows(model_name, model, params, make_input, batches, configs, repeats, calls, keep_float=()):
+def pinned_fns(model, served: dict) -> tuple[dict, dict]:
+    """Every served config with every matmul pinned to each path of ``PATHS``: ``{(config, path): fn}``, args."""
+    apply = jaxqp.linen_serving_apply(model, measure_model=False)
+    fns, args = {}, {}
+    for name, tree in served.items():
+        for pin in PATHS:
+            def run(tree, x, pin=pin):
+                with override_paths(pin):
+                    return apply(tree, x)
+            fns[(name, pin)], args[(name, pin)] = jax.jit(run), tree
+    return fns, args
+
+
+def latency_rows(model_name, model, params, make_input, batches, configs, repeats, calls, keep_float=(),
+                 pins=False):
     float_apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
     served = {name: jaxqp.prepare(export_tree(params, rules), dense_general=True) for name, rules in configs.items()}
     for name in keep_float:  # the speed objective: a float copy of each weight next to its codes
@@ -161,6 +182,10 @@ def latency_rows(model_name, model, params, make_input, batches, configs, repeat
         x = make_input(batch)
         fns = {"float32": float_apply, **{name: serve for name in served}}
         args = {"float32": (params, x), **{name: (tree, x) for name, tree in served.items()}}
+        if pins:  # every config also with all its matmuls on each one path: what the best path reaches here
+            pinned, trees = pinned_fns(model, served)
+            fns.update(pinned)
+            args.update({key: (tree, x) for key, tree in trees.items()})
         if peer is not None:
             fns["qwix-ptq-int8"], args["qwix-ptq-int8"] = peer[0], (peer[1], x)
         paths = {}
@@ -170,14 +195,17 @@ def latency_rows(model_name, model, params, make_input, batches, configs, repeat
             paths[name] = path_counts(used)
         t = time_calls(fns, args, repeats, calls)
         cells = []
-        for name in [n for n in fns if n != "float32"]:
+        for name in [n for n in fns if n != "float32" and not isinstance(n, tuple)]:
+            by_pin = {pin: round(t[(name, pin)] / t["float32"], 4) for pin in PATHS if (name, pin) in t}
+            best = {"pinned": by_pin, "best_pinned": min(by_pin, key=by_pin.get)} if by_pin else {}
             rows.append({"model": model_name, "batch": batch, "config": name,
                          "latency_ratio": round(t[name] / t["float32"], 4),
                          "served_bytes_ratio": round(memory[name], 4) if name in memory else None,
                          "path": paths.get(name), "latency_ms": round(t[name] * 1e3, 3),
-                         "float_ms": round(t["float32"] * 1e3, 3)})
+                         "float_ms": round(t["float32"] * 1e3, 3), **best})
             chosen = " [" + ",".join(f"{p}:{c}" for p, c in paths[name].items()) + "]" if name in paths else ""
-            cells.append(f"{name} {t[name] / t['float32']:.2f}x{chosen}")
+            pinned_text = f" (best pinned: {best['best_pinned']} {by_pin[best['best_pinned']]:.2f}x)" if best else ""
+            cells.append(f"{name} {t[name] / t['float32']:.2f}x{chosen}{pinned_text}")
         head = f"{model_name:<12} batch {batch:>4}: float {t['float32'] * 1e3:8.2f} ms | "
         print(head + " | ".join(cells), flush=True)
     return rows
@@ -251,6 +279,8 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--pins", action="store_true",
+                        help="also time every config with all its matmuls pinned to each path (keys pinned, best_pinned)")
     parser.add_argument("--models", default="mlp,transformer,lm,equinox",
                         help="comma-separated subset of mlp, transformer, lm, equinox (equinox: when installed)")
     args = parser.parse_args(argv)
@@ -272,7 +302,7 @@ def main(argv=None):
     rows = list(machine)
     if "mlp" in models:
         rows += latency_rows(f"mlp{width}", mlp, mlp_params, lambda b: jax.random.normal(jax.random.key(b), (b, width)),
-                             batches, configs, args.repeats, args.calls)
+                             batches, configs, args.repeats, args.calls, pins=args.pins)
     if "equinox" in models and importlib.util.find_spec("equinox") is not None:
         rows += equinox_rows(width, batches, args.repeats, args.calls)
     if "transformer" in models:
@@ -293,7 +323,7 @@ def transformer_rows(d_model, batches, args):
         block_configs = {"int8": block_configs["int8"]}
     return latency_rows("transformer", block, block_params,
                         lambda b: jax.random.normal(jax.random.key(b), (b, 16, d_model)),
-                        batches, block_configs, args.repeats, args.calls)
+                        batches, block_configs, args.repeats, args.calls, pins=args.pins)
 
 
 def lm_rows(batches, args):
@@ -305,7 +335,7 @@ def lm_rows(batches, args):
         lm_configs = {"int8": lm_configs["int8"]}
     return latency_rows("tiny_lm", lm, lm_params,
                         lambda b: jax.random.randint(jax.random.key(b), (b, seq), 0, 256),
-                        batches, lm_configs, args.repeats, args.calls, keep_float=("int8",))
+                        batches, lm_configs, args.repeats, args.calls, keep_float=("int8",), pins=args.pins)
 
 
 if __name__ == "__main__":

@@ -167,3 +167,39 @@ def test_equinox_serving_model_refuses_a_model_that_is_not_a_module():
     _, exported = _exported()
     with pytest.raises(TypeError, match=r"equinox_serving_model: model must be the Equinox model \(an eqx\.Module\)"):
         jaxqp.serving.equinox_serving_model({"l1": None}, exported)
+
+
+def test_calibrate_refuses_nothing_to_calibrate():
+    params = {"l1": {"kernel": jnp.ones((4, 8))}}
+    forward = lambda state, x: (x, {})
+    weights_only = jaxqp.transform([Rule(".*kernel", quant=QuantSpec(bits=8))]).init(params)
+    with pytest.raises(ValueError, match=r"calibrate: no jaxqp state found"):
+        jaxqp.calibrate(None, forward, [jnp.ones((2, 4))])
+    with pytest.raises(ValueError, match=r"calibrate: nothing to calibrate: no rule of this state quantizes"):
+        jaxqp.calibrate(weights_only, forward, [jnp.ones((2, 4))])
+    with_inputs = jaxqp.transform([Rule(".*kernel", quant=QuantSpec(bits=8),
+                                        act=ActSpec(bits=8, range="static"))]).init(params)
+    with pytest.raises(ValueError, match=r"calibrate: batches is empty"):
+        jaxqp.calibrate(with_inputs, forward, iter([]))
+    with pytest.raises(TypeError, match=r"calibrate: forward must be forward\(state, batch\)"):
+        jaxqp.calibrate(with_inputs, None, [jnp.ones((2, 4))])
+
+
+def test_functions_given_the_wrong_kind_of_object_say_which():
+    params = {"l1": {"kernel": jnp.ones((4, 8))}}
+    state = jaxqp.transform([Rule(".*kernel", quant=QuantSpec(bits=8))]).init(params)
+    with pytest.raises(TypeError, match=r"linen_apply: model must be the flax\.linen Module"):
+        jaxqp.linen_apply(None, state, {"params": params}, jnp.ones((1, 4)))
+    with pytest.raises(TypeError, match=r"fake_quant_weight: spec must be a jaxqp\.QuantSpec"):
+        jaxqp.fake_quant_weight(jnp.ones(4), None)
+    with pytest.raises(TypeError, match=r"fake_quant_weight: w must be an array, got NoneType"):
+        jaxqp.fake_quant_weight(None, QuantSpec(bits=8))
+    with pytest.raises(TypeError, match=r"jaxqp\.transform: seed='0' must be an int"):
+        jaxqp.transform([Rule(".*kernel", quant=QuantSpec(bits=8))], seed="0")
+    with pytest.raises(TypeError, match=r"export_serving: apply_fn must be the serving function"):
+        jaxqp.export_serving(None, jnp.ones(3))
+    with pytest.raises(TypeError, match=r"sensitivity: loss_fn must be loss_fn\(params, batch\)"):
+        jaxqp.choose.sensitivity(None, params, [jnp.ones((2, 4))], [QuantSpec(bits=4)], progress=False)
+    exported = jaxqp.export(params, state)
+    with pytest.raises(TypeError, match=r"prepare: min_int_size='a' must be an int"):
+        jaxqp.prepare(exported, min_int_size="a")

@@ -94,8 +94,11 @@ def linen_apply(
 
     Raises:
       ValueError: if ``state`` was made for another parameter tree (names the paths).
-      TypeError: if ``state`` holds no jaxqp transform state.
+      TypeError: if ``model`` is not a linen Module, or ``state`` holds no jaxqp transform state.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"linen_apply: model must be the flax.linen Module the params belong to, got "
+                        f"{type(model).__name__} (an NNX model goes through jaxqp.nnx_apply)")
     if isinstance(variables, Mapping) and "params" in variables:
         _check_state_fits(state, variables["params"], "linen_apply")
     wanted = input_entries(state)

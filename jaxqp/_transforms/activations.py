@@ -122,16 +122,31 @@ def calibrate(state: Any, forward: Callable[[Any, Any], tuple[Any, dict]], batch
       ``state`` with calibrated ranges, learned values and Wanda scores (and masks).
 
     Raises:
-      ValueError: if ``batches`` is empty or ``forward`` observes no quantized input.
+      TypeError: if ``forward`` is not callable.
+      ValueError: if ``state`` holds no transform state or nothing to calibrate (no quantized
+        input, no Wanda kernel), ``batches`` is empty, or ``forward`` misses a quantized input.
     """
+    if not callable(forward):
+        raise TypeError(f"calibrate: forward must be forward(state, batch) -> (output, observed), got "
+                        f"{type(forward).__name__}")
+    if not transform_states(state):
+        raise ValueError("calibrate: no jaxqp state found in `state`; pass t.init(params)'s result or "
+                         "jaxqp.state_of(opt_state)")
+    entries = input_entries(state)
+    if not entries:
+        raise ValueError("calibrate: nothing to calibrate: no rule of this state quantizes a layer's input "
+                         "(act=jaxqp.ActSpec(...)) or prunes with criterion='wanda'. Weights need no calibration")
     calibrating = map_states(state, lambda s: dataclasses.replace(s, calibrating=True))
     run = jax.jit(forward)
     seen: dict[str, list] = {}
+    n_batches = 0
     for batch in batches:
         _, observed = run(calibrating, batch)
+        n_batches += 1
         for path, stats in observed.items():
             seen.setdefault(path, []).append(stats)
-    entries = input_entries(state)
+    if n_batches == 0:
+        raise ValueError("calibrate: batches is empty; give at least one calibration batch, e.g. [x[:256]]")
     missing = sorted(set(entries) - set(seen))
     if missing:
         raise ValueError(f"calibrate: no input was observed for {missing}: the forward never ran the layers "

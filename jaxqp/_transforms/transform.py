@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._specs.rules import LeafPlan, Plan, Rule, _as_rules, resolve
 from ..numerics._formats import straight_through
@@ -231,10 +232,13 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> Param
       A :class:`ParamTransform` ``(init, apply, update, masks)``.
 
     Raises:
+      TypeError: if ``seed`` is not an int or None.
       ValueError: at ``init``, if a rule matches no float leaf or a spec does not fit the
         leaf it matches (the message names the rule and the path).
     """
     rules = _as_rules(rules)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise TypeError(f"jaxqp.transform: seed={seed!r} must be an int (or None), e.g. jaxqp.transform(rules, seed=0)")
 
     def init(params) -> TransformState:
         plan = resolve(rules, params)

@@ -156,8 +156,14 @@ def fake_quant_weight(w: jax.Array, spec: QuantSpec, learned: Learned | None = N
       The fake-quantized weight, of ``w``'s dtype.
 
     Raises:
+      TypeError: if ``spec`` is not a QuantSpec or ``w`` is not an array.
       ValueError: if ``spec`` needs ``learned`` or ``key`` and it is not given.
     """
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"fake_quant_weight: spec must be a jaxqp.QuantSpec, e.g. QuantSpec(bits=8); got "
+                        f"{type(spec).__name__}")
+    if not hasattr(w, "shape") or not hasattr(w, "dtype"):
+        raise TypeError(f"fake_quant_weight: w must be an array, got {type(w).__name__}")
     if spec.format == "pow2":
         return straight_through(w, pow2_values(w, spec.bits, spec.axis))
     if spec.format in ("e4m3", "e5m2"):

@@ -215,6 +215,11 @@ def sensitivity(loss_fn: Callable[[Any, Any], Any], params: Any, batches: Sequen
     Returns:
       A :class:`Sensitivity`; it prints as a table and writes JSON.
 
+    Raises:
+      TypeError: if ``loss_fn`` is not callable.
+      ValueError: for empty ``batches`` or ``candidates``, a ``layers`` pattern that matches no
+        float parameter, or a loss that is not finite before any compression.
+
     Example:
         >>> import jax.numpy as jnp, jaxqp
         >>> s = sensitivity(lambda p, x: jnp.sum(x * p["kernel"]), {"kernel": jnp.full((2, 2), 0.3)},
@@ -222,6 +227,8 @@ def sensitivity(loss_fn: Callable[[Any, Any], Any], params: Any, batches: Sequen
         >>> round(float(s.delta[0, 0]), 4), int(s.bytes[0, 0])
         (-0.6, 9)
     """
+    if not callable(loss_fn):
+        raise TypeError(f"sensitivity: loss_fn must be loss_fn(params, batch) -> scalar, got {type(loss_fn).__name__}")
     if not (measure or proxy):
         raise ValueError("measure=False and proxy=False leave nothing to compute; keep one of them True")
     cands = as_candidates(candidates)

@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.core
 import jax.numpy as jnp
+import numpy as np
 
 from .._export.nm_array import NMArray
 from .._export.qarray import QArray
@@ -135,11 +136,18 @@ def prepare(tree: Any, min_int_size: int = MIN_INT_SIZE, pow2_inputs: bool = Fal
     Returns:
       The tree with :class:`ServingKernel` (or :class:`GeneralKernel`) leaves for integer
       kernels and float arrays elsewhere.
+
+    Raises:
+      ValueError: for an unknown ``path``.
+      TypeError: for a ``keep_float`` that is not a bool or a ``min_int_size`` that is not an int.
     """
     if path not in PINS:
         raise ValueError(f"prepare: path={path!r}; expected one of {PINS}")
     if not isinstance(keep_float, bool):
         raise TypeError(f"prepare: keep_float={keep_float!r} must be True or False")
+    if isinstance(min_int_size, bool) or not isinstance(min_int_size, (int, np.integer)):
+        raise TypeError(f"prepare: min_int_size={min_int_size!r} must be an int (kernels with fewer entries are "
+                        f"decoded to float), e.g. {MIN_INT_SIZE}")
     options = _Options(int(min_int_size), bool(pow2_inputs), bool(dense_general), path, keep_float)
     is_leaf = lambda x: isinstance(x, (QArray, SparseArray, NMArray, Pow2Array, Fp8Array))
     return jax.tree_util.tree_map(lambda x: _prepare_leaf(x, options), tree, is_leaf=is_leaf)

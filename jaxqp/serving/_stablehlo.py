@@ -29,12 +29,18 @@ def export_serving(apply_fn: Callable, *example_args: Any) -> bytes:
     Returns:
       The serialized bytes.
 
+    Raises:
+      TypeError: if ``apply_fn`` is not callable.
+
     Example:
       >>> import jax, jax.numpy as jnp, jaxqp
       >>> blob = jaxqp.export_serving(lambda x: 2 * x, jnp.ones(3))
       >>> jaxqp.load_serving(blob)(jnp.ones(3))
       Array([2., 2., 2.], dtype=float32)
     """
+    if not callable(apply_fn):
+        raise TypeError(f"export_serving: apply_fn must be the serving function, e.g. "
+                        f"jaxqp.linen_serving_apply(model); got {type(apply_fn).__name__}")
     specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), example_args)
     return bytes(jax.export.export(jax.jit(apply_fn))(*specs).serialize())
 
