@@ -280,7 +280,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--pins", action="store_true",
-                        help="also time every config with all its matmuls pinned to each path (keys pinned, best_pinned)")
+                        help="also time every config with all its matmuls on each one path (JSON: pinned, best_pinned)")
     parser.add_argument("--models", default="mlp,transformer,lm,equinox",
                         help="comma-separated subset of mlp, transformer, lm, equinox (equinox: when installed)")
     args = parser.parse_args(argv)
