@@ -51,7 +51,7 @@ from _common import write_json
 
 import jaxqp
 from jaxqp.numerics._path_choice import cpu_info, machine_key, record_paths
-from jaxqp.serving._hooks import PATHS, override_paths
+from jaxqp.serving import PATHS
 
 
 class MLP(nn.Module):
@@ -151,26 +151,18 @@ def path_counts(used) -> dict:
     return dict(sorted(counts.items()))
 
 
-def pinned_fns(model, served: dict) -> tuple[dict, dict]:
-    """Every served config with every matmul pinned to each path of ``PATHS``: ``{(config, path): fn}``, args."""
-    apply = jaxqp.linen_serving_apply(model, measure_model=False)
-    fns, args = {}, {}
-    for name, tree in served.items():
-        for pin in PATHS:
-            def run(tree, x, pin=pin):
-                with override_paths(pin):
-                    return apply(tree, x)
-            fns[(name, pin)], args[(name, pin)] = jax.jit(run), tree
-    return fns, args
-
-
 def latency_rows(model_name, model, params, make_input, batches, configs, repeats, calls, keep_float=(),
                  pins=False):
     float_apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
-    served = {name: jaxqp.prepare(export_tree(params, rules), dense_general=True) for name, rules in configs.items()}
+    exported = {name: export_tree(params, rules) for name, rules in configs.items()}
+    options = {name: {} for name in configs}
     for name in keep_float:  # the speed objective: a float copy of each weight next to its codes
-        served[f"{name}+keep_float"] = jaxqp.prepare(export_tree(params, configs[name]), dense_general=True,
-                                                     keep_float=True)
+        options[f"{name}+keep_float"] = {"keep_float": True}
+    served = {name: jaxqp.prepare(exported[name.split("+keep")[0]], dense_general=True, **opts)
+              for name, opts in options.items()}
+    # with --pins: every config again with each kernel pinned to one path (what the best one path reaches)
+    pinned = {(name, pin): jaxqp.prepare(exported[name.split("+keep")[0]], dense_general=True, path=pin, **opts)
+              for name, opts in options.items() for pin in PATHS} if pins else {}
     memory = {name: tree_bytes(tree) / tree_bytes(params) for name, tree in served.items()}
     print(f"{model_name:<12} served bytes / float params: "
           + " | ".join(f"{name} {ratio:.3f}x" for name, ratio in memory.items()), flush=True)
@@ -182,10 +174,8 @@ def latency_rows(model_name, model, params, make_input, batches, configs, repeat
         x = make_input(batch)
         fns = {"float32": float_apply, **{name: serve for name in served}}
         args = {"float32": (params, x), **{name: (tree, x) for name, tree in served.items()}}
-        if pins:  # every config also with all its matmuls on each one path: what the best path reaches here
-            pinned, trees = pinned_fns(model, served)
-            fns.update(pinned)
-            args.update({key: (tree, x) for key, tree in trees.items()})
+        fns.update({key: serve for key in pinned})
+        args.update({key: (tree, x) for key, tree in pinned.items()})
         if peer is not None:
             fns["qwix-ptq-int8"], args["qwix-ptq-int8"] = peer[0], (peer[1], x)
         paths = {}
