@@ -141,6 +141,57 @@ def test_whole_model_choice_skips_pinned_models_and_can_be_turned_off(monkeypatc
     assert len(calls) == 1 and calls[0][0] == "model"
 
 
+def _nnx_served(path="auto"):
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.l1, self.norm = nnx.Linear(16, 48, rngs=rngs), nnx.BatchNorm(48, use_running_average=True, rngs=rngs)
+            self.l2 = nnx.Linear(48, 32, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(nnx.relu(self.norm(self.l1(x))))
+
+    graphdef, params, stats = nnx.split(MLP(nnx.Rngs(0)), nnx.Param, nnx.BatchStat)
+    t = jaxqp.transform([Rule(".*kernel", quant=QuantSpec(bits=8))])
+    return graphdef, jaxqp.prepare(jaxqp.export(params, t.init(params)), path=path), stats
+
+
+def test_nnx_serving_apply_times_the_whole_model_like_linen(monkeypatch):
+    """The functional NNX form gets the whole-model choice: timed once, every auto kernel then on the
+    fastest policy, the same bits as that path pinned; pinned states and measure_model=False skip it."""
+    from jaxqp.serving import _model_choice, nnx_serving_apply, nnx_serving_model
+
+    pc.clear_decisions()
+    timed = []
+
+    def fake_time(fns, **timing):  # "bf16" is fastest, as if measured
+        timed.append(sorted(fns))
+        return {name: (1.0 if name == "bf16" else 2.0) for name in fns}
+
+    monkeypatch.setattr(pc, "time_candidates", fake_time)
+    graphdef, served, stats = _nnx_served()
+    apply = nnx_serving_apply(graphdef)
+    x = jax.numpy.ones((3, 16))
+    with pc.record_paths() as used:
+        y = jax.jit(apply)((served, stats), x)
+    assert [names for names in timed if "auto" in names] == [sorted([*_model_choice.MODEL_POLICIES, "_float"])]
+    assert [u["path"] for u in used] == ["bf16", "bf16"]
+    assert [(k.split("|")[-3], d.path) for k, d in pc.decisions().items() if "|model|" in k] == [("model", "bf16")]
+    assert any("nnx:MLP" in k for k in pc.decisions())
+    _, pinned, _ = _nnx_served("bf16")
+    reference = jax.jit(lambda s, b, x: nnx_serving_model(graphdef, s, b)(x))(pinned, stats, x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(reference))
+    calls = []
+    monkeypatch.setattr(_model_choice, "decide", lambda *a, **k: calls.append(a) or pc.Decision("int8", {}, 1.0))
+    jax.jit(apply)((pinned, stats), x)  # every kernel pinned: nothing to choose
+    jax.jit(nnx_serving_apply(graphdef, measure_model=False))((served, stats), x)
+    assert calls == []
+    with pytest.raises(TypeError, match=r"nnx_serving_apply: graphdef must be the model's nnx\.GraphDef"):
+        nnx_serving_apply(served)
+    pc.clear_decisions()
+
+
 def test_cpu_heuristics_are_not_assumed_on_another_backend(monkeypatch):
     """Row padding was measured on CPU only; a decision made on one backend is never reused on another."""
     from jaxqp.numerics import _int_dot

@@ -19,7 +19,7 @@ from ._hooks import PATHS
 from ._kernels import GeneralKernel, ServingKernel
 from ._linen import linen_serving_apply
 from ._matmul import int8_matmul, int8_matmul_general, quantize_rows
-from ._nnx import Int8Embed, Int8Linear, nnx_serving_model
+from ._nnx import Int8Embed, Int8Linear, nnx_serving_apply, nnx_serving_model
 from ._prepare import MIN_INT_SIZE, prepare
 from ._stablehlo import export_serving, load_serving
 
@@ -37,6 +37,7 @@ __all__ = [
     "int8_matmul_general",
     "linen_serving_apply",
     "load_serving",
+    "nnx_serving_apply",
     "nnx_serving_model",
     "prepare",
     "quantize_rows",

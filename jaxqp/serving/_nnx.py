@@ -20,13 +20,16 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 
+from ._hooks import override_paths
 from ._kernels import GeneralKernel, ServingKernel
 from ._matmul import int8_matmul
+from ._model_choice import model_policy
 
 
 class Int8Linear(nnx.Module):
@@ -95,6 +98,12 @@ def _decode_others(model) -> None:
                 variable.set_value(variable.get_value().dequantize())
 
 
+def _check_graphdef(where: str, graphdef: Any) -> None:
+    if not isinstance(graphdef, nnx.GraphDef):
+        raise TypeError(f"{where}: graphdef must be the model's nnx.GraphDef (graphdef, state = "
+                        f"nnx.split(model)), got {type(graphdef).__name__}")
+
+
 def nnx_serving_model(graphdef: Any, served: Any, *rest: Any) -> nnx.Module:
     """The merged model with every served ``nnx.Linear`` and ``nnx.Embed`` running from codes.
 
@@ -108,9 +117,7 @@ def nnx_serving_model(graphdef: Any, served: Any, *rest: Any) -> nnx.Module:
       and ``nnx.Embed`` layers by :class:`Int8Embed`; other layers' prepared kernels
       decoded to float.
     """
-    if not isinstance(graphdef, nnx.GraphDef):
-        raise TypeError(f"nnx_serving_model: graphdef must be the model's nnx.GraphDef (graphdef, state = "
-                        f"nnx.split(model)), got {type(graphdef).__name__}")
+    _check_graphdef("nnx_serving_model", graphdef)
     model = nnx.merge(graphdef, served, *rest)
     _decode_others(model)
     swapped = _swap(model)
@@ -128,3 +135,50 @@ def nnx_serving_model(graphdef: Any, served: Any, *rest: Any) -> nnx.Module:
         else:
             setattr(parent, str(path[-1]), swapped)
     return model
+
+
+def nnx_serving_apply(graphdef: Any, *, measure_model: bool = True) -> Callable:
+    """``apply(served, *args, **kwargs)``: the NNX model of ``graphdef`` on a prepared state, timed as a whole.
+
+    The functional form of :func:`nnx_serving_model`, with what :func:`jaxqp.linen_serving_apply`
+    does for linen: the first time ``apply`` is traced for a shape, the whole model is timed with
+    per-layer path choices and with every ``"auto"`` kernel on each one path, and the fastest
+    is kept (cached per process, machine, model and shapes; ``serving/_model_choice.py``). Layers
+    timed alone can choose a slower model than one path for all: measured on a byte-level LM at
+    256 x 64 tokens (linen, int8, AMD EPYC), per-layer choices 0.90x float, the whole model's
+    choice 0.74x (docs/benchmarks.md).
+
+    Args:
+      graphdef: the model's graph definition (``graphdef, state = nnx.split(model)``).
+      measure_model: False: per-layer choices only (a faster first trace).
+
+    Returns:
+      ``apply(served, *args, **kwargs)``, where ``served`` is the prepared state, or a tuple of
+      states merged in order (e.g. ``(served, batch_stats)``); it returns ``model(*args, **kwargs)``.
+
+    Raises:
+      TypeError: if ``graphdef`` is not an ``nnx.GraphDef``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxqp
+      >>> from flax import nnx
+      >>> graphdef, params = nnx.split(nnx.Linear(64, 8, rngs=nnx.Rngs(0)), nnx.Param)
+      >>> t = jaxqp.transform([jaxqp.Rule("kernel", quant=jaxqp.QuantSpec(bits=8))])
+      >>> served = jaxqp.prepare(jaxqp.export(params, t.init(params)), path="int8")
+      >>> jax.jit(jaxqp.serving.nnx_serving_apply(graphdef))(served, jnp.ones((2, 64))).shape
+      (2, 8)
+    """
+    _check_graphdef("nnx_serving_apply", graphdef)
+    root = getattr(graphdef.nodes[0], "type", None) if getattr(graphdef, "nodes", None) else None
+    name = f"nnx:{getattr(root, '__name__', 'model')}"  # part of the decision's cache key, with the shapes
+
+    def run(served, *args, **kwargs):
+        states = served if isinstance(served, (tuple, list)) else (served,)
+        return nnx_serving_model(graphdef, *states)(*args, **kwargs)
+
+    def apply(served, *args, **kwargs):
+        policy = model_policy(run, served, args, kwargs, name) if measure_model else "auto"
+        with override_paths(policy):
+            return run(served, *args, **kwargs)
+
+    return apply
