@@ -169,6 +169,10 @@ def test_nnx_model_is_exact():
     assert "MatMulInteger" in _ops(exported)
     x = jax.random.normal(jax.random.key(0), (32, 32))
     np.testing.assert_array_equal(_run(_session(exported), x), np.asarray(served(x)))
+    # the functional form exports the same graph's numbers from the prepared state itself
+    state = _served(params, pattern=".*kernel")
+    functional = jaxqp.deploy.to_onnx(jaxqp.serving.nnx_serving_apply(graphdef), state, jnp.ones((1, 32)))
+    np.testing.assert_array_equal(_run(_session(functional), x), np.asarray(served(x)))
 
 
 @pytest.mark.parametrize("bits", [8, 4])
