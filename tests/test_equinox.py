@@ -161,11 +161,32 @@ def test_layers_without_an_integer_path_are_decoded_and_bad_inputs_are_refused()
         jaxqp.serving.equinox_serving_model(other, exported)
 
 
-def test_exporting_a_served_equinox_model_is_refused_by_name():
+def test_a_vmapped_served_equinox_model_exports_to_onnx_bit_exact():
     pytest.importorskip("jax2onnx")
+    ort = pytest.importorskip("onnxruntime")
     _, _, served = served_mlp()
-    with pytest.raises(ValueError, match=r"ServingKernel \(96, 64\)\) reached the exporter as a traced value"):
-        jaxqp.deploy.to_onnx(lambda model, x: jax.vmap(model)(x), served, jnp.ones((4, 64)))
+    apply = lambda model, x: jax.vmap(model)(x)
+    exported = jaxqp.deploy.to_onnx(apply, served, jnp.ones((1, 64)))
+    assert [n.op_type for n in exported.graph.node].count("MatMulInteger") == 3
+    session = ort.InferenceSession(exported.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (1, 7, 32):
+        x = jax.random.normal(jax.random.key(batch), (batch, 64))
+        out = session.run(None, {session.get_inputs()[0].name: np.asarray(x)})[0]
+        np.testing.assert_array_equal(out, np.asarray(apply(served, x)))  # eager jaxqp: the same ops, in order
+
+
+def test_exporters_refuse_what_they_cannot_write_from_an_equinox_model():
+    pytest.importorskip("jax2onnx")
+    pytest.importorskip("ai_edge_litert")
+    _, _, served = served_mlp()
+    with pytest.raises(ValueError, match=r"to_litert: a served layer runs under jax\.vmap .*Export it with "
+                                         r"jaxqp\.deploy\.to_onnx"):
+        jaxqp.deploy.to_litert(lambda model, x: jax.vmap(model)(x), served, jnp.ones((4, 64)))
+    layers = [served_mlp()[2].layers[1], served_mlp(seed=2)[2].layers[1]]  # stacked kernels, mapped over
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    with pytest.raises(ValueError, match=r"ServingKernel \(96, 96\)\) reached the exporter as a traced value"):
+        jaxqp.deploy.to_onnx(lambda s, x: jax.vmap(lambda layer, x: layer(x))(s, x), stacked, jnp.ones((2, 96)),
+                             dynamic_batch=False)
 
 
 def test_a_vmap_over_stacked_kernels_multiplies_each_with_its_own_kernel():

@@ -82,14 +82,14 @@ def write_atomic(path: str, data: bytes) -> None:
 def require_constant(where: str, kernel: Any) -> None:
     """Refuses a served kernel whose codes are traced values: the exporters write codes as constants.
 
-    A kernel passed through ``jax.custom_vmap`` (an Equinox model from
-    ``jaxqp.serving.equinox_serving_model``) or carried by ``vmap``/``scan`` reaches the kernel
-    hook as tracers, which cannot become ONNX or LiteRT weights.
+    Stacked kernels mapped over by ``vmap``/``scan``, or a kernel passed as a traced argument,
+    reach the kernel hook as tracers, which cannot become ONNX or LiteRT weights. (A served
+    Equinox layer bypasses its ``custom_vmap`` while an exporter traces, so its kernel stays
+    a constant.)
     """
     if isinstance(kernel.codes, jax.core.Tracer):
         raise ValueError(
             f"{where}: a served kernel ({type(kernel).__name__} {kernel.codes_shape}) reached the exporter as a "
-            "traced value (a kernel passed through jax.custom_vmap, as in an Equinox model from "
-            "equinox_serving_model, or carried through vmap/scan), but export writes the codes as constants. "
-            "Export a Flax (linen or NNX) model, or close over the prepared kernels instead of passing them through "
-            "a transformation")
+            "traced value (stacked kernels mapped over with vmap/scan, or a kernel passed as a traced argument), "
+            "but export writes the codes as constants. Give each layer its own kernel, closed over or in the "
+            "served tree")

@@ -190,7 +190,15 @@ def to_litert(apply_fn: Callable, served: Any, *example_inputs: Any, file: str |
         raise ValueError(f"jaxqp.deploy.to_litert: input_names={input_names!r}; give {len(specs)} distinct names, "
                          "one per example input")
     with kernel_hook(LiteRTKernels()):
-        exported = jax.export.export(jax.jit(lambda *xs: apply_fn(served, *xs)))(*specs)
+        try:
+            exported = jax.export.export(jax.jit(lambda *xs: apply_fn(served, *xs)))(*specs)
+        except NotImplementedError as err:
+            if "composite" not in str(err):
+                raise
+            raise ValueError("jaxqp.deploy.to_litert: a served layer runs under jax.vmap (e.g. an Equinox model from "
+                             "equinox_serving_model, vmapped over the batch), but LiteRT's int8 operations come from "
+                             "jax.lax.composite, which has no vmap rule. Export it with jaxqp.deploy.to_onnx, or "
+                             "call the served layers on the whole batch") from err
     outputs = [f"y{i}" for i in range(len(exported.out_avals))]
     try:
         flatbuffer = _convert(exported.mlir_module(), names, outputs)

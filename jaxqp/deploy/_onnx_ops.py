@@ -47,6 +47,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 from jax.extend.core import Primitive
+from jax.interpreters import batching
 from jax2onnx.plugins._ir_shapes import _ensure_value_metadata, _stamp_type_and_shape
 from jax2onnx.plugins.plugin_system import PrimitiveLeafPlugin, register_primitive
 
@@ -72,6 +73,18 @@ int_matmul_p.def_impl(_int_matmul_eval)
 int_matmul_p.def_abstract_eval(
     lambda rows, weight, out_scale, *, pow2, kind: jax.core.ShapedArray((rows.shape[0], weight.shape[1]), jnp.float32)
 )
+def _int_matmul_batched(args, dims, *, pow2: bool, kind: str):
+    """Under ``jax.vmap`` (an Equinox model served per example): the batch axis folds into the rows."""
+    rows, weight, out_scale = args
+    if dims[1] is not None or dims[2] is not None:
+        raise NotImplementedError("jaxqp_int_matmul: a batch of different weights cannot become one ONNX "
+                                  "MatMulInteger; export one kernel per layer")
+    rows = jnp.moveaxis(rows, dims[0], 0)
+    flat = int_matmul_p.bind(rows.reshape(-1, rows.shape[-1]), weight, out_scale, pow2=pow2, kind=kind)
+    return flat.reshape(*rows.shape[:-1], flat.shape[-1]), 0
+
+
+batching.primitive_batchers[int_matmul_p] = _int_matmul_batched
 dequantize_p.def_impl(lambda codes, scale, *, axis, dtype: (codes.astype(jnp.float32) * scale).astype(dtype))
 dequantize_p.def_abstract_eval(lambda codes, scale, *, axis, dtype: jax.core.ShapedArray(codes.shape, dtype))
 

@@ -37,7 +37,7 @@ from .._export.nm_array import NMArray
 from .._export.qarray import QArray
 from .._specs.paths import paths_and_leaves
 from ..numerics._packing import pack_nibbles
-from ._hooks import PINS
+from ._hooks import PINS, current_hook
 from ._kernels import ServingKernel
 from ._matmul import int8_matmul
 
@@ -97,7 +97,8 @@ def _int8_linear_class():
 
         def __call__(self, x: jax.Array, *, key: Any = None) -> jax.Array:
             del key  # a Linear layer draws no randomness
-            y = _served_matmul(x, self.kernel)
+            # an exporter tracing (jaxqp.deploy) needs the kernel as a constant: no custom_vmap around it
+            y = int8_matmul(x, self.kernel) if current_hook() is not None else _served_matmul(x, self.kernel)
             return y if self.bias is None else y + self.bias.astype(y.dtype)
 
     return EqxInt8Linear
