@@ -254,3 +254,11 @@ def test_plots_and_json_refuse_a_folder_before_drawing(swept, tmp_path):
     with pytest.raises(ValueError, match=r"Sensitivity\.to_json: '.*' is a folder"):
         s.to_json(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_allocate_and_uniform_name_what_they_were_given(swept):
+    s = swept[2]
+    with pytest.raises(TypeError, match=r"allocate: sensitivity must be what jaxqp\.choose\.sensitivity"):
+        allocate(None, 10_000)
+    with pytest.raises(ValueError, match=r"Sensitivity\.uniform: no candidate is named 'w3'; the candidates are \["):
+        s.uniform("w3")

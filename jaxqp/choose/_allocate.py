@@ -132,6 +132,7 @@ def allocate(sensitivity: Sensitivity, budget_bytes: int, *, keep: bool = True, 
       The :class:`Allocation`.
 
     Raises:
+      TypeError: if ``sensitivity`` is not a :class:`Sensitivity` or ``budget_bytes`` not an int.
       ValueError: if even the smallest choice exceeds the budget (the message gives the smallest size).
 
     Example:
@@ -143,6 +144,9 @@ def allocate(sensitivity: Sensitivity, budget_bytes: int, *, keep: bool = True, 
         >>> a.choice, a.bytes == s.uniform("w4")[0]
         ({'kernel': 'w4'}, True)
     """
+    if not isinstance(sensitivity, Sensitivity):
+        raise TypeError(f"allocate: sensitivity must be what jaxqp.choose.sensitivity(...) returned, got "
+                        f"{type(sensitivity).__name__}")
     if not isinstance(budget_bytes, (int, np.integer)) or isinstance(budget_bytes, bool):
         raise TypeError(f"budget_bytes must be an int number of bytes, got {budget_bytes!r}")
     scores = sensitivity.scores(use)

@@ -116,9 +116,15 @@ class Sensitivity:
 
         Args:
           name: a candidate name, or ``"keep"`` (nothing compressed).
+
+        Raises:
+          ValueError: for a name that is not a candidate.
         """
         if name == KEEP:
             return int(self.float_bytes.sum()) + self.other_bytes, 0.0
+        if name not in self.names:
+            raise ValueError(f"Sensitivity.uniform: no candidate is named {name!r}; the candidates are "
+                             f"{list(self.names)} (or {KEEP!r})")
         j = self.names.index(name)
         fits = self.bytes[:, j] >= 0
         total = int(np.where(fits, self.bytes[:, j], self.float_bytes).sum()) + self.other_bytes
