@@ -8,13 +8,15 @@ method interceptor and jaxqp does not monkey-patch, so the model quantizes its l
 itself with ``jaxqp.quantize_input``: one line per layer.
 
 At the end the exported model is served from its int8 codes with
-``jaxqp.serving.equinox_serving_model``.
+``jaxqp.serving.equinox_serving_model`` and, with the extra ``onnx`` installed, exported to ONNX
+and run by ONNX Runtime.
 
     python examples/equinox_qat.py            # 1500 steps
     python examples/equinox_qat.py --quick    # 60 steps, for CI
 """
 
 import argparse
+import importlib.util
 
 import equinox as eqx
 import jax
@@ -88,7 +90,25 @@ def main(argv=None):
     served_logits, _ = jax.jit(lambda model, x: model(x, state))(served, jnp.asarray(x_test))
     served_accuracy = float(jnp.mean(jnp.argmax(served_logits, -1) == y_test))
     print(f"served from int8 codes: test accuracy {100 * served_accuracy:.1f}%")
+    if importlib.util.find_spec("jax2onnx") and importlib.util.find_spec("onnxruntime"):  # extra 'onnx'
+        # the ONNX graph multiplies in integers; jaxqp's integer path pinned computes the same numbers
+        pinned = jaxqp.serving.equinox_serving_model(eqx.combine(params, static), packed, path="int8")
+        apply = lambda model, x: model(x, state)[0]
+        onnx_logits = run_in_onnxruntime(apply, pinned, np.asarray(x_test))
+        difference = float(np.abs(onnx_logits - np.asarray(apply(pinned, jnp.asarray(x_test)))).max())
+        onnx_accuracy = float(np.mean(np.argmax(onnx_logits, -1) == y_test))
+        print(f"ONNX Runtime (MatMulInteger on the int8 codes): test accuracy {100 * onnx_accuracy:.1f}%, "
+              f"largest difference from jaxqp's integer path {difference:.2g}")
     return accuracy, params, state, packed, served_accuracy
+
+
+def run_in_onnxruntime(apply, served, x):
+    """``apply(served, x)`` exported with ``jaxqp.deploy.to_onnx`` and run by ONNX Runtime."""
+    import onnxruntime as ort
+
+    model = jaxqp.deploy.to_onnx(apply, served, x[:1])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
 if __name__ == "__main__":

@@ -109,4 +109,7 @@ def test_equinox_qat_quick(capsys):
         assert (~mask).sum() == round(0.8 * mask.size)
         assert np.all(np.asarray(params.layers[i].weight)[~mask] == 0.0)
         assert packed.layers[i].weight.scale.shape == (mask.shape[0], 1)  # one scale per output row
-    assert "layers/1/weight" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "layers/1/weight" in out
+    if importlib.util.find_spec("jax2onnx") and importlib.util.find_spec("onnxruntime"):  # CI installs the extra
+        assert "largest difference from jaxqp's integer path 0\n" in out  # ONNX Runtime: bit for bit
