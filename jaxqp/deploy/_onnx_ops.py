@@ -73,6 +73,8 @@ int_matmul_p.def_impl(_int_matmul_eval)
 int_matmul_p.def_abstract_eval(
     lambda rows, weight, out_scale, *, pow2, kind: jax.core.ShapedArray((rows.shape[0], weight.shape[1]), jnp.float32)
 )
+
+
 def _int_matmul_batched(args, dims, *, pow2: bool, kind: str):
     """Under ``jax.vmap`` (an Equinox model served per example): the batch axis folds into the rows."""
     rows, weight, out_scale = args
