@@ -34,12 +34,10 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import secrets
 from typing import Any
 
 import jax
@@ -48,6 +46,7 @@ import numpy as np
 
 from .._specs.paths import named_children
 from ..numerics._packing import container_width, pack, packed_size, unpack
+from .atomic import check_writable, replaced_atomically
 from .compressed import require_on_this_host
 from .nm_array import NMArray, index_bits
 from .qarray import QArray
@@ -163,61 +162,6 @@ def save(path: str | os.PathLike, tree: Any) -> None:
     metadata = {METADATA_KEY: json.dumps(info, sort_keys=True)}
     with replaced_atomically(path) as tmp:
         save_file(writer.tensors, tmp, metadata=metadata)
-
-
-def check_writable(where: str, path: str | os.PathLike, suffix: str = ".jaxqp") -> None:
-    """Refuses, before any work, a ``path`` that no file can be written to: a folder, or a file in a missing folder.
-
-    Args:
-      where: the public function, for the message (``"jaxqp.save"``).
-      path: the file about to be written.
-      suffix: the file name ending suggested in the message.
-
-    Raises:
-      ValueError: naming the path and the fix.
-
-    Example:
-      >>> check_writable("jaxqp.save", ".")
-      Traceback (most recent call last):
-      ...
-      ValueError: jaxqp.save: '.' is a folder; give a file path inside it, e.g. './model.jaxqp'
-    """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise ValueError(f"{where}: {path!r} is a folder; give a file path inside it, e.g. "
-                         f"{os.path.join(path, 'model' + suffix)!r}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"{where}: the folder of {path!r} does not exist ({folder}); create it first "
-                         "(os.makedirs(folder, exist_ok=True))")
-
-
-@contextlib.contextmanager
-def replaced_atomically(path: str | os.PathLike):
-    """Yields a fresh temporary path beside ``path``: what is written there replaces ``path`` at the end.
-
-    On success the file is synced to disk and renamed over ``path`` (atomically); on any error
-    it is removed and ``path`` is untouched. The file gets the usual permissions (the umask's,
-    read from an empty file created here), not a private temporary file's.
-
-    Args:
-      path: the file to replace.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".jaxqp-{os.getpid()}-{secrets.token_hex(8)}.tmp")
-    try:
-        with open(tmp, "xb"):  # created here, with the umask's permissions (writers may not keep them)
-            pass
-        mode = os.stat(tmp).st_mode & 0o777
-        yield tmp
-        os.chmod(tmp, mode)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _tensor_digest(array: np.ndarray) -> str:

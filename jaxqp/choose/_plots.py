@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .._export.files import check_writable, replaced_atomically
+from .._export.atomic import check_writable, replaced_atomically
 from ._allocate import Front
 from ._sensitivity import Sensitivity
 

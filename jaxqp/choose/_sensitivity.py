@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .._export.files import check_writable, replaced_atomically
+from .._export.atomic import check_writable, replaced_atomically
 from .._specs.paths import paths_and_leaves
 from .._specs.rules import is_float, resolve
 from .._tools.summary import summary

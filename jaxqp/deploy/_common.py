@@ -15,8 +15,8 @@ import jax.core
 import jax.numpy as jnp
 import numpy as np
 
+from .._export.atomic import check_writable, replaced_atomically
 from .._export.compressed import Compressed
-from .._export.files import check_writable, replaced_atomically
 from ..serving._kernels import _Int8Codes
 
 
