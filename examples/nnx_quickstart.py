@@ -2,7 +2,9 @@
 
 The NNX pattern: split the model into a graph definition and its ``nnx.Param``
 state, let jaxqp transform that state (paths read ``l1/kernel``: the Variable
-wrapper adds nothing), and merge it back for the forward pass.
+wrapper adds nothing), and merge it back for the forward pass. At the end the model is
+served from its int8 codes with ``jaxqp.serving.nnx_serving_apply``, which picks each matmul's
+compute path by timing the whole model on this machine.
 
     python examples/nnx_quickstart.py            # 600 steps
     python examples/nnx_quickstart.py --quick    # 60 steps, for CI
@@ -67,7 +69,11 @@ def main(argv=None):
     accuracy = float(jnp.mean(jnp.argmax(model(x_test), -1) == y_test))
     print(f"{steps} steps, last loss {float(loss):.4f}, test accuracy {100 * accuracy:.1f}%")
     print(jaxqp.summary(params, state))
-    return accuracy, params, state
+    served = jaxqp.prepare(jaxqp.export(params, state))  # int8 codes in memory, a float32 scale per output
+    logits = jax.jit(jaxqp.serving.nnx_serving_apply(graphdef))(served, x_test)
+    served_accuracy = float(jnp.mean(jnp.argmax(logits, -1) == y_test))
+    print(f"served from int8 codes: test accuracy {100 * served_accuracy:.1f}%")
+    return accuracy, params, state, served_accuracy
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ def load(name):
 @pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_nnx_quickstart_quick(capsys):
-    accuracy, params, state = load("nnx_quickstart").main(["--quick"])
+    accuracy, params, state, served_accuracy = load("nnx_quickstart").main(["--quick"])
     assert accuracy > 0.85  # 90.3% measured: 60 steps already learn digits with a 90%-sparse int8 layer
+    assert abs(served_accuracy - accuracy) <= 0.02  # int8 serving: the same model up to input rounding
     mask = np.asarray(state.masks["l1/kernel"])
     kernel = np.asarray(params["l1"]["kernel"][...])
     assert (~mask).sum() == round(0.9 * mask.size) and np.all(kernel[~mask] == 0.0)
