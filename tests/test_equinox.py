@@ -175,13 +175,21 @@ def test_a_vmapped_served_equinox_model_exports_to_onnx_bit_exact():
         np.testing.assert_array_equal(out, np.asarray(apply(served, x)))  # eager jaxqp: the same ops, in order
 
 
-def test_exporters_refuse_what_they_cannot_write_from_an_equinox_model():
-    pytest.importorskip("jax2onnx")
-    pytest.importorskip("ai_edge_litert")
+def test_a_vmapped_served_equinox_model_runs_in_litert():
+    interpreter = pytest.importorskip("ai_edge_litert.interpreter")
     _, _, served = served_mlp()
-    with pytest.raises(ValueError, match=r"to_litert: a served layer runs under jax\.vmap .*Export it with "
-                                         r"jaxqp\.deploy\.to_onnx"):
-        jaxqp.deploy.to_litert(lambda model, x: jax.vmap(model)(x), served, jnp.ones((4, 64)))
+    apply = lambda model, x: jax.vmap(model)(x)
+    x = np.asarray(jax.random.normal(jax.random.key(3), (16, 64)))
+    flatbuffer = jaxqp.deploy.to_litert(apply, served, x)  # LiteRT's int8 composites never vmapped
+    builtin = interpreter.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES  # the kernels that round like jaxqp
+    runner = interpreter.Interpreter(model_content=flatbuffer, experimental_op_resolver_type=builtin)
+    out = next(iter(runner.get_signature_runner()(x0=x).values()))
+    expected = np.asarray(apply(served, jnp.asarray(x)))
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6 * np.abs(expected).max())  # float rounding only
+
+
+def test_exporters_refuse_stacked_equinox_kernels():
+    pytest.importorskip("jax2onnx")
     layers = [served_mlp()[2].layers[1], served_mlp(seed=2)[2].layers[1]]  # stacked kernels, mapped over
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
     with pytest.raises(ValueError, match=r"ServingKernel \(96, 96\)\) reached the exporter as a traced value"):

@@ -213,6 +213,18 @@ def test_bad_arguments_are_refused():
         to_litert(fn, {"w": jnp.ones((4, 2))}, jnp.ones((3, 4)), input_names=["a", "b"])
 
 
+def test_a_flax_model_vmapped_by_hand_is_refused_with_the_fix():
+    model = MLP()
+    params = model.init(jax.random.key(0), jnp.ones((1, 32)))["params"]
+    t = jaxqp.transform([jaxqp.Rule(".*kernel", quant=jaxqp.QuantSpec(bits=8))])
+    served = jaxqp.prepare(jaxqp.export(params, t.init(params)))
+    apply = jaxqp.linen_serving_apply(model)
+    by_hand = lambda p, x: jax.vmap(lambda row: apply(p, row[None])[0])(x)  # LiteRT's composites cannot vmap
+    with pytest.raises(ValueError, match=r"to_litert: a served Flax layer runs under jax\.vmap.*Call the model on "
+                                         r"the whole batch"):
+        to_litert(by_hand, served, jnp.ones((4, 32)))
+
+
 def test_an_operation_litert_cannot_express_names_it_and_where():
     fn = lambda p, x: jnp.linalg.eigh(x.T @ x)[0]
     with pytest.raises(ValueError, match=r"cannot convert this model.*test_litert\.py:\d+.*custom_call"):

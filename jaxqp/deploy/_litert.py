@@ -195,10 +195,9 @@ def to_litert(apply_fn: Callable, served: Any, *example_inputs: Any, file: str |
         except NotImplementedError as err:
             if "composite" not in str(err):
                 raise
-            raise ValueError("jaxqp.deploy.to_litert: a served layer runs under jax.vmap (e.g. an Equinox model from "
-                             "equinox_serving_model, vmapped over the batch), but LiteRT's int8 operations come from "
-                             "jax.lax.composite, which has no vmap rule. Export it with jaxqp.deploy.to_onnx, or "
-                             "call the served layers on the whole batch") from err
+            raise ValueError("jaxqp.deploy.to_litert: a served Flax layer runs under jax.vmap, but LiteRT's int8 "
+                             "operations come from jax.lax.composite, which has no vmap rule. Call the model on the "
+                             "whole batch (Flax layers take a batch), or export it with jaxqp.deploy.to_onnx") from err
     outputs = [f"y{i}" for i in range(len(exported.out_avals))]
     try:
         flatbuffer = _convert(exported.mlir_module(), names, outputs)

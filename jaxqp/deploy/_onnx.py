@@ -62,6 +62,8 @@ class OnnxKernels:
       int8_matmul: one of ``INT8_MATMULS`` (see :func:`to_onnx`).
     """
 
+    batches_products = True  # the integer primitive has a vmap rule (the batch folds into its rows)
+
     def __init__(self, ops, int8_matmul: str):
         self.ops = ops
         self.int8_matmul = int8_matmul

@@ -64,6 +64,29 @@ def _served_matmul_batched(axis_size, in_batched, x, kernel):
     return _served_matmul(x, kernel), True  # only x batched, on its first axis: every row in one matmul
 
 
+def _exporting_matmul(x: jax.Array, kernel: ServingKernel) -> jax.Array:
+    """The layer's matmul while an exporter (``jaxqp.deploy``) traces: the kernel stays a constant.
+
+    Passed into ``_served_matmul``, the kernel would arrive traced. ONNX's integer primitive has a
+    vmap rule (``hook.batches_products``); jax2onnx cannot lower ``custom_vmap``, so it gets the
+    plain product. LiteRT's quantized ops are ``jax.lax.composite``s, which have no vmap rule, so
+    its product runs under a ``custom_vmap`` closed over the kernel: the rule multiplies the whole
+    batch when ``jax.export`` lowers it, and no composite is ever vmapped.
+    """
+    if getattr(current_hook(), "batches_products", False):
+        return int8_matmul(x, kernel)
+
+    @jax.custom_batching.custom_vmap
+    def matmul(x):
+        return int8_matmul(x, kernel)
+
+    @matmul.def_vmap
+    def _batched(axis_size, in_batched, x):
+        return matmul(x), True  # every row at once; an outer vmap comes back here
+
+    return matmul(x)
+
+
 def _out_in_kernel(weight: QArray, path: str, pow2_inputs: bool, keep_float: bool) -> ServingKernel | None:
     """The :class:`ServingKernel` of an ``(out, in)`` QArray with one scale per output row (or per tensor)."""
     servable = (len(weight.shape) == 2 and weight.zero_point is None and weight.bits <= 8 and weight.qmin >= -127
@@ -97,8 +120,8 @@ def _int8_linear_class():
 
         def __call__(self, x: jax.Array, *, key: Any = None) -> jax.Array:
             del key  # a Linear layer draws no randomness
-            # an exporter tracing (jaxqp.deploy) needs the kernel as a constant: no custom_vmap around it
-            y = int8_matmul(x, self.kernel) if current_hook() is not None else _served_matmul(x, self.kernel)
+            exporting = current_hook() is not None
+            y = _exporting_matmul(x, self.kernel) if exporting else _served_matmul(x, self.kernel)
             return y if self.bias is None else y + self.bias.astype(y.dtype)
 
     return EqxInt8Linear
