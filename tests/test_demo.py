@@ -85,6 +85,19 @@ def test_serving_benchmark_quick_writes_rows(tmp_path):
     assert sizes["sparse90+int8"] < sizes["int4"] < sizes["nm2:4+int8"] < sizes["int8"] < 0.3
 
 
+@pytest.mark.slow
+def test_serving_benchmark_pins_every_path(tmp_path):
+    stdout, rows = run_quick([str(ROOT / "benchmarks" / "serving.py"), "--models", "lm", "--pins"],
+                             tmp_path / "pins.json")
+    latency = [r for r in rows if "latency_ratio" in r]
+    assert {r["config"] for r in latency} == {"int8", "int8+keep_float"} and len(latency) == 4
+    for r in latency:  # every config also timed on each one path, in the same rounds
+        assert set(r["pinned"]) == {"int8", "int8_t", "bf16", "float"}
+        assert all(ratio > 0 for ratio in r["pinned"].values())
+        assert r["best_pinned"] == min(r["pinned"], key=r["pinned"].get)
+    assert stdout.count("(best pinned: ") == 4
+
+
 @pytest.mark.slow  # starts an interpreter
 def test_int8_dot_benchmark_quick_writes_rows(tmp_path):
     _, rows = run_quick([str(ROOT / "benchmarks" / "int8_dot.py")], tmp_path / "dot.json")
