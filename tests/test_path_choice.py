@@ -118,6 +118,9 @@ def test_whole_model_choice_takes_the_fastest_policy_and_caches_it(monkeypatch):
     assert model_timings == [sorted([*_model_choice.MODEL_POLICIES, "_float"])]  # the model, once
     assert [u["path"] for u in used] == ["bf16", "bf16"]  # the two Dense layers, not the timing traces
     assert [d.path for k, d in pc.decisions().items() if "|model|" in k] == ["bf16"]
+    report = jaxqp.serving.describe(served)  # the choice that overrides the per-layer rows is shown too
+    assert [(m["rows"], m["policy"]) for m in report.models] == [(4, "bf16")]  # 3 rows: bucket 4
+    assert "whole model MLP:" in str(report) and "at 4 rows: bf16 for every auto kernel" in str(report)
     with pc.record_paths() as used:
         jax.jit(lambda s, x: apply(s, x))(served, x)  # traced again: the cached decision, no timing
     assert len([names for names in timed if "auto" in names]) == 1 and len(used) == 2

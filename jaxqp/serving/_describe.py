@@ -52,6 +52,18 @@ def _measured(kernel) -> dict[int, dict]:
     return dict(sorted(found.items()))
 
 
+def _model_choices() -> list[dict]:
+    """The whole-model choices made in this process (``linen_serving_apply``, ``nnx_serving_apply``)."""
+    prefix = f"{machine_key()}|model|"
+    found = []
+    for key, decision in decisions().items():
+        if key.startswith(prefix):
+            signature, bucket = key[len(prefix):].rsplit("|", 1)
+            found.append({"model": signature, "rows": int(bucket), "policy": decision.path,
+                          "ms": {p: round(s * 1e3, 4) for p, s in decision.seconds.items()}})
+    return sorted(found, key=lambda m: (m["model"], m["rows"]))
+
+
 @dataclasses.dataclass(frozen=True)
 class ServingReport:
     """Per-kernel rows and the tree's bytes in memory; ``str()`` is a table, ``to_json()`` a JSON string.
@@ -63,11 +75,16 @@ class ServingReport:
         its ratio to the float matmul; empty for pinned kernels).
       served_bytes: bytes of every array in the tree.
       machine: what the decisions are valid for (backend, CPU model and flags, jax version).
+      models: the whole-model choices made in this process, one dict per (model, row bucket):
+        ``model`` (name and a digest of its shapes), ``rows``, ``policy`` (``"auto"``: the
+        per-layer paths above; a path: every ``"auto"`` kernel of that model took it there) and
+        ``ms`` (each policy's time).
     """
 
     rows: list
     served_bytes: int
     machine: str
+    models: list = dataclasses.field(default_factory=list)
 
     def slower_than_float(self) -> list[str]:
         """One line for each (kernel, row bucket) whose measured path is slower than the float matmul."""
@@ -92,6 +109,10 @@ class ServingReport:
                 for b, p in row["paths"].items()) or f"{row['pin']} (not traced yet)"
             lines.append(f"{row['path']:<40} {row['shape']!s:<16} {row['bits']:>4} {row['bytes']:>10}  {chosen}")
         lines.append(f"served bytes in memory: {self.served_bytes}")
+        for m in self.models:
+            taken = "the per-layer paths" if m["policy"] == "auto" else f"{m['policy']} for every auto kernel"
+            times = ", ".join(f"{p} {t:.3g}" for p, t in m["ms"].items())
+            lines.append(f"whole model {m['model']} at {m['rows']} rows: {taken} (ms: {times})")
         lines += [f"slower than float: {line}" for line in self.slower_than_float()]
         return "\n".join(lines)
 
@@ -101,7 +122,9 @@ def describe(served: Any, rows: Sequence[int] | None = None) -> ServingReport:
 
     A kernel's path is decided when a served function is traced, per row bucket (powers
     of two); the report shows the decisions made so far in this process. ``rows``
-    decides (measuring if needed) for ``ServingKernel`` s at those row counts now.
+    decides (measuring if needed) for ``ServingKernel`` s at those row counts now. The
+    report also lists the whole-model choices made in this process: where one picked a
+    single path, every ``"auto"`` kernel of that model took it, whatever its own row says.
 
     Args:
       served: a tree from :func:`jaxqp.prepare`.
@@ -132,4 +155,4 @@ def describe(served: Any, rows: Sequence[int] | None = None) -> ServingReport:
             paths = {row_bucket(int(r)): leaf.path for r in rows}
         out.append({"path": jax.tree_util.keystr(key_path), "shape": tuple(leaf.kernel_shape()), "bits": leaf.bits,
                     "bytes": _bytes(leaf), "pin": leaf.path, "paths": paths, "measured": measured})
-    return ServingReport(out, _bytes(served), machine_key())
+    return ServingReport(out, _bytes(served), machine_key(), _model_choices())
