@@ -50,7 +50,7 @@ import numpy as np
 from _common import write_json
 
 import jaxqp
-from jaxqp.numerics._path_choice import cpu_info, machine_key, record_paths
+from jaxqp.numerics._path_choice import cpu_info, machine_key, record_paths, row_bucket
 from jaxqp.serving import PATHS
 
 
@@ -222,23 +222,31 @@ def equinox_rows(width, batches, repeats, calls):
         t = jaxqp.transform([jaxqp.Rule(r"layers/\d+/weight", quant=jaxqp.QuantSpec(bits=bits), layout="out_in")])
         served[name] = jaxqp.serving.equinox_serving_model(net, jaxqp.export(params, t.init(params)))
     memory = {name: tree_bytes(eqx.filter(tree, eqx.is_array)) / tree_bytes(params) for name, tree in served.items()}
-    run = jax.jit(lambda model, x: jax.vmap(model)(x))
+    batched = lambda model, x: jax.vmap(model)(x)
+    run = jax.jit(batched)
+    whole_fn = jaxqp.serving.timed_as_a_whole(batched, "eqx_mlp")  # the whole-model path choice too
+    whole = jax.jit(whole_fn)
     rows = []
     for batch in batches:
         x = jax.random.normal(jax.random.key(batch), (batch, width))
-        fns = {"float32": run, **{name: run for name in served}}
-        args = {"float32": (net, x), **{name: (tree, x) for name, tree in served.items()}}
+        fns = {"float32": run, **{name: run for name in served}, "int8+whole": whole}
+        args = {"float32": (net, x), **{name: (tree, x) for name, tree in served.items()},
+                "int8+whole": (served["int8"], x)}
         paths = {}
         for name, tree in served.items():
             with record_paths() as used:  # this MLP also runs on a whole batch: one entry per layer, all rows
                 jax.eval_shape(lambda tree, x: tree(x), tree, x)  # (under vmap, custom_vmap traces 1 row too)
             paths[name] = path_counts(used)
         t = time_calls(fns, args, repeats, calls)
+        jax.eval_shape(whole_fn, served["int8"], x)  # the whole model is timed here, once per batch
+        policy = next(m["policy"] for m in jaxqp.serving.describe(served["int8"]).models
+                      if m["model"].startswith("eqx_mlp:") and m["rows"] == row_bucket(batch))
+        paths["int8+whole"] = paths["int8"] if policy == "auto" else {policy: sum(paths["int8"].values())}
         cells = []
-        for name in served:
+        for name in [*served, "int8+whole"]:
             rows.append({"model": f"eqx_mlp{width}", "batch": batch, "config": name,
                          "latency_ratio": round(t[name] / t["float32"], 4),
-                         "served_bytes_ratio": round(memory[name], 4), "path": paths[name],
+                         "served_bytes_ratio": round(memory[name.split("+")[0]], 4), "path": paths[name],
                          "latency_ms": round(t[name] * 1e3, 3), "float_ms": round(t["float32"] * 1e3, 3)})
             chosen = ",".join(f"{p}:{c}" for p, c in paths[name].items())
             cells.append(f"{name} {t[name] / t['float32']:.2f}x [{chosen}]")

@@ -62,7 +62,8 @@ def test_serving_benchmark_quick_writes_rows(tmp_path):
     models = ("mlp256", "eqx_mlp256", "transformer", "tiny_lm")
     assert {(r["model"], r["batch"]) for r in latency} == {(m, b) for m in models for b in (1, 4)}
     configs = {m: {r["config"] for r in latency if r["model"] == m} for m in models}
-    assert configs == {"mlp256": {"int8", "int4", "nm2:4+int8", "sparse90+int8"}, "eqx_mlp256": {"int8", "int4"},
+    assert configs == {"mlp256": {"int8", "int4", "nm2:4+int8", "sparse90+int8"},
+                       "eqx_mlp256": {"int8", "int4", "int8+whole"},
                        "transformer": {"int8"}, "tiny_lm": {"int8", "int8+keep_float"}}  # quick mode
     # Served memory follows from the shapes: 256x256 kernels stay int8 codes (or two 4-bit codes a
     # byte) plus a float32 scale per output; biases stay float32.

@@ -268,3 +268,24 @@ def test_an_embedding_keeps_its_table_as_codes_and_looks_up_the_exported_rows_ex
     expected = np.asarray(jaxqp.dequantize(exported.weight))[np.asarray(tokens)]
     np.testing.assert_array_equal(np.asarray(jax.vmap(jax.vmap(served))(tokens)), expected)
     np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(jax.vmap(served)))(tokens)), expected)
+
+
+def test_an_equinox_model_timed_as_a_whole(monkeypatch):
+    """timed_as_a_whole gives an Equinox model the whole-model choice of the Flax adapters."""
+    from jaxqp.numerics import _path_choice as pc
+
+    pc.clear_decisions()
+    monkeypatch.setattr(pc, "time_candidates", lambda fns, **timing: {n: 1.0 if n == "bf16" else 2.0 for n in fns})
+    _, _, served = served_mlp(path="auto")
+    run = lambda model, x: jax.vmap(model)(x)
+    x = jax.random.normal(jax.random.key(4), (8, 64))
+    with pc.record_paths() as used:
+        y = eqx.filter_jit(jaxqp.serving.timed_as_a_whole(run, "eqx-mlp"))(served, x)
+    assert used and {u["path"] for u in used} == {"bf16"}  # as if bf16 had been timed fastest
+    assert [(m["model"].split(":")[0], m["rows"], m["policy"]) for m in jaxqp.serving.describe(served).models] == \
+        [("eqx-mlp", 8, "bf16")]
+    _, _, pinned = served_mlp(path="bf16")
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(eqx.filter_jit(run)(pinned, x)))
+    with pytest.raises(TypeError, match=r"timed_as_a_whole: fn must be fn\(served, \*args, \*\*kwargs\)"):
+        jaxqp.serving.timed_as_a_whole(None, "eqx-mlp")
+    pc.clear_decisions()

@@ -19,6 +19,7 @@ from ._hooks import PATHS
 from ._kernels import GeneralKernel, ServingKernel
 from ._linen import linen_serving_apply
 from ._matmul import int8_matmul, int8_matmul_general, quantize_rows
+from ._model_choice import timed_as_a_whole
 from ._nnx import Int8Embed, Int8Linear, nnx_serving_apply, nnx_serving_model
 from ._prepare import MIN_INT_SIZE, prepare
 from ._stablehlo import export_serving, load_serving
@@ -41,4 +42,5 @@ __all__ = [
     "nnx_serving_model",
     "prepare",
     "quantize_rows",
+    "timed_as_a_whole",
 ]

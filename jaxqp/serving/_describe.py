@@ -33,7 +33,8 @@ def _is_kernel(x) -> bool:
 
 
 def _bytes(tree) -> int:
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+    arrays = (x for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape") and hasattr(x, "dtype"))
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in arrays)  # not an Equinox model's functions
 
 
 def _measured(kernel) -> dict[int, dict]:

@@ -27,10 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from .._adapters.inputs import as_tuple, trailing_contraction
-from ._hooks import override_paths
 from ._kernels import GeneralKernel, ServingKernel
 from ._matmul import int8_matmul, int8_matmul_general
-from ._model_choice import model_policy
+from ._model_choice import timed_as_a_whole
 
 
 def _interceptor(next_fun, args, kwargs, context):
@@ -160,9 +159,4 @@ def linen_serving_apply(model: nn.Module, *, measure_model: bool = True) -> Call
         with nn.intercept_methods(_interceptor):
             return model.apply({"params": params}, *args, **kwargs)
 
-    def apply(params, *args, **kwargs):
-        policy = model_policy(run, params, args, kwargs, type(model).__name__) if measure_model else "auto"
-        with override_paths(policy):
-            return run(params, *args, **kwargs)
-
-    return apply
+    return timed_as_a_whole(run, type(model).__name__) if measure_model else run

@@ -53,8 +53,9 @@ def _spec(x):
 def _signature(name: str, params, args, kwargs) -> str:
     """A short, stable digest of what the decision is valid for: the model, its tree's shapes, the inputs'."""
     specs = jax.tree_util.tree_map(_spec, (params, args, kwargs))  # a kernel's static fields are in the treedef
+    leaves = jax.tree_util.tree_leaves(specs)
     text = repr(jax.tree_util.tree_structure(specs)) + repr(
-        [(getattr(x, "shape", x), str(getattr(x, "dtype", ""))) for x in jax.tree_util.tree_leaves(specs)])
+        [(getattr(x, "shape", type(x).__name__), str(getattr(x, "dtype", ""))) for x in leaves])
     return f"{name}:{hashlib.sha1(text.encode()).hexdigest()[:16]}"
 
 
@@ -86,12 +87,18 @@ def model_policy(fn: Callable, params, args: tuple, kwargs: dict, name: str) -> 
 
     def build():
         rng = np.random.default_rng(0)
-        synthetic = jax.device_put(jax.tree_util.tree_map(
-            lambda a: _random_like(a, rng) if hasattr(a, "shape") else a, params))
+        # array leaves become random arrays passed to the timed function; others (an Equinox
+        # model's activation function, say) stay as they are, closed over
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        is_array = [hasattr(a, "shape") and hasattr(a, "dtype") for a in leaves]
+        synthetic = jax.device_put([_random_like(a, rng) for a, array in zip(leaves, is_array) if array])
         inputs = [jnp.zeros(np.shape(a), jnp.result_type(a)) if hasattr(a, "shape") else a for a in args]
         arrays = [i for i, a in enumerate(args) if hasattr(a, "shape")]
 
-        def run(policy, p, *xs):
+        def run(policy, arrays_of_params, *xs):
+            given = iter(arrays_of_params)
+            p = jax.tree_util.tree_unflatten(treedef, [next(given) if array else a
+                                                       for a, array in zip(leaves, is_array)])
             full = list(inputs)
             for i, x in zip(arrays, xs):
                 full[i] = x
@@ -104,3 +111,44 @@ def model_policy(fn: Callable, params, args: tuple, kwargs: dict, name: str) -> 
         return fns, fns["float"]
 
     return decide("model", (_signature(name, params, args, kwargs),), rows, build, **MODEL_TIMING).path
+
+
+def timed_as_a_whole(fn: Callable, name: str) -> Callable:
+    """``fn(served, *args, **kwargs)`` with the whole-model path choice made on its first trace per shape.
+
+    What :func:`jaxqp.linen_serving_apply` and :func:`jaxqp.serving.nnx_serving_apply` do, for any
+    serving function: an Equinox model from :func:`jaxqp.serving.equinox_serving_model` called
+    under ``jax.vmap``, or your own function of prepared kernels. The first time the result is
+    traced for a shape, ``fn`` is timed on random codes with per-layer choices and with every
+    ``"auto"`` kernel on each one path, and the fastest is kept (cached per process, machine,
+    ``name`` and shapes; see :func:`jaxqp.serving.describe`).
+
+    Args:
+      fn: ``fn(served, *args, **kwargs)``, the served tree (or model) first.
+      name: names the model in the decision's cache key and in ``describe``.
+
+    Returns:
+      ``apply(served, *args, **kwargs)``, equal to ``fn`` on the paths it chose.
+
+    Raises:
+      TypeError: if ``fn`` is not callable or ``name`` not a string.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxqp
+      >>> params = {"w": jax.random.normal(jax.random.key(0), (64, 32))}
+      >>> t = jaxqp.transform([jaxqp.Rule("w", quant=jaxqp.QuantSpec(bits=8))])
+      >>> served = jaxqp.prepare(jaxqp.export(params, t.init(params)), path="int8")
+      >>> apply = jaxqp.serving.timed_as_a_whole(lambda s, x: jaxqp.serving.int8_matmul(x, s["w"]), "one layer")
+      >>> jax.jit(apply)(served, jnp.ones((4, 64))).shape
+      (4, 32)
+    """
+    if not callable(fn):
+        raise TypeError(f"timed_as_a_whole: fn must be fn(served, *args, **kwargs), got {type(fn).__name__}")
+    if not isinstance(name, str):
+        raise TypeError(f"timed_as_a_whole: name must be a string naming the model, got {type(name).__name__}")
+
+    def apply(served, *args, **kwargs):
+        with override_paths(model_policy(fn, served, args, kwargs, name)):
+            return fn(served, *args, **kwargs)
+
+    return apply
