@@ -96,19 +96,25 @@ def _mlp_served(path="auto"):
     return model, jaxqp.prepare(jaxqp.export(params, t.init(params)), path=path)
 
 
+def _bf16_timed_fastest(monkeypatch) -> list:
+    """Clears the decisions and fakes every timing: "bf16" fastest. Returns the list of what was timed."""
+    pc.clear_decisions()
+    timed = []
+
+    def fake_time(fns, **timing):
+        timed.append(sorted(fns))
+        return {name: (1.0 if name == "bf16" else 2.0) for name in fns}
+
+    monkeypatch.setattr(pc, "time_candidates", fake_time)
+    return timed
+
+
 def test_whole_model_choice_takes_the_fastest_policy_and_caches_it(monkeypatch):
     """The model is timed once per signature under every policy; the fastest policy's path
     is the one every auto kernel then takes, and traces made while timing are not recorded."""
     from jaxqp.serving import _model_choice
 
-    pc.clear_decisions()
-    timed = []
-
-    def fake_time(fns, **timing):  # "bf16" is fastest, as if measured
-        timed.append(sorted(fns))
-        return {name: (1.0 if name == "bf16" else 2.0) for name in fns}
-
-    monkeypatch.setattr(pc, "time_candidates", fake_time)
+    timed = _bf16_timed_fastest(monkeypatch)
     model, served = _mlp_served()
     apply = jaxqp.linen_serving_apply(model)
     x = jax.numpy.ones((3, 16))
@@ -165,14 +171,7 @@ def test_nnx_serving_apply_times_the_whole_model_like_linen(monkeypatch):
     fastest policy, the same bits as that path pinned; pinned states and measure_model=False skip it."""
     from jaxqp.serving import _model_choice, nnx_serving_apply, nnx_serving_model
 
-    pc.clear_decisions()
-    timed = []
-
-    def fake_time(fns, **timing):  # "bf16" is fastest, as if measured
-        timed.append(sorted(fns))
-        return {name: (1.0 if name == "bf16" else 2.0) for name in fns}
-
-    monkeypatch.setattr(pc, "time_candidates", fake_time)
+    timed = _bf16_timed_fastest(monkeypatch)
     graphdef, served, stats = _nnx_served()
     apply = nnx_serving_apply(graphdef)
     x = jax.numpy.ones((3, 16))
