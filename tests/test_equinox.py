@@ -1,5 +1,7 @@
 """Equinox models: the same rules, transforms, wrap, export and summary, with Rule(layout="out_in")."""
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -268,6 +270,20 @@ def test_an_embedding_keeps_its_table_as_codes_and_looks_up_the_exported_rows_ex
     expected = np.asarray(jaxqp.dequantize(exported.weight))[np.asarray(tokens)]
     np.testing.assert_array_equal(np.asarray(jax.vmap(jax.vmap(served))(tokens)), expected)
     np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(jax.vmap(served)))(tokens)), expected)
+    if importlib.util.find_spec("jax2onnx") and importlib.util.find_spec("onnxruntime"):  # the ONNX export too
+        import onnxruntime as ort
+
+        exported_onnx = jaxqp.deploy.to_onnx(lambda m, t: jax.vmap(jax.vmap(m))(t), served, tokens[:1])
+        assert "Gather" in {n.op_type for n in exported_onnx.graph.node}  # from the int8 initializer's decode
+        assert onnx_int8_initializers(exported_onnx) == [(50, 16)]
+        session = ort.InferenceSession(exported_onnx.SerializeToString(), providers=["CPUExecutionProvider"])
+        for batch in (tokens, jnp.arange(15).reshape(5, 3) * 3 % 50):  # the batch axis is symbolic
+            out = session.run(None, {session.get_inputs()[0].name: np.asarray(batch, np.int32)})[0]
+            np.testing.assert_array_equal(out, np.asarray(jaxqp.dequantize(exported.weight))[np.asarray(batch)])
+
+
+def onnx_int8_initializers(model) -> list:
+    return [tuple(i.dims) for i in model.graph.initializer if i.data_type == 3]  # onnx.TensorProto.INT8
 
 
 def test_an_equinox_model_timed_as_a_whole(monkeypatch):

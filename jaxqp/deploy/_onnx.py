@@ -101,6 +101,20 @@ class OnnxKernels:
                                           axis=axis, dtype=np.dtype(kernel.dtype).name)
 
 
+    def embedding_rows(self, codes: jax.Array, scale: jax.Array, indices: jax.Array, dtype: str) -> jax.Array:
+        """Rows of an int8 table with per-row, per-column or per-tensor scales (an Equinox embedding):
+        ``DequantizeLinear`` of the int8 codes, then one ``Gather`` that ``vmap`` batches."""
+        if isinstance(codes, jax.core.Tracer):
+            raise ValueError(f"jaxqp.deploy.to_onnx: an embedding table {tuple(codes.shape)} reached the exporter as "
+                             "a traced value (stacked tables mapped over with vmap/scan?), but export writes codes as "
+                             "constants. Give each embedding its own table")
+        with jax.ensure_compile_time_eval():
+            int8_codes, scales = np.asarray(codes, np.int8), np.asarray(scale, np.float32)
+        axis = 0 if scales.shape[0] > 1 else 1  # per row, else per column (or per tensor: one scale)
+        scales = scales.reshape(()) if scales.size == 1 else scales.reshape(-1)
+        table = self.ops.dequantize_p.bind(jnp.asarray(int8_codes), jnp.asarray(scales), axis=axis, dtype=dtype)
+        return self.ops.gather_p.bind(table, indices)
+
     def lookup(self, kernel: ServingKernel, indices: jax.Array) -> jax.Array:
         require_constant("jaxqp.deploy.to_onnx", kernel)
         return jnp.take(self.decode(kernel), indices, axis=0)

@@ -57,6 +57,7 @@ from ..serving._matmul import quantize_rows
 
 int_matmul_p = Primitive("jaxqp_int_matmul")
 dequantize_p = Primitive("jaxqp_dequantize")
+gather_p = Primitive("jaxqp_gather")
 
 _F32 = ir.DataType.FLOAT
 
@@ -87,6 +88,24 @@ def _int_matmul_batched(args, dims, *, pow2: bool, kind: str):
 
 
 batching.primitive_batchers[int_matmul_p] = _int_matmul_batched
+gather_p.def_impl(lambda table, indices: jnp.take(table, indices, axis=0))
+gather_p.def_abstract_eval(
+    lambda table, indices: jax.core.ShapedArray(tuple(indices.shape) + tuple(table.shape[1:]), table.dtype))
+
+
+def _gather_batched(args, dims):
+    """Rows of one table for a batch of indices: the same gather, the batch axis where the indices had it.
+
+    jax2onnx lowers a vmapped scalar gather (``jax.vmap(lambda i: table[i])``, an Equinox embedding) to
+    a graph ONNX Runtime rejects; this primitive never reaches jax2onnx's gather under ``vmap``.
+    """
+    table, indices = args
+    if dims[0] is not None:
+        raise NotImplementedError("jaxqp_gather: a batch of different tables cannot become one ONNX Gather")
+    return gather_p.bind(table, indices), dims[1]
+
+
+batching.primitive_batchers[gather_p] = _gather_batched
 dequantize_p.def_impl(lambda codes, scale, *, axis, dtype: (codes.astype(jnp.float32) * scale).astype(dtype))
 dequantize_p.def_abstract_eval(lambda codes, scale, *, axis, dtype: jax.core.ShapedArray(codes.shape, dtype))
 
@@ -215,6 +234,21 @@ class DequantizePlugin(PrimitiveLeafPlugin):
             y = g.op("Cast", y, to=int(ir.DataType.from_numpy(np.dtype(eqn.params["dtype"])).value), shape=shape,
                      dtype=ir.DataType.from_numpy(np.dtype(eqn.params["dtype"])))
         ctx.bind_value_for_var(eqn.outvars[0], y)
+
+
+@_lowering(gather_p, "Gather", "gather")
+class GatherPlugin(PrimitiveLeafPlugin):
+    """Lowers ``jaxqp_gather`` to one ``Gather`` along the table's first axis."""
+
+    def lower(self, ctx: Any, eqn: Any) -> None:
+        g = _Graph(ctx)
+        table_var, indices_var = eqn.invars
+        table = ctx.get_value_for_var(table_var, name_hint=ctx.fresh_name("table"))
+        indices = ctx.get_value_for_var(indices_var, name_hint=ctx.fresh_name("indices"))
+        out = eqn.outvars[0].aval
+        dtype = ir.DataType.from_numpy(np.dtype(out.dtype))
+        ctx.bind_value_for_var(eqn.outvars[0], g.op("Gather", table, indices, axis=0, shape=tuple(out.shape),
+                                                    dtype=dtype))
 
 
 def int4_array(codes: np.ndarray) -> np.ndarray:
