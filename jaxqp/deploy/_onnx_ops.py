@@ -144,6 +144,11 @@ def _pow2_ceil(g: _Graph, scale: Any, shape: tuple) -> Any:
     return p
 
 
+def _inputs(ctx: Any, eqn: Any, *hints: str) -> list:
+    """The ONNX values of ``eqn``'s inputs, named after ``hints``."""
+    return [ctx.get_value_for_var(var, name_hint=ctx.fresh_name(hint)) for var, hint in zip(eqn.invars, hints)]
+
+
 def _lowering(primitive: Primitive, onnx_op: str, component: str):
     """Registers a class as jax2onnx's lowering of ``primitive`` (its metadata names the main ONNX op)."""
     return register_primitive(
@@ -158,12 +163,9 @@ class IntMatmulPlugin(PrimitiveLeafPlugin):
 
     def lower(self, ctx: Any, eqn: Any) -> None:
         g = _Graph(ctx)
-        rows_var, weight_var, scale_var = eqn.invars
-        rows = ctx.get_value_for_var(rows_var, name_hint=ctx.fresh_name("rows"))
-        weight = ctx.get_value_for_var(weight_var, name_hint=ctx.fresh_name("codes"))
-        out_scale = ctx.get_value_for_var(scale_var, name_hint=ctx.fresh_name("out_scale"))
+        rows, weight, out_scale = _inputs(ctx, eqn, "rows", "codes", "out_scale")
         n, k = rows.shape[0], rows.shape[1]
-        f = weight_var.aval.shape[1]
+        f = eqn.invars[1].aval.shape[1]
         absmax = g.op("ReduceMax", g.op("Abs", rows, shape=(n, k)), g.const("axes", np.array([1], np.int64)),
                       keepdims=1, shape=(n, 1))
         scale = g.op("Mul", absmax, g.const("inv127", reciprocal(127)), shape=(n, 1))
@@ -225,8 +227,7 @@ class DequantizePlugin(PrimitiveLeafPlugin):
     def lower(self, ctx: Any, eqn: Any) -> None:
         g = _Graph(ctx)
         codes_var, scale_var = eqn.invars
-        codes = ctx.get_value_for_var(codes_var, name_hint=ctx.fresh_name("codes"))
-        scale = ctx.get_value_for_var(scale_var, name_hint=ctx.fresh_name("scale"))
+        codes, scale = _inputs(ctx, eqn, "codes", "scale")
         shape = tuple(codes_var.aval.shape)
         attrs = {} if scale_var.aval.ndim == 0 else {"axis": eqn.params["axis"]}
         y = g.op("DequantizeLinear", codes, scale, shape=shape, **attrs)
@@ -242,9 +243,7 @@ class GatherPlugin(PrimitiveLeafPlugin):
 
     def lower(self, ctx: Any, eqn: Any) -> None:
         g = _Graph(ctx)
-        table_var, indices_var = eqn.invars
-        table = ctx.get_value_for_var(table_var, name_hint=ctx.fresh_name("table"))
-        indices = ctx.get_value_for_var(indices_var, name_hint=ctx.fresh_name("indices"))
+        table, indices = _inputs(ctx, eqn, "table", "indices")
         out = eqn.outvars[0].aval
         dtype = ir.DataType.from_numpy(np.dtype(out.dtype))
         ctx.bind_value_for_var(eqn.outvars[0], g.op("Gather", table, indices, axis=0, shape=tuple(out.shape),
