@@ -100,7 +100,7 @@ def at_step(opt_state, step: int):
     """``opt_state`` with the transform's step counter set to ``step`` (masks and the rest unchanged)."""
     import dataclasses
 
-    from jaxqp._transforms.transform import map_states
+    from jaxqp._transforms.state_tree import map_states
 
     return opt_state._replace(transform=map_states(
         opt_state.transform, lambda s: dataclasses.replace(s, step=jnp.asarray(step, jnp.int32))))

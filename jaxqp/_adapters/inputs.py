@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .._transforms.activations import input_entries, quantize_input
-from .._transforms.transform import transform_states
+from .._transforms.state_tree import transform_states
 from ..numerics._int_dot import int_dense
 
 LINEN_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from .._specs.activation import ActSpec
 from . import input_quantizer
 from .pruning import MaskInputs, masks_for
-from .transform import TransformState, map_states, transform_states
+from .state_tree import map_states, transform_states
+from .transform import TransformState
 
 
 class InputEntry(NamedTuple):

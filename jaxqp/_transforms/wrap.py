@@ -42,7 +42,8 @@ import optax
 
 from .._specs.paths import paths_and_leaves
 from .rigl import reset_moments
-from .transform import ParamTransform, learned_of, needs_grads, transform_states, with_learned
+from .state_tree import learned_of, needs_grads, transform_states, with_learned
+from .transform import ParamTransform
 
 
 class WrapState(NamedTuple):
