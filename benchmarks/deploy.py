@@ -7,9 +7,12 @@ the ai-edge-litert interpreter with its default XNNPACK delegate; configs ``*-bu
 on the builtin kernels, whose int8 numbers match jaxqp's) and ``jax``
 (``jaxqp.linen_serving_apply`` against the float model, both jitted). Models: the
 2-layer 4096-wide MLP and the transformer block (d_model 512, 8 heads, 16 tokens) of
-``benchmarks/serving.py``. Configs: every Dense/DenseGeneral kernel quantized to int8 or
-int4; for ONNX Runtime, ``int8`` is the default export (``int8_matmul="split"``, exact on
-every CPU), ``int8-u8u8`` and ``int8-u8s8`` the other two forms (``docs/deploy.md``).
+``benchmarks/serving.py``. Configs: every Dense/DenseGeneral kernel quantized to int8, int7
+(7-bit codes stored as int8) or int4; for ONNX Runtime, ``int8`` is the default export
+(``int8_matmul="auto"``, which takes the split form for 8-bit codes: exact on every CPU),
+``int8-u8u8`` and ``int8-u8s8`` the other two forms, and ``int7`` the default export too, which
+for codes within +-64 is one u8 x s8 matmul, exact on every CPU (``docs/deploy.md``). LiteRT runs
+int8 and int4.
 Batches 1, 2, 8, 32, 256. Each latency is the median over interleaved repeats, divided by
 the float model's median on the *same runtime* in the same run; ``bytes_ratio`` is the
 exported file (``.onnx``, ``.tflite``, or jaxqp's ``.jaxqp`` for ``jax``) over the float file of the
@@ -85,7 +88,7 @@ def model_rows(name, model, params, make_input, batches, repeats, calls, tmp, li
     float_apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
     serve = jax.jit(apply)
     served, files = {}, {}
-    for config, bits in (("int8", 8), ("int4", 4)):
+    for config, bits in (("int8", 8), ("int7", 7), ("int4", 4)):
         exported = jaxqp.export(params, jaxqp.transform(_rules(bits)).init(params))
         served[config] = jaxqp.prepare(exported, dense_general=True)
         files[("jax", config)] = os.path.join(tmp, f"{name}-{config}.jaxqp")
@@ -97,8 +100,9 @@ def model_rows(name, model, params, make_input, batches, repeats, calls, tmp, li
                                       file=os.path.join(tmp, f"{name}-float.onnx"))
     sessions = {"float32": _onnx_session(float_onnx)}
     files[("onnxruntime", "float32")] = os.path.join(tmp, f"{name}-float.onnx")
-    exports = {"int8": (served["int8"], "split"), "int8-u8u8": (served["int8"], "u8u8"),
-               "int8-u8s8": (served["int8"], "u8s8"), "int4": (served["int4"], "split")}
+    exports = {"int8": (served["int8"], "auto"), "int8-u8u8": (served["int8"], "u8u8"),
+               "int8-u8s8": (served["int8"], "u8s8"), "int7": (served["int7"], "auto"),
+               "int4": (served["int4"], "auto")}
     for config, (tree, kernel) in exports.items():
         files[("onnxruntime", config)] = os.path.join(tmp, f"{name}-{config}.onnx")
         sessions[config] = _onnx_session(jaxqp.deploy.to_onnx(apply, tree, example, file=files[("onnxruntime", config)],

@@ -98,6 +98,39 @@ def test_u8s8_int8_matmul_is_exact_on_a_vnni_cpu():
         np.testing.assert_array_equal(_run(session, x), np.asarray(apply(served, x)))
 
 
+def _pair_sum_bound(weight: np.ndarray) -> int:
+    """The largest int16 pair sum a u8 x s8 kernel without VNNI can form with this weight (activations up to 255):
+    ``255 * (|w[2i, j]| + |w[2i+1, j]|)`` over the contraction axis (an odd last row pairs with a zero)."""
+    w = np.abs(weight.astype(np.int64))
+    w = np.concatenate([w, np.zeros((len(w) % 2, w.shape[1]), np.int64)])
+    return int(255 * (w[0::2] + w[1::2]).max())
+
+
+def test_auto_form_takes_one_u8s8_matmul_only_where_it_cannot_saturate():
+    """The default ``int8_matmul="auto"``: a 7-bit weight (codes within +-63) multiplies in one u8 x s8
+    matmul, whose int16 pair sums stay below 2^15 on any CPU; an 8-bit one keeps the split form."""
+    model = MLP()
+    params = with_biases(model.init(jax.random.key(0), jnp.ones((1, 32)))["params"])
+    t = jaxqp.transform([jaxqp.Rule("Dense_1/kernel", quant=jaxqp.QuantSpec(bits=7)),  # the first layer, 32 x 128
+                         jaxqp.Rule("Dense_0/kernel", quant=jaxqp.QuantSpec(bits=8))])
+    served = jaxqp.prepare(jaxqp.export(params, t.init(params)), path="int8")
+    apply = jaxqp.linen_serving_apply(model)
+    exported = jaxqp.deploy.to_onnx(apply, served, jnp.ones((1, 32)))
+    initializers = {init.name: onnx.numpy_helper.to_array(init) for init in exported.graph.initializer}
+    forms = {}
+    for node in exported.graph.node:
+        if node.op_type == "MatMulInteger":
+            weight = initializers[node.input[1]]
+            forms[weight.shape] = ("u8s8" if len(node.input) > 2 else "split", _pair_sum_bound(weight))
+    assert forms[(32, 128)][0] == "u8s8" and forms[(32, 128)][1] < 2**15  # 7 bits: one matmul, cannot saturate
+    assert forms[(128, 64)][0] == "split" and forms[(128, 64)][1] >= 2**15  # 8 bits as u8s8 could saturate
+    assert [node.op_type for node in exported.graph.node].count("Split") == 1
+    session = _session(exported)
+    for batch in (1, 32, 256):
+        x = 3 * jax.random.normal(jax.random.key(batch), (batch, 32))
+        np.testing.assert_array_equal(_run(session, x), np.asarray(apply(served, x)))
+
+
 def test_batch_axis_is_symbolic_and_opset_21():
     model = MLP()
     params = model.init(jax.random.key(0), jnp.ones((1, 32)))["params"]
@@ -108,11 +141,12 @@ def test_batch_axis_is_symbolic_and_opset_21():
     onnx.checker.check_model(exported, full_check=True)
 
 
-@pytest.mark.parametrize("int8_matmul", ["split", "u8u8", "u8s8+x64quantprecision"])
+@pytest.mark.parametrize("int8_matmul", ["auto", "split", "u8u8", "u8s8+x64quantprecision"])
 def test_extreme_codes_do_not_saturate(int8_matmul):
     """Weight codes +-127 and activation codes +-127 over 512 inputs: one u8 x s8 matmul of codes + 128
     (uint8 1 and 255) would sum pairs past int16 on a CPU without VNNI (2 * 255 * 127 > 2^15); the
-    portable forms stay exact, and so does "u8s8" in a session with ``session.x64quantprecision=1``."""
+    portable forms stay exact ("auto" takes the split for them), and so does "u8s8" in a session with
+    ``session.x64quantprecision=1``."""
     int8_matmul, _, option = int8_matmul.partition("+")
     k = 512
     signs = np.where(np.random.default_rng(0).random((k, 16)) < 0.5, -1.0, 1.0).astype(np.float32)
@@ -121,7 +155,9 @@ def test_extreme_codes_do_not_saturate(int8_matmul):
     assert np.array_equal(np.abs(np.asarray(served["dense"]["kernel"].codes)), np.full((16, k), 127))
     x = jnp.asarray(np.where(np.random.default_rng(1).random((32, k)) < 0.5, -2.0, 2.0).astype(np.float32))
     fn = lambda p, x: jaxqp.serving.int8_matmul(x, p["dense"]["kernel"])
-    out = _run(_session(jaxqp.deploy.to_onnx(fn, served, x, int8_matmul=int8_matmul), bool(option)), x)
+    exported = jaxqp.deploy.to_onnx(fn, served, x, int8_matmul=int8_matmul)
+    assert ("Split" in _ops(exported)) == (int8_matmul in ("auto", "split"))
+    out = _run(_session(exported, bool(option)), x)
     exact = (np.sign(np.asarray(x)).astype(np.int64) * 127) @ (signs.astype(np.int64) * 127)
     row_scale = np.float32(2.0) * np.float32(1 / 127)
     np.testing.assert_array_equal(out, np.asarray(jax.jit(fn)(served, x)))
@@ -262,7 +298,7 @@ def test_missing_extra_says_how_to_install(monkeypatch):
         jaxqp.deploy.to_onnx(lambda p, x: x, {}, jnp.ones((1, 2)))
 
 
-@pytest.mark.parametrize("bits,int8_matmul", [(8, "split"), (8, "u8u8"), (8, "u8s8"), (4, "split")])
+@pytest.mark.parametrize("bits,int8_matmul", [(8, "split"), (8, "u8u8"), (8, "u8s8"), (8, "auto"), (4, "split")])
 def test_primitives_mean_in_jax_what_serving_computes(bits, int8_matmul):
     """The two primitives' JAX meaning (their impl) equals the integer path and the decode, bit for bit."""
     from jaxqp.deploy import _onnx_ops

@@ -39,7 +39,10 @@ if TYPE_CHECKING:
     import onnx
 
 OPSET = 21  # MatMulInteger, DequantizeLinear with INT4 and per-axis scales
-INT8_MATMULS = ("split", "u8u8", "u8s8")
+INT8_MATMULS = ("auto", "split", "u8u8", "u8s8")
+# Weight codes within +-64 cannot saturate a u8 x s8 kernel's int16 pair sums (2 * 255 * 64 = 32640 < 2^15):
+# for them the one-matmul "u8s8" form is exact on every CPU, VNNI or not.
+U8S8_EXACT_CODE = 64
 
 
 def _require_extra():
@@ -78,12 +81,15 @@ class OnnxKernels:
         with jax.ensure_compile_time_eval():  # the codes are constants: computed now, not traced
             codes = np.asarray(kernel.matrix_codes(n_contract))
             out_scale = jnp.asarray(np.asarray(kernel.out_scale(n_contract), np.float32))
+        form = self.int8_matmul
+        if form == "auto":  # the fast single matmul where it is exact everywhere, else the split
+            form = "u8s8" if np.abs(codes.astype(np.int16)).max(initial=0) <= U8S8_EXACT_CODE else "split"
         if kernel.bits < 8:
             kind, weight = "int4", self._codes(codes, kernel.bits)
-        elif self.int8_matmul == "u8u8":  # codes + 128 with b_zero_point 128
+        elif form == "u8u8":  # codes + 128 with b_zero_point 128
             kind, weight = "u8u8", jnp.asarray((codes.astype(np.int16) + 128).astype(np.uint8))
         else:
-            kind, weight = self.int8_matmul, jnp.asarray(codes)
+            kind, weight = form, jnp.asarray(codes)
         return self.ops.int_matmul_p.bind(rows.astype(jnp.float32), weight, out_scale, pow2=kernel.pow2, kind=kind)
 
     def decode(self, kernel: _Int8Codes) -> jax.Array:
@@ -153,7 +159,7 @@ def _quiet_shape_warnings():
 
 
 def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | None = None, opset: int = OPSET,
-            dynamic_batch: bool = True, int8_matmul: str = "split", model_name: str = "jaxqp_model",
+            dynamic_batch: bool = True, int8_matmul: str = "auto", model_name: str = "jaxqp_model",
             ) -> onnx.ModelProto:
     """The served model ``apply_fn(served, *inputs)`` as an ONNX model (and file).
 
@@ -176,12 +182,14 @@ def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | N
       opset: the ONNX opset (>= 21).
       dynamic_batch: make the first axis of every input a symbolic dimension ``B``.
       int8_matmul: how 8-bit weights multiply in ``MatMulInteger`` (``docs/deploy.md``).
-        ``"split"`` (default): the activation codes' positive and negative parts stacked
-        as uint8 rows times the int8 weight codes, one u8 x s8 matmul: exact on every CPU
-        and on ONNX Runtime's fast kernel. ``"u8u8"``: uint8 codes + 128 on both sides, exact
+        ``"auto"`` (default): per layer, ``"u8s8"`` where every weight code lies in
+        [-64, 64] (a ``QuantSpec(bits=7)`` weight: no int16 pair sum can saturate, so exact on
+        every CPU), else ``"split"``. ``"split"``: the activation codes' positive and negative
+        parts stacked as uint8 rows times the int8 weight codes, one u8 x s8 matmul: exact on
+        every CPU and on ONNX Runtime's fast kernel, at twice the rows. ``"u8u8"``: uint8 codes + 128 on both sides, exact
         everywhere, slow where the fast kernel is u8 x s8. ``"u8s8"``: one u8 x s8 matmul of
-        codes + 128; fastest, but exact only on CPUs with VNNI (without it, int16 pair sums
-        saturate for extreme codes), or in a session with ONNX Runtime's
+        codes + 128; fastest, but for codes beyond +-64 exact only on CPUs with VNNI
+        (without it, int16 pair sums saturate for extreme codes), or in a session with ONNX Runtime's
         ``session.x64quantprecision=1``, which rewrites the weights to u8 x u8 (on the tested
         AVX-512 VNNI CPU too, so at ``"u8u8"``'s speed). Weights of 4 bits or fewer always take one u8 x s8
         matmul, exact everywhere.

@@ -21,7 +21,8 @@ becomes one of two primitives (see :class:`OnnxKernels`):
   - ``"u8u8"``: codes + 128 as uint8 times uint8 weight codes + 128 (both zero points 128):
     exact everywhere, but slow on CPUs whose fast kernel is u8 x s8.
   - ``"u8s8"``: codes + 128 as uint8 (zero point 128) times int8 weight codes: one matmul,
-    exact only on CPUs with VNNI.
+    exact on CPUs with VNNI, and on every CPU when the weight codes lie in [-64, 64]
+    (2 * 255 * 64 < 2^15: what ``to_onnx``'s default ``"auto"`` picks for such weights).
   - ``"int4"``: weights of 4 bits or fewer, stored as ``INT4`` initializers cast to int8
     (folded once when the session starts), times codes + 128 as uint8: u8 x s8 cannot
     saturate (2 * 255 * 8 < 2^15).
