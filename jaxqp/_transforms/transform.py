@@ -67,6 +67,8 @@ class TransformState:
         unquantized and their statistics are recorded.
       frozen: bool scalar set by :func:`freeze_masks`: ``update`` keeps the masks. A leaf,
         not static metadata, so that a checkpoint of the state (orbax) keeps it.
+      refresh: static, where the masks are refreshed: ``"in_update"`` (inside ``update``) or
+        ``"separate"`` (by :func:`jaxqp.refresh_masks`, compiled apart from the train step).
     """
 
     step: jax.Array
@@ -78,6 +80,7 @@ class TransformState:
     calibrating: bool = False
     scores: dict = dataclasses.field(default_factory=dict)
     frozen: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros((), bool))
+    refresh: str = "in_update"
 
     def mask(self, path: str) -> jax.Array:
         """The bool mask of ``path`` (True keeps), unpacked from :attr:`mask_bits`."""
@@ -101,7 +104,7 @@ def pack_masks(masks: Masks) -> dict:
 
 jax.tree_util.register_dataclass(TransformState,
                                  data_fields=["step", "mask_bits", "learned", "ranges", "key", "scores", "frozen"],
-                                 meta_fields=["plan", "calibrating"])
+                                 meta_fields=["plan", "calibrating", "refresh"])
 
 
 def _no_masks(state) -> Masks:
@@ -211,7 +214,22 @@ def _initial_learned(plan: Plan, flat, masks: Masks) -> dict:
     return {"weights": weights, "inputs": inputs} if weights or inputs else {}
 
 
-def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> ParamTransform:
+REFRESH_MODES = ("in_update", "separate")
+
+
+def _check_separable(plan: Plan) -> None:
+    """``refresh="separate"`` runs the refresh between steps, where no gradients are at hand."""
+    for e in plan.leaves:
+        if e.prune is None:
+            continue
+        if e.prune.criterion == "saliency" or e.prune.regrow is not None:
+            what = "criterion='saliency'" if e.prune.criterion == "saliency" else "a RigL/SET regrow"
+            raise ValueError(f"jaxqp.transform(..., refresh='separate'): '{e.path}' is pruned with {what}, which "
+                             "needs this step's gradients (and, for regrowth, the optimizer's moments) when its "
+                             "masks change. Fix: keep refresh='in_update' (the default) for this rule")
+
+
+def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None, refresh: str = "in_update") -> ParamTransform:
     """The quantize-and-prune transform of ``rules`` (first matching rule wins per leaf).
 
     For a leaf with both specs, the mask is applied first and the quantizer is
@@ -219,25 +237,40 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> Param
     makes the PRNG key that stochastic rounding draws from (stored in the state;
     step ``s`` of leaf ``i`` uses ``fold_in(fold_in(key, s), i)``).
 
+    ``refresh="separate"`` takes the mask refresh out of ``update`` (and so out of the
+    compiled train step, which then compiles like a fixed-mask step): call
+    :func:`jaxqp.refresh_masks` before each step instead. It computes the masks that
+    ``update`` would have computed at that step, from the same weights, in a function compiled
+    once per process, but they apply from that step's forward on, one step earlier than
+    in-update masks (docs/design.md).
+
     Args:
       rules: the rules, or one rule.
       seed: seed of the PRNG key for stochastic rounding and random criteria.
+      refresh: ``"in_update"`` (default): masks are refreshed inside ``update`` under
+        ``lax.cond``; ``"separate"``: by :func:`jaxqp.refresh_masks` between steps (not for
+        saliency pruning or RigL/SET, which need the step's gradients).
 
     Returns:
       A :class:`ParamTransform` ``(init, apply, update, masks)``.
 
     Raises:
       TypeError: if ``seed`` is not an int or None.
-      ValueError: at ``init``, if a rule matches no float leaf or a spec does not fit the
-        leaf it matches (the message names the rule and the path).
+      ValueError: for an unknown ``refresh``; at ``init``, if a rule matches no float leaf, a
+        spec does not fit the leaf it matches (the message names the rule and the path) or
+        a ``refresh="separate"`` rule needs gradients to refresh.
     """
     rules = _as_rules(rules)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
         raise TypeError(f"jaxqp.transform: seed={seed!r} must be an int (or None), e.g. jaxqp.transform(rules, seed=0)")
+    if refresh not in REFRESH_MODES:
+        raise ValueError(f"jaxqp.transform: refresh={refresh!r}; expected one of {REFRESH_MODES}")
 
     def init(params) -> TransformState:
         plan = resolve(rules, params)
         flat, _ = plan.check(params)
+        if refresh == "separate":
+            _check_separable(plan)
         if _needs_key(plan) and seed is None:
             raise ValueError("a rule asks for randomness (QuantSpec(rounding='stochastic'), PruneSpec("
                              "criterion='random') or RigL(grow='random')): give the transform a seed, "
@@ -248,7 +281,7 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> Param
         ranges = {e.path: input_quantizer.init_ranges(e.act) for e in plan.leaves
                   if e.act is not None and e.act.range == "static"}
         return TransformState(jnp.zeros((), jnp.int32), pack_masks(masks), plan, _initial_learned(plan, flat, masks),
-                              ranges, key, scores=scores)
+                              ranges, key, scores=scores, refresh=refresh)
 
     def apply(params, state: TransformState):
         flat, treedef, plan = _checked(rules, params, state, "t.apply")
@@ -272,9 +305,9 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None) -> Param
         frozen = jnp.asarray(state.frozen)  # data (it survives a checkpoint): chosen when the step runs
         scores = jax.tree_util.tree_map(lambda old, new: jnp.where(frozen, old, new), state.scores, scores)
         # unpacking and repacking the masks only on steps that can change them
-        bits = jax.lax.cond(~frozen & refresh_due(plan, step),
-                            lambda: pack_masks(masks_for(plan, flat, state.masks, step, inputs)),
-                            lambda: state.mask_bits)
+        bits = state.mask_bits if state.refresh == "separate" else jax.lax.cond(
+            ~frozen & refresh_due(plan, step), lambda: pack_masks(masks_for(plan, flat, state.masks, step, inputs)),
+            lambda: state.mask_bits)
         return dataclasses.replace(state, step=step, mask_bits=bits, ranges=ranges, scores=scores)
 
     def masks(state: TransformState) -> Masks:

@@ -1,0 +1,120 @@
+"""``jaxqp.refresh_masks``: the mask refresh of ``transform(..., refresh="separate")``, between steps (transforms layer).
+
+A train step that refreshes masks inside ``update`` compiles the refresh (thresholds found by
+bisection, ties ranked) under ``lax.cond`` into every step it is part of: 2-3x the float
+step's compile time, paid again each time a research loop rebuilds its step. With
+``refresh="separate"``, ``update`` only advances the step and keeps the masks, and this
+function, jitted once per process for a given model, refreshes them between steps:
+
+1. on the host it reads each separate-mode state's step and frozen flag, and returns at once
+   when no refresh is due at the coming step (no dispatch);
+2. otherwise it computes, for the coming step, the masks ``update`` would have computed,
+   from the same weights (the ones the coming step's forward will see), and sets the newly
+   pruned weights to exactly 0, as :func:`jaxqp.wrap` does for in-update refreshes.
+
+The masks are the in-update ones; they apply one step earlier (from the coming step's
+forward on, where in-update masks apply from the updates of that step on).
+
+Example:
+    >>> import jax.numpy as jnp, optax, jaxqp
+    >>> t = jaxqp.transform([jaxqp.Rule("w", prune=jaxqp.PruneSpec(
+    ...     sparsity=jaxqp.polynomial(0.0, 0.5, begin=0, end=2, every=1)))], refresh="separate")
+    >>> tx = jaxqp.wrap(optax.sgd(0.1), t)
+    >>> params = {"w": jnp.array([1.0, -2.0, 0.5, 3.0])}
+    >>> opt_state = tx.init(params)
+    >>> params, opt_state = jaxqp.refresh_masks(params, opt_state)  # due at step 1: 2 of 4 pruned
+    >>> params["w"]
+    Array([ 0., -2.,  0.,  3.], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .._specs.paths import paths_and_leaves
+from .pruning import MaskInputs, masks_for, refresh_due
+from .state_tree import map_states, transform_states
+from .transform import TransformState, pack_masks
+
+
+def _due(state: TransformState) -> bool:
+    """On the host: whether ``update``'s next step would refresh this state's masks."""
+    step, frozen = jax.device_get((state.step, state.frozen))
+    return state.refresh == "separate" and not bool(frozen) and bool(refresh_due(state.plan, int(step) + 1))
+
+
+def _refreshed(params, state: TransformState) -> TransformState:
+    flat, _ = state.plan.check(params, "params")
+    step = state.step + 1
+    masks = masks_for(state.plan, flat, state.masks, step, MaskInputs(None, state.scores, state.key))
+    return dataclasses.replace(state, mask_bits=pack_masks(masks))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _refresh(params, opt_state, due: tuple[bool, ...]):
+    states = iter(due)
+    opt_state = map_states(opt_state, lambda s: _refreshed(params, s) if next(states) else s)
+    zeroed: dict[str, jax.Array] = {}
+    for state, refreshed in zip(transform_states(opt_state), due, strict=True):
+        if not refreshed:
+            continue
+        soft = {e.path for e in state.plan.leaves if e.prune is not None and e.prune.straight_through}
+        for path, mask in state.masks.items():
+            if path not in soft:
+                zeroed[path] = zeroed[path] & mask if path in zeroed else mask
+    flat, treedef = paths_and_leaves(params)
+    out = [jnp.where(zeroed[path], leaf, jnp.zeros((), leaf.dtype)) if path in zeroed else leaf
+           for path, leaf in flat]
+    return jax.tree_util.tree_unflatten(treedef, out), opt_state
+
+
+def refresh_masks(params: Any, opt_state: Any) -> tuple[Any, Any]:
+    """Refreshes the masks of ``transform(..., refresh="separate")`` due at the coming step.
+
+    Call it before each train step, outside ``jax.jit``, on the params and optimizer state
+    the step will get (``opt_state`` from :func:`jaxqp.wrap`, or a transform state). When no
+    mask is due it returns its arguments unchanged without running anything; otherwise one
+    jitted call (compiled once per process for a given model and state layout) computes the
+    new masks from ``params`` and sets newly pruned weights to exactly 0. Reading the step
+    waits for the previous step to finish.
+
+    Args:
+      params: the current parameters.
+      opt_state: the optimizer state (or transform state) holding the transform state(s).
+
+    Returns:
+      ``(params, opt_state)``, refreshed where due.
+
+    Raises:
+      TypeError: inside ``jax.jit`` (traced arguments): the refresh runs between steps.
+      ValueError: if ``opt_state`` holds no transform state made with ``refresh="separate"``,
+        or ``params`` do not match its plan (the message names the path).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxqp
+      >>> t = jaxqp.transform([jaxqp.Rule("w", prune=jaxqp.PruneSpec(sparsity=0.5))], refresh="separate")
+      >>> params = {"w": jnp.array([1.0, -2.0, 0.5, 3.0])}
+      >>> state = t.init(params)
+      >>> jaxqp.refresh_masks(params, state)[0] is params  # a constant sparsity: nothing is ever due
+      True
+    """
+    states = transform_states(opt_state)
+    if not any(s.refresh == "separate" for s in states):
+        raise ValueError("jaxqp.refresh_masks: opt_state holds no transform state made with refresh='separate' "
+                         f"({len(states)} in-update state(s) found, whose update refreshes the masks itself). "
+                         "Fix: jaxqp.transform(rules, refresh='separate'), or drop the refresh_masks call")
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((params, opt_state))):
+        raise TypeError("jaxqp.refresh_masks: called with traced values (inside jax.jit?). It runs between "
+                        "train steps, outside jit: params, opt_state = jaxqp.refresh_masks(params, opt_state)")
+    for state in states:
+        if state.refresh == "separate":
+            state.plan.check(params, "params")  # a clear error for another model's params, before any work
+    due = tuple(_due(s) for s in states)
+    if not any(due):
+        return params, opt_state
+    return _refresh(params, opt_state, due)

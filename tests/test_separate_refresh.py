@@ -1,0 +1,135 @@
+"""``transform(..., refresh="separate")`` and ``jaxqp.refresh_masks``: the mask refresh out of the train step.
+
+At every refresh the masks equal what ``update`` computes in-update from the same state and
+weights, newly pruned weights are exactly 0, the train step compiles without any refresh code,
+and the refresh compiles once for steps rebuilt around it.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxqp
+from jaxqp._transforms import separate_refresh
+from jaxqp.demo import make_train_step
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(10)(nn.relu(nn.Dense(48)(nn.relu(nn.Dense(40)(x)))))
+
+
+EVERY = 3
+
+
+def _rules(scope="layer", criterion="magnitude", quant=False):
+    sparsity = jaxqp.polynomial(0.0, 0.8, begin=0, end=4 * EVERY, every=EVERY)
+    return [jaxqp.Rule(r".*/kernel", prune=jaxqp.PruneSpec(sparsity=sparsity, scope=scope, criterion=criterion),
+                       quant=jaxqp.QuantSpec(bits=8) if quant else None)]
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    return jnp.asarray(rng.normal(size=(32, 16)), jnp.float32), jnp.asarray(rng.integers(0, 10, 32), jnp.int32)
+
+
+def _setup(rules, refresh, lr=0.1):
+    model, (x, y) = Net(), _data()
+    t = jaxqp.transform(rules, refresh=refresh)
+    tx = jaxqp.wrap(optax.sgd(lr, momentum=0.9), t)  # adam needs standard dtype promotion
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    return model, t, tx, params, tx.init(params), make_train_step(model, t, tx), (x, y)
+
+
+@pytest.mark.parametrize("scope,criterion,quant", [("layer", "magnitude", False), ("layer", "magnitude", True),
+                                                   ("global", "magnitude", False), ("layer", "movement", False)])
+def test_each_refresh_computes_the_in_update_masks(scope, criterion, quant):
+    rules = _rules(scope, criterion, quant)
+    _, _, _, params, opt_state, step, (x, y) = _setup(rules, "separate")
+    in_update = jaxqp.transform(rules)
+    refreshes = 0
+    for _ in range(5 * EVERY):
+        state = jaxqp.state_of(opt_state)
+        new_params, new_opt_state = jaxqp.refresh_masks(params, opt_state)
+        # the reference: update() of the same state in in-update mode, from the same weights
+        reference = in_update.update(params, dataclasses.replace(state, refresh="in_update"),
+                                     **({"grads": jax.tree.map(jnp.zeros_like, params)}
+                                        if criterion == "movement" else {}))
+        got = jaxqp.state_of(new_opt_state)
+        if new_opt_state is opt_state:
+            assert new_params is params
+            for path, bits in reference.mask_bits.items():
+                np.testing.assert_array_equal(got.mask_bits[path], bits, err_msg=path)
+        else:
+            refreshes += 1
+            for path, mask in reference.masks.items():
+                np.testing.assert_array_equal(got.masks[path], mask, err_msg=path)
+            flat = dict(jaxqp.resolve(rules, new_params).check(new_params)[0])
+            for path, mask in got.masks.items():
+                assert not np.any(np.asarray(flat[path])[~np.asarray(mask)]), path  # pruned weights exactly 0
+        params, opt_state, _ = step(new_params, new_opt_state, x, y)
+    assert refreshes == 4  # steps 3, 6, 9, 12
+    masks = jaxqp.state_of(opt_state).masks
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    assert pruned == sum(round(0.8 * m.size) for m in masks.values()) or scope == "global"
+    if scope == "global":
+        assert pruned == round(0.8 * sum(m.size for m in masks.values()))
+
+
+def test_the_train_step_compiles_without_refresh_code():
+    def control_flow(refresh):
+        _, _, _, params, opt_state, step, (x, y) = _setup(_rules(), refresh)
+        text = step.lower(params, opt_state, x, y).as_text()
+        return text.count("stablehlo.while"), text.count("stablehlo.case")
+
+    assert control_flow("separate") == (0, 0)
+    assert min(control_flow("in_update")) > 0  # the bisections and the cond of the in-update refresh
+
+
+def test_refresh_compiles_once_for_rebuilt_steps_and_skips_when_not_due():
+    separate_refresh._refresh.clear_cache()
+    for lr in (0.1, 0.05):  # a research loop rebuilding its step: the refresh is reused
+        _, _, _, params, opt_state, step, (x, y) = _setup(_rules(), "separate", lr)
+        for _ in range(2 * EVERY):
+            refreshed = jaxqp.refresh_masks(params, opt_state)
+            due = int(jaxqp.state_of(opt_state).step) + 1
+            assert (refreshed[1] is opt_state) == (due % EVERY != 0)
+            params, opt_state, _ = step(*refreshed, x, y)
+    assert separate_refresh._refresh._cache_size() == 1
+
+
+def test_frozen_masks_stay():
+    _, _, _, params, opt_state, step, (x, y) = _setup(_rules(), "separate")
+    for _ in range(EVERY - 1):
+        params, opt_state, _ = step(params, opt_state, x, y)
+    frozen = jaxqp.freeze_masks(opt_state)
+    assert jaxqp.refresh_masks(params, frozen)[1] is frozen
+    assert jaxqp.refresh_masks(params, opt_state)[1] is not opt_state  # due now, when not frozen
+
+
+def test_bad_uses_are_refused():
+    params = {"w": jnp.ones((8, 4))}
+    with pytest.raises(ValueError, match=r"refresh='later'; expected one of \('in_update', 'separate'\)"):
+        jaxqp.transform(_rules(), refresh="later")
+    for spec in (jaxqp.PruneSpec(sparsity=0.5, criterion="saliency"),
+                 jaxqp.PruneSpec(sparsity=0.5, regrow=jaxqp.RigL(every=10, end=100))):
+        t = jaxqp.transform([jaxqp.Rule("w", prune=spec)], refresh="separate")
+        with pytest.raises(ValueError, match=r"'w' is pruned with .* keep refresh='in_update'"):
+            t.init(params)
+    in_update = jaxqp.transform([jaxqp.Rule("w", prune=jaxqp.PruneSpec(sparsity=0.5))])
+    with pytest.raises(ValueError, match=r"no transform state made with refresh='separate'.*1 in-update"):
+        jaxqp.refresh_masks(params, in_update.init(params))
+    with pytest.raises(ValueError, match=r"holds no transform state"):
+        jaxqp.refresh_masks(params, {"not": "a state"})
+    t = jaxqp.transform([jaxqp.Rule("w", prune=jaxqp.PruneSpec(sparsity=0.5))], refresh="separate")
+    state = t.init(params)
+    with pytest.raises(ValueError, match=r"'w'"):
+        jaxqp.refresh_masks({"v": jnp.ones((8, 4))}, state)
+    with pytest.raises(TypeError, match=r"outside jit"):
+        jax.jit(jaxqp.refresh_masks)(params, state)
