@@ -8,8 +8,11 @@ power-of-two scales through the integer matmul, ``ActSpec(integer=True)``), prun
 the timing), both, global pruning to 90%, 2:4, movement pruning and RigL. Configs are
 timed round-robin; the median step time of each is divided by the float step's median.
 A second, identical float run ("float32 again") shows how much of a ratio is timing
-noise on this machine. Per config also: ``compile_ratio``, the time to trace, lower and
-compile the step over the float step's; ``refresh_ratio``, one step that refreshes the
+noise on this machine. Configs ending in `` sep`` are the same pruning with
+``refresh="separate"``: ``jaxqp.refresh_masks`` runs before each step (timed with it) and
+the refresh compiles apart from the step (``refresh_compile_s``, paid once per process). Per
+config also: ``compile_ratio``, the time to trace, lower and compile the step over the float
+step's; ``refresh_ratio``, one step that refreshes the
 masks over one that does not (the median of ``--repeats`` calls each, same inputs); and
 ``state_bytes_ratio``, the bytes of the transform state (masks, scores, ranges) over the
 params' bytes.
@@ -30,6 +33,7 @@ import optax
 from _common import median_seconds, write_json
 
 import jaxqp
+from jaxqp._transforms.separate_refresh import _refresh as refresh_masks_jit
 from jaxqp.demo import make_train_step
 from jaxqp.numerics._path_choice import cpu_info, record_paths
 
@@ -45,8 +49,8 @@ class MLP(nn.Module):
         return nn.Dense(10)(x)
 
 
-def make_step(model, rules):
-    t = jaxqp.transform(rules)
+def make_step(model, rules, refresh="in_update"):
+    t = jaxqp.transform(rules, refresh=refresh)
     tx = jaxqp.wrap(optax.adam(1e-3), t)
     if not any(rule.act is not None for rule in rules):
         return tx, make_train_step(model, t, tx)
@@ -67,13 +71,21 @@ def make_step(model, rules):
 
 
 EVERY = 100  # steps between mask refreshes of the pruning configs
+SEPARATE = " sep"  # a config name ending so: refresh="separate", jaxqp.refresh_masks before each step
+
+
+def with_refresh(step):
+    """The step preceded by ``jaxqp.refresh_masks`` (a separately compiled refresh, run when due)."""
+    def refreshed_step(params, opt_state, x, y):
+        return step(*jaxqp.refresh_masks(params, opt_state), x, y)
+    return refreshed_step
 
 
 def configs(total_steps: int):
     schedule = jaxqp.polynomial(0.0, 0.8, begin=0, end=total_steps, every=EVERY)
     prune = jaxqp.PruneSpec(sparsity=schedule)
     int8 = jaxqp.QuantSpec(bits=8)
-    return {
+    table = {
         "float32": [],
         "float32 again": [],  # a second float baseline: its ratio shows the timing noise
         "int8": [jaxqp.Rule(r".*/kernel", quant=int8)],
@@ -90,6 +102,9 @@ def configs(total_steps: int):
         "rigl": [jaxqp.Rule(r".*/kernel", prune=jaxqp.PruneSpec(
             sparsity=0.8, regrow=jaxqp.RigL(every=EVERY, drop_fraction=0.3, end=total_steps)))],
     }
+    for name in ("pruned", "pruned+int8", "global90"):  # the same, refreshed apart from the step
+        table[name + SEPARATE] = table[name]
+    return table
 
 
 def tree_bytes(tree) -> int:
@@ -128,16 +143,23 @@ def main(argv=None):
     runs, paths, compile_s, extra = {}, {}, {}, {}
     param_bytes = tree_bytes(params0)
     for name, rules in configs(args.steps * args.repeats).items():
-        tx, step = make_step(model, rules)
+        separate = name.endswith(SEPARATE)
+        tx, step = make_step(model, rules, "separate" if separate else "in_update")
         params, opt_state = params0, tx.init(params0)
         start = time.perf_counter()
         with record_paths() as used:  # integer layers pick their dot form when traced
             step = step.lower(params, opt_state, x, y).compile()  # trace, lower and compile, timed
         compile_s[name] = time.perf_counter() - start
+        extra[name] = {}
+        if separate:  # the refresh's own compile, paid once per process (steps rebuilt around it reuse it)
+            start = time.perf_counter()
+            refresh_masks_jit.lower(params, opt_state, (True,)).compile()
+            extra[name]["refresh_compile_s"] = round(time.perf_counter() - start, 3)
+            step = with_refresh(step)
         params, opt_state, _ = jax.block_until_ready(step(params, opt_state, x, y))
         paths[name] = sorted({entry["path"] for entry in used})
         runs[name] = [step, params, opt_state, []]
-        extra[name] = {"state_bytes_ratio": round(tree_bytes(jaxqp.state_of(opt_state)) / param_bytes, 4)}
+        extra[name]["state_bytes_ratio"] = round(tree_bytes(jaxqp.state_of(opt_state)) / param_bytes, 4)
         if rules and any(rule.prune is not None for rule in rules):
             # one step that refreshes the masks (the new step is a multiple of EVERY) against one that does not
             refreshing, plain_state = at_step(opt_state, EVERY - 1), at_step(opt_state, EVERY)
@@ -160,13 +182,13 @@ def main(argv=None):
     cpu = cpu_info()
     print(f"MLP {args.depth}x{args.width}, batch {args.batch}, {jax.default_backend()} "
           f"({cpu['model']}; {', '.join(cpu['flags'])}), median of {args.repeats} x {args.steps} steps")
-    print(f"{'config':<14} {'step ms':>8} {'ratio':>7} {'compile s':>10} {'ratio':>7} {'refresh':>8} {'state':>7}")
+    print(f"{'config':<16} {'step ms':>8} {'ratio':>7} {'compile s':>10} {'ratio':>7} {'refresh':>8} {'state':>7}")
     for name, run in runs.items():
         ms = float(np.median(run[3]))
         dots = f"  dot: {', '.join(paths[name])}" if paths[name] else ""
         compile_ratio = compile_s[name] / compile_s["float32"]
         refresh = extra[name].get("refresh_ratio")
-        print(f"{name:<14} {ms * 1e3:8.2f} {ms / base:7.3f}x {compile_s[name]:10.2f} {compile_ratio:6.2f}x "
+        print(f"{name:<16} {ms * 1e3:8.2f} {ms / base:7.3f}x {compile_s[name]:10.2f} {compile_ratio:6.2f}x "
               f"{'' if refresh is None else f'{refresh:7.2f}x'!s:>8} {extra[name]['state_bytes_ratio']:7.3f}{dots}")
         if not name.startswith("float32"):
             rows.append({"config": name, "step_ratio": round(ms / base, 4), "step_ms": round(ms * 1e3, 3),

@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._specs.paths import paths_and_leaves
 from .pruning import MaskInputs, masks_for, refresh_due
@@ -42,10 +43,17 @@ from .state_tree import map_states, transform_states
 from .transform import TransformState, pack_masks
 
 
-def _due(state: TransformState) -> bool:
-    """On the host: whether ``update``'s next step would refresh this state's masks."""
-    step, frozen = jax.device_get((state.step, state.frozen))
-    return state.refresh == "separate" and not bool(frozen) and bool(refresh_due(state.plan, int(step) + 1))
+@functools.partial(jax.jit, static_argnums=0)
+def _due_on_device(plans: tuple, steps: tuple, frozen: tuple) -> jax.Array:
+    return jnp.stack([~f & refresh_due(plan, s + 1) for plan, s, f in zip(plans, steps, frozen, strict=True)])
+
+
+def _due(states: list[TransformState]) -> tuple[bool, ...]:
+    """On the host, per state: whether ``update``'s next step would refresh its masks (one small jitted call)."""
+    separate = [s for s in states if s.refresh == "separate"]
+    flags = iter(np.asarray(_due_on_device(tuple(s.plan for s in separate), tuple(s.step for s in separate),
+                                           tuple(s.frozen for s in separate))).tolist())
+    return tuple(bool(next(flags)) if s.refresh == "separate" else False for s in states)
 
 
 def _refreshed(params, state: TransformState) -> TransformState:
@@ -114,7 +122,7 @@ def refresh_masks(params: Any, opt_state: Any) -> tuple[Any, Any]:
     for state in states:
         if state.refresh == "separate":
             state.plan.check(params, "params")  # a clear error for another model's params, before any work
-    due = tuple(_due(s) for s in states)
+    due = _due(states)
     if not any(due):
         return params, opt_state
     return _refresh(params, opt_state, due)
