@@ -9,7 +9,7 @@ the timing), both, global pruning to 90%, 2:4, movement pruning and RigL. Config
 timed round-robin; the median step time of each is divided by the float step's median.
 A second, identical float run ("float32 again") shows how much of a ratio is timing
 noise on this machine. Configs ending in `` sep`` are the same pruning with
-``refresh="separate"``: ``jaxqp.refresh_masks`` runs before each step (timed with it) and
+``refresh="separate"``: ``t.refresh(params, opt_state)`` runs before each step (timed with it) and
 the refresh compiles apart from the step (``refresh_compile_s``, paid once per process). Per
 config also: ``compile_ratio``, the time to trace, lower and compile the step over the float
 step's; ``refresh_ratio``, one step that refreshes the
@@ -53,7 +53,7 @@ def make_step(model, rules, refresh="in_update"):
     t = jaxqp.transform(rules, refresh=refresh)
     tx = jaxqp.wrap(optax.adam(1e-3), t)
     if not any(rule.act is not None for rule in rules):
-        return tx, make_train_step(model, t, tx)
+        return t, tx, make_train_step(model, t, tx)
 
     @jax.jit
     def step(params, opt_state, x, y):  # inputs quantized too: through jaxqp.linen_apply
@@ -67,17 +67,17 @@ def make_step(model, rules, refresh="in_update"):
         updates, opt_state = tx.update(grads, opt_state, params, observed=observed)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return tx, step
+    return t, tx, step
 
 
 EVERY = 100  # steps between mask refreshes of the pruning configs
-SEPARATE = " sep"  # a config name ending so: refresh="separate", jaxqp.refresh_masks before each step
+SEPARATE = " sep"  # a config name ending so: refresh="separate", t.refresh before each step
 
 
-def with_refresh(step):
-    """The step preceded by ``jaxqp.refresh_masks`` (a separately compiled refresh, run when due)."""
+def with_refresh(t, step):
+    """The step preceded by ``t.refresh`` (a separately compiled refresh, run when due)."""
     def refreshed_step(params, opt_state, x, y):
-        return step(*jaxqp.refresh_masks(params, opt_state), x, y)
+        return step(*t.refresh(params, opt_state), x, y)
     return refreshed_step
 
 
@@ -144,7 +144,7 @@ def main(argv=None):
     param_bytes = tree_bytes(params0)
     for name, rules in configs(args.steps * args.repeats).items():
         separate = name.endswith(SEPARATE)
-        tx, step = make_step(model, rules, "separate" if separate else "in_update")
+        t, tx, step = make_step(model, rules, "separate" if separate else "in_update")
         params, opt_state = params0, tx.init(params0)
         start = time.perf_counter()
         with record_paths() as used:  # integer layers pick their dot form when traced
@@ -155,7 +155,7 @@ def main(argv=None):
             start = time.perf_counter()
             refresh_masks_jit.lower(params, opt_state, (True,)).compile()
             extra[name]["refresh_compile_s"] = round(time.perf_counter() - start, 3)
-            step = with_refresh(step)
+            step = with_refresh(t, step)
         params, opt_state, _ = jax.block_until_ready(step(params, opt_state, x, y))
         paths[name] = sorted({entry["path"] for entry in used})
         runs[name] = [step, params, opt_state, []]

@@ -30,7 +30,6 @@ from ._specs.schedules import Schedule, constant, iterative, one_shot, polynomia
 from ._tools.summary import Summary, summary
 from ._transforms.activations import calibrate, quantize_input
 from ._transforms.rewind import rewind
-from ._transforms.separate_refresh import refresh_masks
 from ._transforms.state_tree import freeze_masks
 from ._transforms.transform import ParamTransform, TransformState, chain, transform
 from ._transforms.weight_quantizer import fake_quant_weight
@@ -82,7 +81,6 @@ __all__ = [
     "polynomial",
     "prepare",
     "quantize_input",
-    "refresh_masks",
     "resolve",
     "rewind",
     "save",

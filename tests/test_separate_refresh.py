@@ -1,4 +1,4 @@
-"""``transform(..., refresh="separate")`` and ``jaxqp.refresh_masks``: the mask refresh out of the train step.
+"""``t = transform(..., refresh="separate")`` and ``t.refresh``: the mask refresh out of the train step.
 
 At every refresh the masks equal what ``update`` computes in-update from the same state and
 weights, newly pruned weights are exactly 0, the train step compiles without any refresh code,
@@ -51,12 +51,12 @@ def _setup(rules, refresh, lr=0.1):
                                                    ("global", "magnitude", False), ("layer", "movement", False)])
 def test_each_refresh_computes_the_in_update_masks(scope, criterion, quant):
     rules = _rules(scope, criterion, quant)
-    _, _, _, params, opt_state, step, (x, y) = _setup(rules, "separate")
+    _, t, _, params, opt_state, step, (x, y) = _setup(rules, "separate")
     in_update = jaxqp.transform(rules)
     refreshes = 0
     for _ in range(5 * EVERY):
         state = jaxqp.state_of(opt_state)
-        new_params, new_opt_state = jaxqp.refresh_masks(params, opt_state)
+        new_params, new_opt_state = t.refresh(params, opt_state)
         # the reference: update() of the same state in in-update mode, from the same weights
         reference = in_update.update(params, dataclasses.replace(state, refresh="in_update"),
                                      **({"grads": jax.tree.map(jnp.zeros_like, params)}
@@ -95,9 +95,9 @@ def test_the_train_step_compiles_without_refresh_code():
 def test_refresh_compiles_once_for_rebuilt_steps_and_skips_when_not_due():
     separate_refresh._refresh.clear_cache()
     for lr in (0.1, 0.05):  # a research loop rebuilding its step: the refresh is reused
-        _, _, _, params, opt_state, step, (x, y) = _setup(_rules(), "separate", lr)
+        _, t, _, params, opt_state, step, (x, y) = _setup(_rules(), "separate", lr)
         for _ in range(2 * EVERY):
-            refreshed = jaxqp.refresh_masks(params, opt_state)
+            refreshed = t.refresh(params, opt_state)
             due = int(jaxqp.state_of(opt_state).step) + 1
             assert (refreshed[1] is opt_state) == (due % EVERY != 0)
             params, opt_state, _ = step(*refreshed, x, y)
@@ -105,12 +105,12 @@ def test_refresh_compiles_once_for_rebuilt_steps_and_skips_when_not_due():
 
 
 def test_frozen_masks_stay():
-    _, _, _, params, opt_state, step, (x, y) = _setup(_rules(), "separate")
+    _, t, _, params, opt_state, step, (x, y) = _setup(_rules(), "separate")
     for _ in range(EVERY - 1):
         params, opt_state, _ = step(params, opt_state, x, y)
     frozen = jaxqp.freeze_masks(opt_state)
-    assert jaxqp.refresh_masks(params, frozen)[1] is frozen
-    assert jaxqp.refresh_masks(params, opt_state)[1] is not opt_state  # due now, when not frozen
+    assert t.refresh(params, frozen)[1] is frozen
+    assert t.refresh(params, opt_state)[1] is not opt_state  # due now, when not frozen
 
 
 def test_bad_uses_are_refused():
@@ -124,12 +124,26 @@ def test_bad_uses_are_refused():
             t.init(params)
     in_update = jaxqp.transform([jaxqp.Rule("w", prune=jaxqp.PruneSpec(sparsity=0.5))])
     with pytest.raises(ValueError, match=r"no transform state made with refresh='separate'.*1 in-update"):
-        jaxqp.refresh_masks(params, in_update.init(params))
+        in_update.refresh(params, in_update.init(params))
     with pytest.raises(ValueError, match=r"holds no transform state"):
-        jaxqp.refresh_masks(params, {"not": "a state"})
+        in_update.refresh(params, {"not": "a state"})
     t = jaxqp.transform([jaxqp.Rule("w", prune=jaxqp.PruneSpec(sparsity=0.5))], refresh="separate")
     state = t.init(params)
     with pytest.raises(ValueError, match=r"'w'"):
-        jaxqp.refresh_masks({"v": jnp.ones((8, 4))}, state)
+        t.refresh({"v": jnp.ones((8, 4))}, state)
     with pytest.raises(TypeError, match=r"outside jit"):
-        jax.jit(jaxqp.refresh_masks)(params, state)
+        jax.jit(t.refresh)(params, state)
+
+
+def test_a_chain_refreshes_its_separate_transform():
+    prune = jaxqp.transform(_rules(), refresh="separate")
+    t = jaxqp.chain(prune, jaxqp.transform([jaxqp.Rule(r".*/kernel", quant=jaxqp.QuantSpec(bits=8))]))
+    params = {"Dense_0": {"kernel": jax.random.normal(jax.random.key(0), (16, 8))}}
+    state = t.init(params)
+    state = (dataclasses.replace(state[0], step=jnp.asarray(EVERY - 1, jnp.int32)), state[1])  # due next
+    new_params, new_state = t.refresh(params, state)
+    kernel = np.asarray(new_params["Dense_0"]["kernel"])
+    reference = prune.update(params, dataclasses.replace(state[0], refresh="in_update")).masks["Dense_0/kernel"]
+    np.testing.assert_array_equal(new_state[0].masks["Dense_0/kernel"], reference)
+    assert np.count_nonzero(kernel == 0) == np.count_nonzero(~np.asarray(reference)) > 0
+    assert int(new_state[1].step) == int(state[1].step) == 0 and not new_state[1].mask_bits  # the quantizer's state

@@ -1,4 +1,4 @@
-"""``jaxqp.refresh_masks``: the mask refresh of ``transform(..., refresh="separate")``, between steps (transforms layer).
+"""``t.refresh``: the mask refresh of ``t = transform(..., refresh="separate")``, between steps (transforms layer).
 
 A train step that refreshes masks inside ``update`` compiles the refresh (thresholds found by
 bisection, ties ranked) under ``lax.cond`` into every step it is part of: 2-3x the float
@@ -22,7 +22,7 @@ Example:
     >>> tx = jaxqp.wrap(optax.sgd(0.1), t)
     >>> params = {"w": jnp.array([1.0, -2.0, 0.5, 3.0])}
     >>> opt_state = tx.init(params)
-    >>> params, opt_state = jaxqp.refresh_masks(params, opt_state)  # due at step 1: 2 of 4 pruned
+    >>> params, opt_state = t.refresh(params, opt_state)  # due at step 1: 2 of 4 pruned
     >>> params["w"]
     Array([ 0., -2.,  0.,  3.], dtype=float32)
 """
@@ -82,7 +82,7 @@ def _refresh(params, opt_state, due: tuple[bool, ...]):
 
 
 def refresh_masks(params: Any, opt_state: Any) -> tuple[Any, Any]:
-    """Refreshes the masks of ``transform(..., refresh="separate")`` due at the coming step.
+    """Refreshes the masks of ``transform(..., refresh="separate")`` due at the coming step (``t.refresh``).
 
     Call it before each train step, outside ``jax.jit``, on the params and optimizer state
     the step will get (``opt_state`` from :func:`jaxqp.wrap`, or a transform state). When no
@@ -108,17 +108,17 @@ def refresh_masks(params: Any, opt_state: Any) -> tuple[Any, Any]:
       >>> t = jaxqp.transform([jaxqp.Rule("w", prune=jaxqp.PruneSpec(sparsity=0.5))], refresh="separate")
       >>> params = {"w": jnp.array([1.0, -2.0, 0.5, 3.0])}
       >>> state = t.init(params)
-      >>> jaxqp.refresh_masks(params, state)[0] is params  # a constant sparsity: nothing is ever due
+      >>> t.refresh(params, state)[0] is params  # a constant sparsity: nothing is ever due
       True
     """
     states = transform_states(opt_state)
     if not any(s.refresh == "separate" for s in states):
-        raise ValueError("jaxqp.refresh_masks: opt_state holds no transform state made with refresh='separate' "
+        raise ValueError("t.refresh: opt_state holds no transform state made with refresh='separate' "
                          f"({len(states)} in-update state(s) found, whose update refreshes the masks itself). "
-                         "Fix: jaxqp.transform(rules, refresh='separate'), or drop the refresh_masks call")
+                         "Fix: jaxqp.transform(rules, refresh='separate'), or drop the t.refresh call")
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((params, opt_state))):
-        raise TypeError("jaxqp.refresh_masks: called with traced values (inside jax.jit?). It runs between "
-                        "train steps, outside jit: params, opt_state = jaxqp.refresh_masks(params, opt_state)")
+        raise TypeError("t.refresh: called with traced values (inside jax.jit?). It runs between "
+                        "train steps, outside jit: params, opt_state = t.refresh(params, opt_state)")
     for state in states:
         if state.refresh == "separate":
             state.plan.check(params, "params")  # a clear error for another model's params, before any work

@@ -9,7 +9,9 @@ A :class:`ParamTransform` is a NamedTuple of pure functions, like an optax
 * ``update(params, state, observed=None, grads=None) -> state``: advances the step by one and recomputes
   masks where the schedule says so (under ``lax.cond``: one compiled step);
 * ``masks(state) -> {path: bool array}``: the pruning masks, for
-  :func:`jaxqp.wrap` to keep pruned params exactly 0.
+  :func:`jaxqp.wrap` to keep pruned params exactly 0;
+* ``refresh(params, opt_state) -> (params, opt_state)``: for ``transform(...,
+  refresh="separate")``, the mask refresh between steps (compiled apart from the step).
 
 Example:
     >>> import jax.numpy as jnp, jaxqp
@@ -68,7 +70,7 @@ class TransformState:
       frozen: bool scalar set by :func:`freeze_masks`: ``update`` keeps the masks. A leaf,
         not static metadata, so that a checkpoint of the state (orbax) keeps it.
       refresh: static, where the masks are refreshed: ``"in_update"`` (inside ``update``) or
-        ``"separate"`` (by :func:`jaxqp.refresh_masks`, compiled apart from the train step).
+        ``"separate"`` (by :attr:`ParamTransform.refresh`, compiled apart from the train step).
     """
 
     step: jax.Array
@@ -119,8 +121,14 @@ class UpdateFn(Protocol):
         ...
 
 
+def _refresh_between_steps(params: Params, opt_state: Any) -> tuple[Params, Any]:
+    from .separate_refresh import refresh_masks  # it builds on this module's state
+
+    return refresh_masks(params, opt_state)
+
+
 class ParamTransform(NamedTuple):
-    """``(init, apply, update, masks)``: see the module docstring.
+    """``(init, apply, update, masks, refresh)``: see the module docstring.
 
     Attributes:
         init: ``init(params) -> state``.
@@ -129,12 +137,21 @@ class ParamTransform(NamedTuple):
             are the layer-input statistics of :func:`jaxqp.linen_apply`/:func:`jaxqp.nnx_apply`,
             ``grads`` (a tree like ``params``) feeds gradient criteria.
         masks: ``masks(state) -> {path: bool array}`` that :func:`jaxqp.wrap` enforces.
+        refresh: ``refresh(params, opt_state) -> (params, opt_state)``, called before each
+            train step, outside jit, when the state was made with ``refresh="separate"``:
+            refreshes the masks due at the coming step, in a function compiled once per
+            process, and sets newly pruned weights to exactly 0. When no mask is due it
+            returns its arguments unchanged, without running anything. Reading the step
+            waits for the previous step to finish. Raises ``ValueError`` for a state made
+            with ``refresh="in_update"`` (its ``update`` refreshes) or params of another
+            model, ``TypeError`` inside ``jax.jit``.
     """
 
     init: Callable[[Params], Any]
     apply: Callable[[Params, Any], Params]
     update: UpdateFn
     masks: Callable[[Any], Masks] = _no_masks
+    refresh: Callable[[Params, Any], tuple[Params, Any]] = _refresh_between_steps
 
 
 def _describe_difference(want: Plan, got: Plan) -> str:
@@ -239,7 +256,7 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None, refresh:
 
     ``refresh="separate"`` takes the mask refresh out of ``update`` (and so out of the
     compiled train step, which then compiles like a fixed-mask step): call
-    :func:`jaxqp.refresh_masks` before each step instead. It computes the masks that
+    ``params, opt_state = t.refresh(params, opt_state)`` before each step instead. It computes the masks that
     ``update`` would have computed at that step, from the same weights, in a function compiled
     once per process, but they apply from that step's forward on, one step earlier than
     in-update masks (docs/design.md).
@@ -248,11 +265,11 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None, refresh:
       rules: the rules, or one rule.
       seed: seed of the PRNG key for stochastic rounding and random criteria.
       refresh: ``"in_update"`` (default): masks are refreshed inside ``update`` under
-        ``lax.cond``; ``"separate"``: by :func:`jaxqp.refresh_masks` between steps (not for
+        ``lax.cond``; ``"separate"``: by ``t.refresh(params, opt_state)`` between steps (not for
         saliency pruning or RigL/SET, which need the step's gradients).
 
     Returns:
-      A :class:`ParamTransform` ``(init, apply, update, masks)``.
+      A :class:`ParamTransform` ``(init, apply, update, masks, refresh)``.
 
     Raises:
       TypeError: if ``seed`` is not an int or None.
