@@ -186,13 +186,14 @@ def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | N
         [-64, 64] (a ``QuantSpec(bits=7)`` weight: no int16 pair sum can saturate, so exact on
         every CPU), else ``"split"``. ``"split"``: the activation codes' positive and negative
         parts stacked as uint8 rows times the int8 weight codes, one u8 x s8 matmul: exact on
-        every CPU and on ONNX Runtime's fast kernel, at twice the rows. ``"u8u8"``: uint8 codes + 128 on both sides, exact
-        everywhere, slow where the fast kernel is u8 x s8. ``"u8s8"``: one u8 x s8 matmul of
-        codes + 128; fastest, but for codes beyond +-64 exact only on CPUs with VNNI
-        (without it, int16 pair sums saturate for extreme codes), or in a session with ONNX Runtime's
-        ``session.x64quantprecision=1``, which rewrites the weights to u8 x u8 (on the tested
-        AVX-512 VNNI CPU too, so at ``"u8u8"``'s speed). Weights of 4 bits or fewer always take one u8 x s8
-        matmul, exact everywhere.
+        every CPU and on ONNX Runtime's fast kernel, at twice the rows. ``"u8u8"``: uint8
+        codes + 128 on both sides, exact everywhere, slow where the fast kernel is u8 x s8.
+        ``"u8s8"``: one u8 x s8 matmul of codes + 128; fastest, but for codes beyond +-64
+        exact only on CPUs with VNNI (without it, int16 pair sums saturate for extreme
+        codes), or in a session with ONNX Runtime's ``session.x64quantprecision=1``, which
+        rewrites the weights to u8 x u8 (on the tested AVX-512 VNNI CPU too, so at
+        ``"u8u8"``'s speed). Weights of 4 bits or fewer always take one u8 x s8 matmul,
+        exact everywhere.
       model_name: the graph's name.
 
     Returns:
