@@ -256,10 +256,10 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None, refresh:
 
     ``refresh="separate"`` takes the mask refresh out of ``update`` (and so out of the
     compiled train step, which then compiles like a fixed-mask step): call
-    ``params, opt_state = t.refresh(params, opt_state)`` before each step instead. It computes the masks that
-    ``update`` would have computed at that step, from the same weights, in a function compiled
-    once per process, but they apply from that step's forward on, one step earlier than
-    in-update masks (docs/design.md).
+    ``params, opt_state = t.refresh(params, opt_state)`` before each step instead. It
+    computes the masks that ``update`` would have computed at that step, from the same
+    weights, in a function compiled once per process, but they apply from that step's
+    forward on, one step earlier than in-update masks (docs/design.md).
 
     Args:
       rules: the rules, or one rule.
