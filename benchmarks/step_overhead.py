@@ -153,7 +153,7 @@ def main(argv=None):
         extra[name] = {}
         if separate:  # the refresh's own compile, paid once per process (steps rebuilt around it reuse it)
             start = time.perf_counter()
-            refresh_masks_jit.lower(params, opt_state, (True,)).compile()
+            refresh_masks_jit.lower(params, (jaxqp.state_of(opt_state),), (True,)).compile()
             extra[name]["refresh_compile_s"] = round(time.perf_counter() - start, 3)
             step = with_refresh(t, step)
         params, opt_state, _ = jax.block_until_ready(step(params, opt_state, x, y))

@@ -39,10 +39,10 @@ def _data():
     return jnp.asarray(rng.normal(size=(32, 16)), jnp.float32), jnp.asarray(rng.integers(0, 10, 32), jnp.int32)
 
 
-def _setup(rules, refresh, lr=0.1):
+def _setup(rules, refresh, optimizer=None):
     model, (x, y) = Net(), _data()
     t = jaxqp.transform(rules, refresh=refresh)
-    tx = jaxqp.wrap(optax.sgd(lr, momentum=0.9), t)  # adam needs standard dtype promotion
+    tx = jaxqp.wrap(optimizer or optax.sgd(0.1, momentum=0.9), t)  # adam needs standard dtype promotion
     params = model.init(jax.random.key(0), x[:1])["params"]
     return model, t, tx, params, tx.init(params), make_train_step(model, t, tx), (x, y)
 
@@ -94,8 +94,9 @@ def test_the_train_step_compiles_without_refresh_code():
 
 def test_refresh_compiles_once_for_rebuilt_steps_and_skips_when_not_due():
     separate_refresh._refresh.clear_cache()
-    for lr in (0.1, 0.05):  # a research loop rebuilding its step: the refresh is reused
-        _, t, _, params, opt_state, step, (x, y) = _setup(_rules(), "separate", lr)
+    # a research loop rebuilding its step, with another learning rate, then another optimizer: one refresh
+    for optimizer in (optax.sgd(0.1, momentum=0.9), optax.sgd(0.05, momentum=0.9), optax.sgd(0.1)):
+        _, t, _, params, opt_state, step, (x, y) = _setup(_rules(), "separate", optimizer)
         for _ in range(2 * EVERY):
             refreshed = t.refresh(params, opt_state)
             due = int(jaxqp.state_of(opt_state).step) + 1

@@ -10,7 +10,9 @@ function, jitted once per process for a given model, refreshes them between step
    when no refresh is due at the coming step (no dispatch);
 2. otherwise it computes, for the coming step, the masks ``update`` would have computed,
    from the same weights (the ones the coming step's forward will see), and sets the newly
-   pruned weights to exactly 0, as :func:`jaxqp.wrap` does for in-update refreshes.
+   pruned weights to exactly 0, as :func:`jaxqp.wrap` does for in-update refreshes. Only the
+   params and the transform states enter the compiled refresh: rebuilt steps, other
+   learning rates or optimizers around the same model and rules reuse it.
 
 The masks are the in-update ones; they apply one step earlier (from the coming step's
 forward on, where in-update masks apply from the updates of that step on).
@@ -65,11 +67,12 @@ def _refreshed(params, state: TransformState) -> TransformState:
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def _refresh(params, opt_state, due: tuple[bool, ...]):
-    states = iter(due)
-    opt_state = map_states(opt_state, lambda s: _refreshed(params, s) if next(states) else s)
+def _refresh(params, states: tuple[TransformState, ...], due: tuple[bool, ...]):
+    """``(params, states)`` with the due states refreshed: only the transform states go in, so the
+    compiled refresh does not depend on the optimizer around them."""
+    states = tuple(_refreshed(params, s) if d else s for s, d in zip(states, due, strict=True))
     zeroed: dict[str, jax.Array] = {}
-    for state, refreshed in zip(transform_states(opt_state), due, strict=True):
+    for state, refreshed in zip(states, due, strict=True):
         if not refreshed:
             continue
         soft = {e.path for e in state.plan.leaves if e.prune is not None and e.prune.straight_through}
@@ -79,7 +82,7 @@ def _refresh(params, opt_state, due: tuple[bool, ...]):
     flat, treedef = paths_and_leaves(params)
     out = [jnp.where(zeroed[path], leaf, jnp.zeros((), leaf.dtype)) if path in zeroed else leaf
            for path, leaf in flat]
-    return jax.tree_util.tree_unflatten(treedef, out), opt_state
+    return jax.tree_util.tree_unflatten(treedef, out), states
 
 
 def refresh_masks(params: Any, opt_state: Any) -> tuple[Any, Any]:
@@ -88,7 +91,8 @@ def refresh_masks(params: Any, opt_state: Any) -> tuple[Any, Any]:
     Call it before each train step, outside ``jax.jit``, on the params and optimizer state
     the step will get (``opt_state`` from :func:`jaxqp.wrap`, or a transform state). When no
     mask is due it returns its arguments unchanged without running anything; otherwise one
-    jitted call (compiled once per process for a given model and state layout) computes the
+    jitted call (compiled once per process for a given model and rules, whatever the
+    optimizer) computes the
     new masks from ``params`` and sets newly pruned weights to exactly 0. Reading the step
     waits for the previous step to finish.
 
@@ -126,4 +130,6 @@ def refresh_masks(params: Any, opt_state: Any) -> tuple[Any, Any]:
     due = _due(states)
     if not any(due):
         return params, opt_state
-    return _refresh(params, opt_state, due)
+    params, refreshed = _refresh(params, tuple(states), due)
+    new_states = iter(refreshed)
+    return params, map_states(opt_state, lambda _: next(new_states))
