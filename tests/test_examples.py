@@ -31,8 +31,9 @@ def test_nnx_quickstart_quick(capsys):
 
 @pytest.mark.slow
 @pytest.mark.standard_promotion
-def test_prune_cnn_quick(capsys):
-    accuracy, params, state = load("prune_cnn").main(["--quick"])
+@pytest.mark.parametrize("refresh", ["in_update", "separate"])
+def test_prune_cnn_quick(capsys, refresh):
+    accuracy, params, state = load("prune_cnn").main(["--quick", "--refresh", refresh])
     assert accuracy > 0.9  # 95.6% measured with half the filters and 60% of the neurons gone
     filters = np.asarray(state.masks["Conv_0/kernel"]).any(axis=(0, 1, 2))
     neurons = np.asarray(state.masks["Dense_0/kernel"]).any(axis=0)
