@@ -205,6 +205,32 @@ def masks_on_the_same_weights(devices) -> dict:
     return {"check": "masks_on_the_same_weights", "equal": equal}
 
 
+def separate_refresh_on_sharded_weights(devices) -> dict:
+    """``t.refresh`` of ``transform(..., refresh="separate")`` on tensor-parallel params vs one device:
+    the same masks and zeros, and params and masks keep their shardings."""
+    import dataclasses
+
+    mesh, specs, _ = layouts(devices)["tp"]
+    rules = [jaxqp.Rule(r".*/kernel", prune=jaxqp.PruneSpec(sparsity=jaxqp.polynomial(0.0, 0.8, 1, 5, 1)))]
+    t = jaxqp.transform(rules, refresh="separate")
+    results = []
+    for params in (init_params(), place(init_params(), mesh, specs)):
+        state = dataclasses.replace(t.init(params), step=jnp.asarray(2, jnp.int32))  # due at step 3: 70%
+        results.append(t.refresh(params, state))
+    (one, one_state), (spread, spread_state) = results
+    shardings = {f"{layer}/{name}": (_spec(leaf.sharding), _spec(NamedSharding(mesh, specs.get(f"{layer}/{name}",
+                                                                                                 P()))))
+                 for layer, leaves in spread.items() for name, leaf in leaves.items()}
+    return {"check": "separate_refresh_on_sharded_weights",
+            "params_equal": all(np.array_equal(np.asarray(a), np.asarray(b))
+                                for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(spread))),
+            "masks_equal": all(np.array_equal(np.asarray(one_state.mask_bits[p]), np.asarray(spread_state.mask_bits[p]))
+                               for p in one_state.mask_bits),
+            "kernel_zeros": [int((np.asarray(spread[layer]["kernel"]) == 0).sum()) for layer in ("l1", "l2")],
+            "params_resharded": [path for path, (got, want) in shardings.items() if got != want],
+            "not_following": follows(spread_state, spread)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--time", type=int, default=0, help="also time ROUNDS steps per layout and config")
@@ -215,6 +241,7 @@ def main(argv=None):
     devices = jax.devices()
     assert len(devices) == 8, devices
     print(json.dumps(masks_on_the_same_weights(devices)), flush=True)
+    print(json.dumps(separate_refresh_on_sharded_weights(devices)), flush=True)
     params0 = init_params()
     x, y = data()
     kernel_elements = min(IN * HIDDEN, HIDDEN * OUT) // 8  # a shard of the smallest kernel

@@ -31,7 +31,10 @@ def test_sharded_training_on_8_devices_equals_one_device():
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     checks = [r for r in rows if "check" in r]
     assert checks == [{"check": "masks_on_the_same_weights",
-                       "equal": {"0.5": True, "0.8": True, "0.9": True, "nm2:4": True}}]
+                       "equal": {"0.5": True, "0.8": True, "0.9": True, "nm2:4": True}},
+                      {"check": "separate_refresh_on_sharded_weights", "params_equal": True, "masks_equal": True,
+                       "kernel_zeros": [round(0.7 * 64 * 256), round(0.7 * 256 * 32)], "params_resharded": [],
+                       "not_following": []}]
     rows = [r for r in rows if "check" not in r]
     assert {(r["layout"], r["config"]) for r in rows} == {
         (layout, config) for layout in ("dp", "tp", "fsdp", "2d") for config in TOLERANCE}
