@@ -126,8 +126,10 @@ def test_bad_uses_are_refused():
     in_update = jaxqp.transform([jaxqp.Rule("w", prune=jaxqp.PruneSpec(sparsity=0.5))])
     with pytest.raises(ValueError, match=r"no transform state made with refresh='separate'.*1 in-update"):
         in_update.refresh(params, in_update.init(params))
-    with pytest.raises(ValueError, match=r"holds no transform state"):
+    with pytest.raises(ValueError, match=r"holds no jaxqp transform state \(got dict\)"):
         in_update.refresh(params, {"not": "a state"})
+    with pytest.raises(ValueError, match=r"holds no jaxqp transform state \(got NoneType\)"):
+        in_update.refresh(params, None)
     t = jaxqp.transform([jaxqp.Rule("w", prune=jaxqp.PruneSpec(sparsity=0.5))], refresh="separate")
     state = t.init(params)
     with pytest.raises(ValueError, match=r"'w'"):

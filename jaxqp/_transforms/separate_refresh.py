@@ -117,6 +117,9 @@ def refresh_masks(params: Any, opt_state: Any) -> tuple[Any, Any]:
       True
     """
     states = transform_states(opt_state)
+    if not states:
+        raise ValueError(f"t.refresh: opt_state holds no jaxqp transform state (got {type(opt_state).__name__}). "
+                         "Fix: pass the optimizer state of jaxqp.wrap(tx, t), or t.init(params)")
     if not any(s.refresh == "separate" for s in states):
         raise ValueError("t.refresh: opt_state holds no transform state made with refresh='separate' "
                          f"({len(states)} in-update state(s) found, whose update refreshes the masks itself). "
