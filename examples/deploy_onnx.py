@@ -1,7 +1,7 @@
 """Train an int8 model with jaxqp, export it to ONNX and run it in ONNX Runtime, next to jaxqp.
 
-A 64-256-10 Flax linen MLP learns sklearn's digits with int8 weights (``--bits``) (quantization-aware,
-80% pruned), is exported (``jaxqp.export``), prepared for serving (``jaxqp.prepare``) and
+A 64-256-10 Flax linen MLP learns sklearn's digits with int8 weights (``--bits`` 2-8;
+quantization-aware, 80% pruned), is exported (``jaxqp.export``), prepared for serving (``jaxqp.prepare``) and
 written as ``model.onnx`` (``jaxqp.deploy.to_onnx``: ``MatMulInteger`` on int8 codes, symbolic
 batch). ONNX Runtime then runs the file on the whole test set and the script compares its
 logits with jaxqp's served ones: equal bit for bit to jaxqp run op by op, and within float32
