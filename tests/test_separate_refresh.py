@@ -150,3 +150,26 @@ def test_a_chain_refreshes_its_separate_transform():
     np.testing.assert_array_equal(new_state[0].masks["Dense_0/kernel"], reference)
     assert np.count_nonzero(kernel == 0) == np.count_nonzero(~np.asarray(reference)) > 0
     assert int(new_state[1].step) == int(state[1].step) == 0 and not new_state[1].mask_bits  # the quantizer's state
+
+
+def test_a_refresh_that_did_not_run_is_refused_not_silent():
+    """Forgetting ``t.refresh`` before a due step leaves the masks stale: ``t.refresh`` and
+    ``jaxqp.export`` refuse such a state, naming the step; calling it every step never trips."""
+    _, t, _, params, opt_state, step, (x, y) = _setup(_rules(), "separate")
+    for _ in range(EVERY + 1):  # no t.refresh: the refresh due at step EVERY does not run
+        params, opt_state, _ = step(params, opt_state, x, y)
+    assert int(jaxqp.state_of(opt_state).refresh_check) == EVERY
+    with pytest.raises(ValueError, match=rf"masks due at step {EVERY} were never refreshed.*before every train step"):
+        t.refresh(params, opt_state)
+    with pytest.raises(ValueError, match=rf"jaxqp.export: the masks due at step {EVERY} were never refreshed"):
+        jaxqp.export(params, jaxqp.state_of(opt_state))
+    _, t, _, params, opt_state, step, (x, y) = _setup(_rules(), "separate")
+    for _ in range(2 * EVERY + 1):
+        params, opt_state = t.refresh(params, opt_state)
+        params, opt_state, _ = step(params, opt_state, x, y)
+        assert int(jaxqp.state_of(opt_state).refresh_check) <= 0
+    jaxqp.export(params, jaxqp.state_of(opt_state))
+    frozen = jaxqp.freeze_masks(opt_state)  # frozen masks are not due: nothing is missed
+    for _ in range(EVERY):
+        params, frozen, _ = step(params, frozen, x, y)
+    assert int(jaxqp.state_of(frozen).refresh_check) <= 0

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._specs.prune import NM
+from .._transforms.separate_refresh import require_refreshed
 from .._transforms.views import LeafView, leaf_views
 from .._transforms.weight_quantizer import fp8_weight, weight_codes
 from ..numerics._formats import pow2_codes_of
@@ -160,10 +161,13 @@ def export(params: Any, state: Any) -> Any:
       unchanged. ``jaxqp.dequantize`` of it equals ``t.apply(params, state)`` bit for bit.
 
     Raises:
-      ValueError: if ``state`` was not made for ``params``' tree, or a transformed leaf has
-        shards in another process (``jax.distributed``): gather it first (the message says how).
+      ValueError: if ``state`` was not made for ``params``' tree, a ``refresh="separate"``
+        state missed a mask refresh (``t.refresh`` not called before a due step), or a
+        transformed leaf has shards in another process (``jax.distributed``): gather it
+        first (the message says how).
     """
     flat, treedef, views = leaf_views(params, state)
+    require_refreshed(state, "jaxqp.export")
     for (path, leaf), view in zip(flat, views):
         if view.quant is not None or view.mask is not None:
             for array in (leaf, view.mask):

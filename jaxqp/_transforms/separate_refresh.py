@@ -47,23 +47,58 @@ from .transform import TransformState, pack_masks
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _due_on_device(plans: tuple, steps: tuple, frozen: tuple) -> jax.Array:
-    return jnp.stack([~f & refresh_due(plan, s + 1) for plan, s, f in zip(plans, steps, frozen, strict=True)])
+def _due_on_device(plans: tuple, steps: tuple, frozen: tuple, checks: tuple) -> jax.Array:
+    due = [(~f & refresh_due(plan, s + 1)).astype(jnp.int32) for plan, s, f in zip(plans, steps, frozen, strict=True)]
+    return jnp.stack([jnp.stack(due), jnp.stack(checks)])
 
 
 def _due(states: list[TransformState]) -> tuple[bool, ...]:
-    """On the host, per state: whether ``update``'s next step would refresh its masks (one small jitted call)."""
+    """On the host, per state: whether ``update``'s next step would refresh its masks (one small jitted call).
+
+    Raises ``ValueError`` first if a refresh due at an earlier step did not run."""
     separate = [s for s in states if s.refresh == "separate"]
-    flags = iter(np.asarray(_due_on_device(tuple(s.plan for s in separate), tuple(s.step for s in separate),
-                                           tuple(s.frozen for s in separate))).tolist())
+    due, checks = np.asarray(_due_on_device(tuple(s.plan for s in separate), tuple(s.step for s in separate),
+                                            tuple(s.frozen for s in separate),
+                                            tuple(s.refresh_check for s in separate))).tolist()
+    _refuse_missed(checks, "t.refresh")
+    flags = iter(due)
     return tuple(bool(next(flags)) if s.refresh == "separate" else False for s in states)
+
+
+def _refuse_missed(checks: list[int], where: str) -> None:
+    missed = [c for c in checks if c > 0]
+    if missed:
+        raise ValueError(f"{where}: the masks due at step {min(missed)} were never refreshed (a transform made with "
+                         "refresh='separate' refreshes only in t.refresh). Fix: call params, opt_state = "
+                         "t.refresh(params, opt_state) before every train step, and restart from a state "
+                         "before that step")
+
+
+def require_refreshed(state: Any, where: str) -> None:
+    """Refuses ``state`` (any tree of transform states) if a ``refresh="separate"`` refresh did not run.
+
+    Args:
+      state: a transform state, a chain's states or an optimizer state.
+      where: the caller's name, for the message.
+
+    Raises:
+      ValueError: naming the first step whose refresh was missed, and the fix.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxqp
+      >>> t = jaxqp.transform([jaxqp.Rule("w", prune=jaxqp.PruneSpec(sparsity=0.5))], refresh="separate")
+      >>> require_refreshed(t.init({"w": jnp.ones((4, 4))}), "jaxqp.export")  # nothing was due
+    """
+    checks = [s.refresh_check for s in transform_states(state) if s.refresh == "separate"]
+    if checks:
+        _refuse_missed([int(c) for c in jax.device_get(checks)], where)
 
 
 def _refreshed(params, state: TransformState) -> TransformState:
     flat, _ = state.plan.check(params, "params")
     step = state.step + 1
     masks = masks_for(state.plan, flat, state.masks, step, MaskInputs(None, state.scores, state.key))
-    return dataclasses.replace(state, mask_bits=pack_masks(masks))
+    return dataclasses.replace(state, mask_bits=pack_masks(masks), refresh_check=-step)  # done for `step`
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -106,7 +141,8 @@ def refresh_masks(params: Any, opt_state: Any) -> tuple[Any, Any]:
     Raises:
       TypeError: inside ``jax.jit`` (traced arguments): the refresh runs between steps.
       ValueError: if ``opt_state`` holds no transform state made with ``refresh="separate"``,
-        or ``params`` do not match its plan (the message names the path).
+        ``params`` do not match its plan (the message names the path), or a refresh due at
+        an earlier step did not run (``t.refresh`` was not called before that step).
 
     Example:
       >>> import jax.numpy as jnp, jaxqp

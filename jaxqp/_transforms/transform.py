@@ -40,6 +40,7 @@ from ..numerics._masks import apply_mask
 from ..numerics._packing import pack_mask_rows, unpack_mask_rows
 from . import input_quantizer
 from .pruning import MaskInputs, first_masks, masks_for, refresh_due
+from .refresh_mode import REFRESH_MODES, check_separable, checked_refresh
 from .weight_quantizer import fake_quant_weight, init_step
 
 Params = Any
@@ -71,6 +72,10 @@ class TransformState:
         not static metadata, so that a checkpoint of the state (orbax) keeps it.
       refresh: static, where the masks are refreshed: ``"in_update"`` (inside ``update``) or
         ``"separate"`` (by :attr:`ParamTransform.refresh`, compiled apart from the train step).
+      refresh_check: int32 scalar kept by ``"separate"`` states so that a refresh never
+        silently does not happen: ``-c`` after ``t.refresh`` refreshed the masks for step
+        ``c``, ``+s`` (sticky) once ``update`` reached a step ``s`` whose refresh did not run,
+        else 0. ``t.refresh`` and :func:`jaxqp.export` refuse a state with a missed refresh.
     """
 
     step: jax.Array
@@ -83,6 +88,7 @@ class TransformState:
     scores: dict = dataclasses.field(default_factory=dict)
     frozen: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros((), bool))
     refresh: str = "in_update"
+    refresh_check: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros((), jnp.int32))
 
     def mask(self, path: str) -> jax.Array:
         """The bool mask of ``path`` (True keeps), unpacked from :attr:`mask_bits`."""
@@ -105,7 +111,8 @@ def pack_masks(masks: Masks) -> dict:
 
 
 jax.tree_util.register_dataclass(TransformState,
-                                 data_fields=["step", "mask_bits", "learned", "ranges", "key", "scores", "frozen"],
+                                 data_fields=["step", "mask_bits", "learned", "ranges", "key", "scores", "frozen",
+                                              "refresh_check"],
                                  meta_fields=["plan", "calibrating", "refresh"])
 
 
@@ -231,21 +238,6 @@ def _initial_learned(plan: Plan, flat, masks: Masks) -> dict:
     return {"weights": weights, "inputs": inputs} if weights or inputs else {}
 
 
-REFRESH_MODES = ("in_update", "separate")
-
-
-def _check_separable(plan: Plan) -> None:
-    """``refresh="separate"`` runs the refresh between steps, where no gradients are at hand."""
-    for e in plan.leaves:
-        if e.prune is None:
-            continue
-        if e.prune.criterion == "saliency" or e.prune.regrow is not None:
-            what = "criterion='saliency'" if e.prune.criterion == "saliency" else "a RigL/SET regrow"
-            raise ValueError(f"jaxqp.transform(..., refresh='separate'): '{e.path}' is pruned with {what}, which "
-                             "needs this step's gradients (and, for regrowth, the optimizer's moments) when its "
-                             "masks change. Fix: keep refresh='in_update' (the default) for this rule")
-
-
 def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None, refresh: str = "in_update") -> ParamTransform:
     """The quantize-and-prune transform of ``rules`` (first matching rule wins per leaf).
 
@@ -287,7 +279,7 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None, refresh:
         plan = resolve(rules, params)
         flat, _ = plan.check(params)
         if refresh == "separate":
-            _check_separable(plan)
+            check_separable(plan)
         if _needs_key(plan) and seed is None:
             raise ValueError("a rule asks for randomness (QuantSpec(rounding='stochastic'), PruneSpec("
                              "criterion='random') or RigL(grow='random')): give the transform a seed, "
@@ -321,10 +313,14 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None, refresh:
                 ranges[path] = input_quantizer.update_ranges(entry.act, ranges[path], seen)
         frozen = jnp.asarray(state.frozen)  # data (it survives a checkpoint): chosen when the step runs
         scores = jax.tree_util.tree_map(lambda old, new: jnp.where(frozen, old, new), state.scores, scores)
+        if state.refresh == "separate":  # t.refresh refreshes; record a refresh it did not run
+            return dataclasses.replace(state, step=step, ranges=ranges, scores=scores,
+                                       refresh_check=checked_refresh(state.refresh_check, step,
+                                                                      ~frozen & refresh_due(plan, step)))
         # unpacking and repacking the masks only on steps that can change them
-        bits = state.mask_bits if state.refresh == "separate" else jax.lax.cond(
-            ~frozen & refresh_due(plan, step), lambda: pack_masks(masks_for(plan, flat, state.masks, step, inputs)),
-            lambda: state.mask_bits)
+        bits = jax.lax.cond(~frozen & refresh_due(plan, step),
+                            lambda: pack_masks(masks_for(plan, flat, state.masks, step, inputs)),
+                            lambda: state.mask_bits)
         return dataclasses.replace(state, step=step, mask_bits=bits, ranges=ranges, scores=scores)
 
     def masks(state: TransformState) -> Masks:
