@@ -125,6 +125,9 @@ def test_auto_form_takes_one_u8s8_matmul_only_where_it_cannot_saturate():
     assert forms[(32, 128)][0] == "u8s8" and forms[(32, 128)][1] < 2**15  # 7 bits: one matmul, cannot saturate
     assert forms[(128, 64)][0] == "split" and forms[(128, 64)][1] >= 2**15  # 8 bits as u8s8 could saturate
     assert [node.op_type for node in exported.graph.node].count("Split") == 1
+    recorded = {prop.key: prop.value for prop in exported.metadata_props}["jaxqp.matmul_forms"]
+    assert sorted(json.loads(recorded), key=lambda f: f["shape"]) == [{"shape": [32, 128], "form": "u8s8"},
+                                                                       {"shape": [128, 64], "form": "split"}]
     session = _session(exported)
     for batch in (1, 32, 256):
         x = 3 * jax.random.normal(jax.random.key(batch), (batch, 32))

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -70,6 +71,7 @@ class OnnxKernels:
     def __init__(self, ops, int8_matmul: str):
         self.ops = ops
         self.int8_matmul = int8_matmul
+        self.forms: list[dict] = []  # per integer matmul traced: its weight's shape and form
 
     def _codes(self, codes: np.ndarray, bits: int) -> jax.Array:
         if bits == 8:
@@ -90,6 +92,7 @@ class OnnxKernels:
             kind, weight = "u8u8", jnp.asarray((codes.astype(np.int16) + 128).astype(np.uint8))
         else:
             kind, weight = form, jnp.asarray(codes)
+        self.forms.append({"shape": list(codes.shape), "form": kind})
         return self.ops.int_matmul_p.bind(rows.astype(jnp.float32), weight, out_scale, pow2=kernel.pow2, kind=kind)
 
     def decode(self, kernel: _Int8Codes) -> jax.Array:
@@ -198,6 +201,8 @@ def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | N
 
     Returns:
       The ``onnx.ModelProto``, checked with ``onnx.checker.check_model(full_check=True)``.
+      Its metadata ``"jaxqp.matmul_forms"`` lists, as JSON in trace order, each integer
+      matmul's weight shape ``(K, F)`` and form (``"split"``, ``"u8s8"``, ``"u8u8"``, ``"int4"``).
 
     Raises:
       ImportError: without the ``onnx`` extra.
@@ -224,7 +229,8 @@ def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | N
 
     check_request("jaxqp.deploy.to_onnx", apply_fn, served, file, ".onnx")
     specs = input_specs("jaxqp.deploy.to_onnx", example_inputs, dynamic_batch)
-    with kernel_hook(OnnxKernels(ops, int8_matmul)):
+    kernels = OnnxKernels(ops, int8_matmul)
+    with kernel_hook(kernels):
         closed = jax.make_jaxpr(lambda *xs: apply_fn(served, *xs))(*specs)
     try:
         with _quiet_shape_warnings():
@@ -235,6 +241,8 @@ def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | N
         raise ValueError(f"jaxqp.deploy.to_onnx: jax2onnx cannot express {_culprit(closed.jaxpr, str(err))} as ONNX "
                          f"({type(err).__name__}: {err}). Compute it outside the exported function, or "
                          "replace it by operations jax2onnx lowers") from err
+    # the form each integer matmul took, in trace order: what "auto" decided, readable from the file
+    onnx.helper.set_model_props(model, {"jaxqp.matmul_forms": json.dumps(kernels.forms)})
     if file is not None:
         write_atomic(file, model.SerializeToString())
     return model
