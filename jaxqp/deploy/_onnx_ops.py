@@ -14,7 +14,7 @@ becomes one of two primitives (see :class:`OnnxKernels`):
   which saturates when both factors are large (2 * 255 * 127 > 2^15). So the form depends on
   the weight (``kind``):
 
-  - ``"split"`` (8-bit weights, the default): the codes' positive and negative parts, both
+  - ``"split"`` (8-bit weights under ``to_onnx``'s default ``"auto"``): the codes' positive and negative parts, both
     in [0, 127] (two ``QuantizeLinear``s of zero point 0), stacked as ``2n`` uint8 rows, one
     u8 x s8 ``MatMulInteger`` with the int8 weight codes, then the difference of the halves. No pair sum exceeds
     2 * 127 * 127 < 2^15: exact on every CPU, and the weight is read once.
