@@ -12,8 +12,9 @@ noise on this machine. Configs ending in `` sep`` are the same pruning with
 ``refresh="separate"``: ``t.refresh(params, opt_state)`` runs before each step (timed with it) and
 the refresh compiles apart from the step (``refresh_compile_s``, paid once per process). Per
 config also: ``compile_ratio``, the time to trace, lower and compile the step over the float
-step's (medians of ``--builds`` fresh builds each, since one compile moves by 10-30%;
-``first_compile_s`` is the first build's, which includes timing the integer dot forms);
+step's (medians of ``--builds`` fresh builds each, built round-robin over the configs, since
+one compile moves by 10-30% and compiles slow down as the process ages; ``first_compile_s`` is
+the first build's, which includes timing the integer dot forms);
 ``refresh_ratio``, one step that refreshes the masks over one that does not (the median of
 ``--repeats`` calls each, same inputs); and
 ``state_bytes_ratio``, the bytes of the transform state (masks, scores, ranges) over the
@@ -145,20 +146,30 @@ def main(argv=None):
 
     runs, paths, compile_s, extra = {}, {}, {}, {}
     param_bytes = tree_bytes(params0)
-    for name, rules in configs(args.steps * args.repeats).items():
+    table = configs(args.steps * args.repeats)
+
+    def build(name):
+        """A fresh step of config ``name`` (nothing cached but dot-form choices), compiled and timed."""
+        t, tx, step = make_step(model, table[name], "separate" if name.endswith(SEPARATE) else "in_update")
+        opt_state = tx.init(params0)
+        start = time.perf_counter()
+        with record_paths() as used:  # integer layers pick their dot form when first traced
+            step = step.lower(params0, opt_state, x, y).compile()  # trace, lower and compile, timed
+        return time.perf_counter() - start, t, step, opt_state, used
+
+    builds, first_used = {name: [] for name in table}, {}
+    for _ in range(args.builds - 1):  # extra builds round-robin, so drift over the process hits every config
+        for name in table:
+            seconds, *_, used = build(name)
+            builds[name].append(seconds)
+            first_used.setdefault(name, used)
+    for name, rules in table.items():
         separate = name.endswith(SEPARATE)
-        builds = []
-        for _ in range(args.builds):  # fresh functions each time: nothing cached but dot-form choices
-            t, tx, step = make_step(model, rules, "separate" if separate else "in_update")
-            params, opt_state = params0, tx.init(params0)
-            start = time.perf_counter()
-            with record_paths() as used:  # integer layers pick their dot form when first traced
-                step = step.lower(params, opt_state, x, y).compile()  # trace, lower and compile, timed
-            builds.append(time.perf_counter() - start)
-            if len(builds) == 1:
-                paths[name] = sorted({entry["path"] for entry in used})
-        compile_s[name] = float(np.median(builds))
-        extra[name] = {"first_compile_s": round(builds[0], 3)}
+        seconds, t, step, opt_state, used = build(name)
+        params = params0
+        paths[name] = sorted({entry["path"] for entry in first_used.get(name, used)})
+        compile_s[name] = float(np.median([seconds, *builds[name]]))
+        extra[name] = {"first_compile_s": round(builds[name][0] if builds[name] else seconds, 3)}
         if separate:  # the refresh's own compile, paid once per process (steps rebuilt around it reuse it)
             start = time.perf_counter()
             refresh_masks_jit.lower(params, (jaxqp.state_of(opt_state),), (True,)).compile()
