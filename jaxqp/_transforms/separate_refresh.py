@@ -43,7 +43,7 @@ import numpy as np
 from .._specs.paths import paths_and_leaves
 from .pruning import MaskInputs, masks_for, refresh_due
 from .state_tree import map_states, transform_states
-from .transform import TransformState, pack_masks
+from .transform import TransformState, enforced_masks, pack_masks
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -110,10 +110,8 @@ def _refresh(params, states: tuple[TransformState, ...], due: tuple[bool, ...]):
     for state, refreshed in zip(states, due, strict=True):
         if not refreshed:
             continue
-        soft = {e.path for e in state.plan.leaves if e.prune is not None and e.prune.straight_through}
-        for path, mask in state.masks.items():
-            if path not in soft:
-                zeroed[path] = zeroed[path] & mask if path in zeroed else mask
+        for path, mask in enforced_masks(state).items():
+            zeroed[path] = zeroed[path] & mask if path in zeroed else mask
     flat, treedef = paths_and_leaves(params)
     out = [jnp.where(zeroed[path], leaf, jnp.zeros((), leaf.dtype)) if path in zeroed else leaf
            for path, leaf in flat]

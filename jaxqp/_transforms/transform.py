@@ -323,12 +323,13 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None, refresh:
                             lambda: state.mask_bits)
         return dataclasses.replace(state, step=step, mask_bits=bits, ranges=ranges, scores=scores)
 
-    def masks(state: TransformState) -> Masks:
-        """The masks :func:`jaxqp.wrap` enforces on params (straight-through leaves train dense)."""
-        soft = {e.path for e in state.plan.leaves if e.prune is not None and e.prune.straight_through}
-        return {path: m for path, m in state.masks.items() if path not in soft}
+    return ParamTransform(init, apply, update, enforced_masks)
 
-    return ParamTransform(init, apply, update, masks)
+
+def enforced_masks(state: TransformState) -> Masks:
+    """The masks :func:`jaxqp.wrap` (and ``t.refresh``) enforce on params: straight-through leaves train dense."""
+    soft = {e.path for e in state.plan.leaves if e.prune is not None and e.prune.straight_through}
+    return {path: m for path, m in state.masks.items() if path not in soft}
 
 
 def _apply_leaf(leaf, entry: LeafPlan, state: TransformState, index: int):
