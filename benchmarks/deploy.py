@@ -9,8 +9,9 @@ on the builtin kernels, whose int8 numbers match jaxqp's) and ``jax``
 2-layer 4096-wide MLP and the transformer block (d_model 512, 8 heads, 16 tokens) of
 ``benchmarks/serving.py``. Configs: every Dense/DenseGeneral kernel quantized to int8, int7
 (7-bit codes stored as int8) or int4; for ONNX Runtime, ``int8`` is the default export
-(``int8_matmul="auto"``, which takes the split form for 8-bit codes: exact on every CPU),
-``int8-u8u8`` and ``int8-u8s8`` the other two forms, and ``int7`` the default export too, which
+(``int8_matmul="auto"``, which takes the halves form for 8-bit weights of up to 2^20 codes
+and the split form for larger ones: both exact on every CPU), ``int8-split``, ``int8-u8u8`` and
+``int8-u8s8`` the other forms, and ``int7`` the default export too, which
 for codes within +-64 is one u8 x s8 matmul, exact on every CPU (``docs/deploy.md``). LiteRT runs
 int8 and int4.
 Batches 1, 2, 8, 32, 256. Each latency is the median over interleaved repeats, divided by
@@ -100,7 +101,8 @@ def model_rows(name, model, params, make_input, batches, repeats, calls, tmp, li
                                       file=os.path.join(tmp, f"{name}-float.onnx"))
     sessions = {"float32": _onnx_session(float_onnx)}
     files[("onnxruntime", "float32")] = os.path.join(tmp, f"{name}-float.onnx")
-    exports = {"int8": (served["int8"], "auto"), "int8-u8u8": (served["int8"], "u8u8"),
+    exports = {"int8": (served["int8"], "auto"), "int8-split": (served["int8"], "split"),
+               "int8-u8u8": (served["int8"], "u8u8"),
                "int8-u8s8": (served["int8"], "u8s8"), "int7": (served["int7"], "auto"),
                "int4": (served["int4"], "auto")}
     for config, (tree, kernel) in exports.items():

@@ -14,6 +14,7 @@ rounding of jitted jaxqp (XLA fuses the rescale and the bias add into one multip
 """
 
 import argparse
+import json
 import os
 import tempfile
 
@@ -74,7 +75,8 @@ def main(argv=None):
         out = os.path.join(tempfile.mkdtemp(), "model.onnx")
     onnx_model = jaxqp.deploy.to_onnx(apply, served, x_test[:1], file=out)
     integer_ops = sum(node.op_type == "MatMulInteger" for node in onnx_model.graph.node)
-    splits = sum(node.op_type == "Split" for node in onnx_model.graph.node)  # 8-bit layers: the split form
+    # the form each integer matmul took (7-bit codes: one u8 x s8 matmul; 8-bit: exact halves or split)
+    forms = [f["form"] for f in json.loads({p.key: p.value for p in onnx_model.metadata_props}["jaxqp.matmul_forms"])]
 
     session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
     onnx_logits = session.run(None, {session.get_inputs()[0].name: np.asarray(x_test)})[0]
@@ -83,7 +85,7 @@ def main(argv=None):
     accuracy = float(np.mean(onnx_logits.argmax(-1) == np.asarray(y_test)))
     float_bytes = sum(x.size * 4 for x in jax.tree_util.tree_leaves(jaxqp.dequantize(packed)))
     print(f"wrote {args.out if not args.quick else out}: {os.path.getsize(out)} bytes "
-          f"(float32 weights alone: {float_bytes}), {integer_ops} MatMulInteger nodes, {splits} in the split form")
+          f"(float32 weights alone: {float_bytes}), {integer_ops} MatMulInteger nodes, forms: {', '.join(forms)}")
     print(f"onnxruntime on {len(x_test)} test images: accuracy {100 * accuracy:.2f}%, "
           f"logits equal to jaxqp's bit for bit: {np.array_equal(onnx_logits, jax_logits)} "
           f"(jitted jaxqp: within {np.abs(onnx_logits - jit_logits).max():.1e})")

@@ -65,14 +65,14 @@ def test_nnx_transformer_text_quick(capsys):
 
 @pytest.mark.slow
 @pytest.mark.standard_promotion
-@pytest.mark.parametrize("bits,splits", [(8, 2), (7, 0)])
-def test_deploy_onnx_quick(capsys, bits, splits):
+@pytest.mark.parametrize("bits,forms", [(8, "halves, halves"), (7, "u8s8, u8s8")])
+def test_deploy_onnx_quick(capsys, bits, forms):
     pytest.importorskip("onnxruntime")
     accuracy, onnx_logits, jax_logits, _ = load("deploy_onnx").main(["--quick", "--bits", str(bits)])
     assert accuracy > 0.85  # 60 steps of int8 + 80% pruning already learn digits
     np.testing.assert_array_equal(onnx_logits, jax_logits)
     out = capsys.readouterr().out
-    assert f"2 MatMulInteger nodes, {splits} in the split form" in out and "bit for bit: True" in out
+    assert f"2 MatMulInteger nodes, forms: {forms}" in out and "bit for bit: True" in out
 
 
 @pytest.mark.slow

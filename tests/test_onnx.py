@@ -60,7 +60,7 @@ def _ops(model) -> set:
     return {node.op_type for node in model.graph.node}
 
 
-@pytest.mark.parametrize("bits,int8_matmul", [(8, "split"), (8, "u8u8"), (4, "split")])
+@pytest.mark.parametrize("bits,int8_matmul", [(8, "split"), (8, "halves"), (8, "u8u8"), (4, "split")])
 @pytest.mark.parametrize("pow2", [False, True])
 def test_mlp_runs_bit_exact_in_onnxruntime(bits, int8_matmul, pow2):
     model = MLP()
@@ -69,7 +69,7 @@ def test_mlp_runs_bit_exact_in_onnxruntime(bits, int8_matmul, pow2):
     apply = jaxqp.linen_serving_apply(model)
     exported = jaxqp.deploy.to_onnx(apply, served, jnp.ones((1, 32)), int8_matmul=int8_matmul)
     assert "MatMulInteger" in _ops(exported) and not _ops(exported) & {"Gemm", "MatMul"}
-    wanted = {"split": onnx.TensorProto.INT8, "u8u8": onnx.TensorProto.UINT8}[int8_matmul] if bits == 8 else \
+    wanted = {"u8u8": onnx.TensorProto.UINT8}.get(int8_matmul, onnx.TensorProto.INT8) if bits == 8 else \
         onnx.TensorProto.INT4
     matrices = [(init.data_type, tuple(init.dims)) for init in exported.graph.initializer if len(init.dims) == 2
                 and min(init.dims) > 1]
@@ -106,9 +106,34 @@ def _pair_sum_bound(weight: np.ndarray) -> int:
     return int(255 * (w[0::2] + w[1::2]).max())
 
 
+def _kernel_weights(model) -> list[tuple[str, np.ndarray]]:
+    """Each ``MatMulInteger``'s weight as ONNX Runtime's kernel receives it: the model after ONNX Runtime's
+    basic optimizations (constant folding: the ``"halves"`` computed from the stored codes, ``INT4`` cast), and
+    the matmul's form read from the graph (u8 x s8 with one zero point, or the split's stacked rows)."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = os.path.join(tmp, "folded.onnx")
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        folded = onnx.load(options.optimized_model_filepath)
+    initializers = {init.name: onnx.numpy_helper.to_array(init) for init in folded.graph.initializer}
+    producers = {out: node for node in folded.graph.node for out in node.output}
+    weights = []
+    for node in folded.graph.node:
+        if node.op_type == "MatMulInteger":
+            rows = producers[node.input[0]].op_type
+            form = "split" if len(node.input) == 2 else "halves" if rows == "Concat" else "u8s8"
+            weights.append((form, initializers[node.input[1]]))
+    return weights
+
+
 def test_auto_form_takes_one_u8s8_matmul_only_where_it_cannot_saturate():
     """The default ``int8_matmul="auto"``: a 7-bit weight (codes within +-63) multiplies in one u8 x s8
-    matmul, whose int16 pair sums stay below 2^15 on any CPU; an 8-bit one keeps the split form."""
+    matmul, whose int16 pair sums stay below 2^15 on any CPU; an 8-bit one takes the halves (up to 2^20
+    codes) or the split form, where the weight the kernel gets cannot saturate either."""
     model = MLP()
     params = with_biases(model.init(jax.random.key(0), jnp.ones((1, 32)))["params"])
     t = jaxqp.transform([jaxqp.Rule("Dense_1/kernel", quant=jaxqp.QuantSpec(bits=7)),  # the first layer, 32 x 128
@@ -116,22 +141,35 @@ def test_auto_form_takes_one_u8s8_matmul_only_where_it_cannot_saturate():
     served = jaxqp.prepare(jaxqp.export(params, t.init(params)), path="int8")
     apply = jaxqp.linen_serving_apply(model)
     exported = jaxqp.deploy.to_onnx(apply, served, jnp.ones((1, 32)))
-    initializers = {init.name: onnx.numpy_helper.to_array(init) for init in exported.graph.initializer}
-    forms = {}
-    for node in exported.graph.node:
-        if node.op_type == "MatMulInteger":
-            weight = initializers[node.input[1]]
-            forms[weight.shape] = ("u8s8" if len(node.input) > 2 else "split", _pair_sum_bound(weight))
-    assert forms[(32, 128)][0] == "u8s8" and forms[(32, 128)][1] < 2**15  # 7 bits: one matmul, cannot saturate
-    assert forms[(128, 64)][0] == "split" and forms[(128, 64)][1] >= 2**15  # 8 bits as u8s8 could saturate
-    assert [node.op_type for node in exported.graph.node].count("Split") == 1
+    codes = [onnx.numpy_helper.to_array(init) for init in exported.graph.initializer if len(init.dims) == 2
+             and min(init.dims) > 1]
+    assert sorted((w.dtype, w.shape) for w in codes) == [(np.int8, (32, 128)), (np.int8, (128, 64))]  # codes once
+    assert max(_pair_sum_bound(w) for w in codes if w.shape == (128, 64)) >= 2**15  # 8 bits as u8s8 could saturate
+    forms = {(form, w.shape): _pair_sum_bound(w) for form, w in _kernel_weights(exported)}
+    assert set(forms) == {("u8s8", (32, 128)), ("halves", (256, 64))}  # the 8-bit weight as [w - h; h]: 2K rows
+    assert max(forms.values()) < 2**15
+    assert "Split" not in _ops(exported)
     recorded = {prop.key: prop.value for prop in exported.metadata_props}["jaxqp.matmul_forms"]
     assert sorted(json.loads(recorded), key=lambda f: f["shape"]) == [{"shape": [32, 128], "form": "u8s8"},
-                                                                       {"shape": [128, 64], "form": "split"}]
+                                                                       {"shape": [128, 64], "form": "halves"}]
     session = _session(exported)
     for batch in (1, 32, 256):
         x = 3 * jax.random.normal(jax.random.key(batch), (batch, 32))
         np.testing.assert_array_equal(_run(session, x), np.asarray(apply(served, x)))
+
+
+def test_auto_form_splits_the_rows_of_weights_above_a_mebibyte_of_codes():
+    """Above 2^20 codes ``"auto"`` keeps the weight once and stacks the activations' positive and
+    negative parts as rows (the halves would read a weight that leaves a core's cache twice)."""
+    params = {"dense": {"kernel": 0.02 * jax.random.normal(jax.random.key(0), (1024, 1025))}}
+    served = _served(params, pattern=".*kernel")
+    fn = lambda p, x: jaxqp.serving.int8_matmul(x, p["dense"]["kernel"])
+    exported = jaxqp.deploy.to_onnx(fn, served, jnp.ones((1, 1024)))
+    [(form, weight)] = _kernel_weights(exported)
+    assert form == "split" and weight.shape == (1024, 1025) and np.abs(weight).max() == 127
+    assert "Split" in _ops(exported)
+    x = jax.random.normal(jax.random.key(1), (8, 1024))
+    np.testing.assert_array_equal(_run(_session(exported), x), np.asarray(fn(served, x)))
 
 
 def test_batch_axis_is_symbolic_and_opset_21():
@@ -144,11 +182,11 @@ def test_batch_axis_is_symbolic_and_opset_21():
     onnx.checker.check_model(exported, full_check=True)
 
 
-@pytest.mark.parametrize("int8_matmul", ["auto", "split", "u8u8", "u8s8+x64quantprecision"])
+@pytest.mark.parametrize("int8_matmul", ["auto", "split", "halves", "u8u8", "u8s8+x64quantprecision"])
 def test_extreme_codes_do_not_saturate(int8_matmul):
     """Weight codes +-127 and activation codes +-127 over 512 inputs: one u8 x s8 matmul of codes + 128
     (uint8 1 and 255) would sum pairs past int16 on a CPU without VNNI (2 * 255 * 127 > 2^15); the
-    portable forms stay exact ("auto" takes the split for them), and so does "u8s8" in a session with
+    portable forms stay exact ("auto" takes the halves for them), and so does "u8s8" in a session with
     ``session.x64quantprecision=1``."""
     int8_matmul, _, option = int8_matmul.partition("+")
     k = 512
@@ -159,7 +197,11 @@ def test_extreme_codes_do_not_saturate(int8_matmul):
     x = jnp.asarray(np.where(np.random.default_rng(1).random((32, k)) < 0.5, -2.0, 2.0).astype(np.float32))
     fn = lambda p, x: jaxqp.serving.int8_matmul(x, p["dense"]["kernel"])
     exported = jaxqp.deploy.to_onnx(fn, served, x, int8_matmul=int8_matmul)
-    assert ("Split" in _ops(exported)) == (int8_matmul in ("auto", "split"))
+    assert ("Split" in _ops(exported)) == (int8_matmul == "split")
+    if int8_matmul in ("auto", "halves"):  # the weight the kernel gets: both halves within +-64, cannot saturate
+        [(form, weight)] = _kernel_weights(exported)
+        assert form == "halves" and weight.shape == (2 * k, 16) and np.abs(weight).max() == 64
+        assert _pair_sum_bound(weight) < 2**15
     out = _run(_session(exported, bool(option)), x)
     exact = (np.sign(np.asarray(x)).astype(np.int64) * 127) @ (signs.astype(np.int64) * 127)
     row_scale = np.float32(2.0) * np.float32(1 / 127)
@@ -301,7 +343,8 @@ def test_missing_extra_says_how_to_install(monkeypatch):
         jaxqp.deploy.to_onnx(lambda p, x: x, {}, jnp.ones((1, 2)))
 
 
-@pytest.mark.parametrize("bits,int8_matmul", [(8, "split"), (8, "u8u8"), (8, "u8s8"), (8, "auto"), (4, "split")])
+@pytest.mark.parametrize("bits,int8_matmul", [(8, "split"), (8, "halves"), (8, "u8u8"), (8, "u8s8"), (8, "auto"),
+                                             (4, "split")])
 def test_primitives_mean_in_jax_what_serving_computes(bits, int8_matmul):
     """The two primitives' JAX meaning (their impl) equals the integer path and the decode, bit for bit."""
     from jaxqp.deploy import _onnx_ops

@@ -40,10 +40,13 @@ if TYPE_CHECKING:
     import onnx
 
 OPSET = 21  # MatMulInteger, DequantizeLinear with INT4 and per-axis scales
-INT8_MATMULS = ("auto", "split", "u8u8", "u8s8")
+INT8_MATMULS = ("auto", "split", "halves", "u8u8", "u8s8")
 # Weight codes within +-64 cannot saturate a u8 x s8 kernel's int16 pair sums (2 * 255 * 64 = 32640 < 2^15):
 # for them the one-matmul "u8s8" form is exact on every CPU, VNNI or not.
 U8S8_EXACT_CODE = 64
+# "auto" multiplies larger codes in halves (weight read twice) up to this many codes (1 MiB of int8, 2 MiB
+# doubled: the size of a core's L2 cache), above it in the split form (weight read once, for twice the rows).
+HALVES_MAX_CODES = 2**20
 
 
 def _require_extra():
@@ -84,8 +87,11 @@ class OnnxKernels:
             codes = np.asarray(kernel.matrix_codes(n_contract))
             out_scale = jnp.asarray(np.asarray(kernel.out_scale(n_contract), np.float32))
         form = self.int8_matmul
-        if form == "auto":  # the fast single matmul where it is exact everywhere, else the split
-            form = "u8s8" if np.abs(codes.astype(np.int16)).max(initial=0) <= U8S8_EXACT_CODE else "split"
+        if form == "auto":  # the fast single matmul where it is exact everywhere, else halves or split
+            if np.abs(codes.astype(np.int16)).max(initial=0) <= U8S8_EXACT_CODE:
+                form = "u8s8"
+            else:  # both exact everywhere: the halves read the weight twice, the split passes over twice the rows
+                form = "halves" if codes.size <= HALVES_MAX_CODES else "split"
         if kernel.bits < 8:
             kind, weight = "int4", self._codes(codes, kernel.bits)
         elif form == "u8u8":  # codes + 128 with b_zero_point 128
@@ -187,7 +193,12 @@ def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | N
       int8_matmul: how 8-bit weights multiply in ``MatMulInteger`` (``docs/deploy.md``).
         ``"auto"`` (default): per layer, ``"u8s8"`` where every weight code lies in
         [-64, 64] (a ``QuantSpec(bits=7)`` weight: no int16 pair sum can saturate, so exact on
-        every CPU), else ``"split"``. ``"split"``: the activation codes' positive and negative
+        every CPU), else ``"halves"`` for weights of at most 2^20 codes and ``"split"`` for
+        larger ones. ``"halves"``: the activation codes + 128 as uint8, repeated along the
+        contraction axis, times the weight codes cut into two halves within [-64, 64]
+        (computed in the graph from the stored codes; ONNX Runtime folds them when the
+        session starts), one u8 x s8 matmul over twice the contraction: exact on every CPU,
+        the weight read twice. ``"split"``: the activation codes' positive and negative
         parts stacked as uint8 rows times the int8 weight codes, one u8 x s8 matmul: exact on
         every CPU and on ONNX Runtime's fast kernel, at twice the rows. ``"u8u8"``: uint8
         codes + 128 on both sides, exact everywhere, slow where the fast kernel is u8 x s8.
@@ -202,7 +213,8 @@ def to_onnx(apply_fn: Callable, served: Any, *example_inputs: Any, file: str | N
     Returns:
       The ``onnx.ModelProto``, checked with ``onnx.checker.check_model(full_check=True)``.
       Its metadata ``"jaxqp.matmul_forms"`` lists, as JSON in trace order, each integer
-      matmul's weight shape ``(K, F)`` and form (``"split"``, ``"u8s8"``, ``"u8u8"``, ``"int4"``).
+      matmul's weight shape ``(K, F)`` and form (``"split"``, ``"halves"``, ``"u8s8"``, ``"u8u8"``,
+      ``"int4"``).
 
     Raises:
       ImportError: without the ``onnx`` extra.

@@ -14,9 +14,15 @@ becomes one of two primitives (see :class:`OnnxKernels`):
   which saturates when both factors are large (2 * 255 * 127 > 2^15). So the form depends on
   the weight (``kind``):
 
-  - ``"split"`` (8-bit weights under ``to_onnx``'s default ``"auto"``): the codes' positive and negative parts, both
+  - ``"halves"`` (8-bit weights of at most 2^20 codes under ``to_onnx``'s default ``"auto"``):
+    codes + 128 as uint8 (zero point 128), concatenated with themselves along the contraction
+    axis, times ``[w - h; h]`` with ``h = trunc(w / 2)``: both halves lie in [-64, 64], so no
+    pair sum exceeds 2 * 255 * 64 < 2^15 whichever products the kernel pairs. One u8 x s8
+    matmul over ``2K``; the halves are computed in the graph from the stored codes (folded
+    once when the session starts), so the file holds one int8 matrix.
+  - ``"split"`` (larger 8-bit weights under ``"auto"``): the codes' positive and negative parts, both
     in [0, 127] (two ``QuantizeLinear``s of zero point 0), stacked as ``2n`` uint8 rows, one
-    u8 x s8 ``MatMulInteger`` with the int8 weight codes, then the difference of the halves. No pair sum exceeds
+    u8 x s8 ``MatMulInteger`` with the int8 weight codes, then the difference of the two row blocks. No pair sum exceeds
     2 * 127 * 127 < 2^15: exact on every CPU, and the weight is read once.
   - ``"u8u8"``: codes + 128 as uint8 times uint8 weight codes + 128 (both zero points 128):
     exact everywhere, but slow on CPUs whose fast kernel is u8 x s8.
@@ -178,6 +184,8 @@ class IntMatmulPlugin(PrimitiveLeafPlugin):
         kind = eqn.params["kind"]
         if kind == "split":
             acc = _split_product(g, scaled, weight, (n, k, f))
+        elif kind == "halves":
+            acc = _halves_product(g, _quantize(g, scaled, 128, (n, k)), weight, (n, k, f))
         else:  # codes + 128: QuantizeLinear with scale 1 rounds half to even and adds the zero point
             shifted = _quantize(g, scaled, 128, (n, k))
             zero_points = [g.const("a_zero_point", np.uint8(128))]
@@ -200,6 +208,26 @@ def _quantize(g: _Graph, scaled: Any, zero_point: int, shape: tuple) -> Any:
     """
     return g.op("QuantizeLinear", scaled, g.const("unit_scale", np.float32(1)),
                 g.const("zero_point", np.uint8(zero_point)), shape=shape, dtype=ir.DataType.UINT8)
+
+
+def _halves_product(g: _Graph, shifted: Any, weight: Any, dims: tuple) -> Any:
+    """int32 ``codes @ weight`` as ``[a, a] @ [w - h; h]`` with ``h = trunc(w / 2)``: one u8 x s8 matmul over 2K.
+
+    ``shifted`` holds the activation codes + 128 (uint8, zero point 128). Both halves of the
+    weight lie in [-64, 64] (``h`` in [-63, 63], ``w - h`` in [-64, 64]), so no two products
+    of a uint8 code and a half can sum past 2 * 255 * 64 = 32640 < 2^15, whichever pairs the
+    kernel adds in int16: exact on every CPU. The halves are computed in the graph from the
+    stored int8 codes (ONNX Runtime folds them into one constant when the session starts), so
+    the file keeps one int8 matrix.
+    """
+    n, k, f = dims
+    i8 = ir.DataType.INT8
+    half = g.op("Div", weight, g.const("two_i8", np.int8(2)), shape=(k, f), dtype=i8)  # truncates toward 0
+    rest = g.op("Sub", weight, half, shape=(k, f), dtype=i8)
+    stacked_w = g.op("Concat", rest, half, axis=0, shape=(2 * k, f), dtype=i8)
+    doubled = g.op("Concat", shifted, shifted, axis=1, shape=(n, 2 * k), dtype=ir.DataType.UINT8)
+    return g.op("MatMulInteger", doubled, stacked_w, g.const("a_zero_point", np.uint8(128)), shape=(n, f),
+                dtype=ir.DataType.INT32)
 
 
 def _split_product(g: _Graph, scaled: Any, weight: Any, dims: tuple) -> Any:
