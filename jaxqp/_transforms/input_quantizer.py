@@ -99,7 +99,7 @@ def fake_quant_input(x: jax.Array, spec: ActSpec, ranges: dict | None, learned: 
         ste: SteKind = "identity" if spec.calibration == "max" else "clipped"
         y = fake_quant(x, scale, zp, qmin, qmax, ste)
     elif spec.range == "static":
-        lo_b, hi_b = _observe(x, spec)
+        lo_b, hi_b = _observe(jax.lax.stop_gradient(x), spec)  # ranges take no gradient (as the dynamic scale)
         observed = {"lo": lo_b.reshape(()), "hi": hi_b.reshape(())}
         ranges = _state(ranges, spec, "static ranges")
         recorded = ranges["count"] > 0

@@ -77,6 +77,9 @@ def init_step(w: jax.Array, spec: QuantSpec) -> jax.Array:
     w = jnp.asarray(w, linear.compute_dtype(w.dtype))
     _, qmax = linear.int_range(spec.bits, signed=spec.signed, narrow=True)
     group = _group(spec, w.ndim)
+    # the scale takes no gradient (fake_quant stops it): computed from stopped values, so that
+    # differentiating the step traces no tangents of the reductions only to drop them
+    w = jax.lax.stop_gradient(w)
     if group is None:
         x, axes = w, linear.reduce_axes(w.ndim, spec.axis)
         mean = jnp.mean(jnp.abs(x), axis=axes, keepdims=True)
@@ -99,6 +102,9 @@ def weight_quantizer(w: jax.Array, spec: QuantSpec, learned: Learned | None = No
         if learned is None:
             raise ValueError(f"{spec} learns its step size: pass the state's learned values")
         return WeightQuantizer(jnp.maximum(learned["step"], MIN_STEP), None, qmin, qmax, group)
+    # the scale takes no gradient (fake_quant stops it): computed from stopped values, so that
+    # differentiating the step traces no tangents of the reductions only to drop them
+    w = jax.lax.stop_gradient(w)
     if group is None:
         x, axes = w, linear.reduce_axes(w.ndim, spec.axis)
     else:
