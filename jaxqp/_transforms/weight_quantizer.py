@@ -77,9 +77,6 @@ def init_step(w: jax.Array, spec: QuantSpec) -> jax.Array:
     w = jnp.asarray(w, linear.compute_dtype(w.dtype))
     _, qmax = linear.int_range(spec.bits, signed=spec.signed, narrow=True)
     group = _group(spec, w.ndim)
-    # the scale takes no gradient (fake_quant stops it): computed from stopped values, so that
-    # differentiating the step traces no tangents of the reductions only to drop them
-    w = jax.lax.stop_gradient(w)
     if group is None:
         x, axes = w, linear.reduce_axes(w.ndim, spec.axis)
         mean = jnp.mean(jnp.abs(x), axis=axes, keepdims=True)
