@@ -131,7 +131,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=30, help="steps per timed block")
     parser.add_argument("--repeats", type=int, default=20, help="timed blocks per config")
-    parser.add_argument("--builds", type=int, default=3, help="fresh builds of each step; compile_s is their median")
+    parser.add_argument("--builds", type=int, default=7, help="fresh builds of each step; compile_s is their median")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
