@@ -18,7 +18,10 @@ the first build's, which includes timing the integer dot forms);
 ``refresh_ratio``, one step that refreshes the masks over one that does not (the median of
 ``--repeats`` calls each, same inputs); and
 ``state_bytes_ratio``, the bytes of the transform state (masks, scores, ranges) over the
-params' bytes.
+params' bytes; and ``cached_rebuild_s`` / ``cached_rebuild_ratio``, the seconds to rebuild the
+same step with jax's persistent compilation cache on (trace, lower, load the executable an
+identical earlier build wrote; measured in a child process) and their ratio to the float
+step's cold ``compile_s``: what a loop that rebuilds identical steps pays.
 
     python benchmarks/step_overhead.py --json step_overhead.json
 """
@@ -26,6 +29,11 @@ params' bytes.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import flax.linen as nn
@@ -124,6 +132,19 @@ def at_step(opt_state, step: int):
         opt_state.transform, lambda s: dataclasses.replace(s, step=jnp.asarray(step, jnp.int32))))
 
 
+def cached_rebuilds(argv) -> dict:
+    """Seconds to rebuild each config's step with jax's persistent compilation cache on: trace, lower, and load
+    the executable an identical earlier build compiled (median of ``--builds`` rebuilds, in a child process
+    started with ``JAX_COMPILATION_CACHE_DIR`` set to a temporary folder)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+        child = subprocess.run([sys.executable, __file__, *argv, "--rebuilds-only"], env=env, capture_output=True,
+                               text=True, check=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=1024)
@@ -134,6 +155,7 @@ def main(argv=None):
     parser.add_argument("--builds", type=int, default=7, help="fresh builds of each step; compile_s is their median")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--rebuilds-only", action="store_true", help=argparse.SUPPRESS)  # the child of cached_rebuilds
     args = parser.parse_args(argv)
     if args.quick:
         args.width, args.depth, args.batch, args.steps, args.repeats, args.builds = 64, 2, 16, 5, 2, 1
@@ -156,6 +178,14 @@ def main(argv=None):
         with record_paths() as used:  # integer layers pick their dot form when first traced
             step = step.lower(params0, opt_state, x, y).compile()  # trace, lower and compile, timed
         return time.perf_counter() - start, t, step, opt_state, used
+
+    if args.rebuilds_only:  # in a process with jax's persistent compilation cache on (see cached_rebuilds)
+        rebuilt = {}
+        for name in table:
+            build(name)  # the first build compiles and fills the cache
+            rebuilt[name] = float(np.median([build(name)[0] for _ in range(max(args.builds, 1))]))
+        print(json.dumps(rebuilt))
+        return rebuilt
 
     builds, first_used = {name: [] for name in table}, {}
     for _ in range(args.builds - 1):  # extra builds round-robin, so drift over the process hits every config
@@ -195,18 +225,24 @@ def main(argv=None):
             times.append((time.perf_counter() - start) / args.steps)
             run[1], run[2] = params, opt_state
 
+    rebuilt = cached_rebuilds(argv)
+    for name in runs:
+        extra[name]["cached_rebuild_s"] = round(rebuilt[name], 3)
+        extra[name]["cached_rebuild_ratio"] = round(rebuilt[name] / compile_s["float32"], 4)
     base = float(np.median(runs["float32"][3]))
     rows = []
     cpu = cpu_info()
     print(f"MLP {args.depth}x{args.width}, batch {args.batch}, {jax.default_backend()} "
           f"({cpu['model']}; {', '.join(cpu['flags'])}), median of {args.repeats} x {args.steps} steps")
-    print(f"{'config':<16} {'step ms':>8} {'ratio':>7} {'compile s':>10} {'ratio':>7} {'refresh':>8} {'state':>7}")
+    print(f"{'config':<16} {'step ms':>8} {'ratio':>7} {'compile s':>10} {'ratio':>7} {'rebuilt s':>10} {'ratio':>7} "
+          f"{'refresh':>8} {'state':>7}")
     for name, run in runs.items():
         ms = float(np.median(run[3]))
         dots = f"  dot: {', '.join(paths[name])}" if paths[name] else ""
         compile_ratio = compile_s[name] / compile_s["float32"]
         refresh = extra[name].get("refresh_ratio")
         print(f"{name:<16} {ms * 1e3:8.2f} {ms / base:7.3f}x {compile_s[name]:10.2f} {compile_ratio:6.2f}x "
+              f"{rebuilt[name]:10.2f} {extra[name]['cached_rebuild_ratio']:6.2f}x "
               f"{'' if refresh is None else f'{refresh:7.2f}x'!s:>8} {extra[name]['state_bytes_ratio']:7.3f}{dots}")
         if not name.startswith("float32"):
             rows.append({"config": name, "step_ratio": round(ms / base, 4), "step_ms": round(ms * 1e3, 3),

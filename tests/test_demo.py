@@ -113,6 +113,7 @@ def test_step_overhead_quick_writes_rows(tmp_path):
     assert [r["config"] for r in rows] == ["int8", "w8a8", "w8a8-int", "pruned", "pruned+int8", "global90", "nm2:4",
                                            "movement", "rigl", "pruned sep", "pruned+int8 sep", "global90 sep"]
     assert all(r["step_ratio"] > 0 and r["compile_ratio"] > 0 and r["state_bytes_ratio"] >= 0 for r in rows)
+    assert all(r["cached_rebuild_s"] > 0 and r["cached_rebuild_ratio"] > 0 for r in rows)  # the child process ran
     assert all(r["refresh_ratio"] > 0 for r in rows if r["config"] in ("pruned", "global90", "movement", "rigl"))
     separate = [r for r in rows if r["config"].endswith(" sep")]
     assert all(r["refresh_ratio"] > 0 and r["refresh_compile_s"] > 0 for r in separate)
