@@ -159,6 +159,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.width, args.depth, args.batch, args.steps, args.repeats, args.builds = 64, 2, 16, 5, 2, 1
+    if not args.rebuilds_only:  # cold compiles: a persistent cache set in the environment would serve the rebuilds
+        jax.config.update("jax_enable_compilation_cache", False)
 
     model = MLP(args.width, args.depth)
     rng = np.random.default_rng(0)
