@@ -10,7 +10,8 @@ timed round-robin; the median step time of each is divided by the float step's m
 A second, identical float run ("float32 again") shows how much of a ratio is timing
 noise on this machine. Configs ending in `` sep`` are the same pruning with
 ``refresh="separate"``: ``t.refresh(params, opt_state)`` runs before each step (timed with it) and
-the refresh compiles apart from the step (``refresh_compile_s``, paid once per process). Per
+the refresh compiles apart from the step (``refresh_compile_s``: the first ``t.refresh`` of a due
+step less a later one, paid once per process). Per
 config also: ``compile_ratio``, the time to trace, lower and compile the step over the float
 step's (medians of ``--builds`` fresh builds each, built round-robin over the configs, since
 one compile moves by 10-30% and compiles slow down as the process ages; ``first_compile_s`` is
@@ -44,7 +45,6 @@ import optax
 from _common import median_seconds, write_json
 
 import jaxqp
-from jaxqp._transforms.separate_refresh import _refresh as refresh_masks_jit
 from jaxqp.demo import make_train_step
 from jaxqp.numerics._path_choice import cpu_info, record_paths
 
@@ -81,7 +81,7 @@ def make_step(model, rules, refresh="in_update"):
     return t, tx, step
 
 
-EVERY = 100  # steps between mask refreshes of the pruning configs
+EVERY = 100  # steps between mask refreshes of the pruning configs (fewer in a run shorter than two of them)
 SEPARATE = " sep"  # a config name ending so: refresh="separate", t.refresh before each step
 
 
@@ -92,8 +92,14 @@ def with_refresh(t, step):
     return refreshed_step
 
 
+def refresh_every(total_steps: int) -> int:
+    """Steps between refreshes: ``EVERY``, or half the run when it is shorter (``--quick``), so a refresh is timed."""
+    return min(EVERY, max(total_steps // 2, 1))
+
+
 def configs(total_steps: int):
-    schedule = jaxqp.polynomial(0.0, 0.8, begin=0, end=total_steps, every=EVERY)
+    every = refresh_every(total_steps)
+    schedule = jaxqp.polynomial(0.0, 0.8, begin=0, end=total_steps, every=every)
     prune = jaxqp.PruneSpec(sparsity=schedule)
     int8 = jaxqp.QuantSpec(bits=8)
     table = {
@@ -107,11 +113,11 @@ def configs(total_steps: int):
         "pruned": [jaxqp.Rule(r".*/kernel", prune=prune)],
         "pruned+int8": [jaxqp.Rule(r".*/kernel", quant=int8, prune=prune)],
         "global90": [jaxqp.Rule(r".*/kernel", prune=jaxqp.PruneSpec(
-            sparsity=jaxqp.polynomial(0.0, 0.9, begin=0, end=total_steps, every=EVERY), scope="global"))],
+            sparsity=jaxqp.polynomial(0.0, 0.9, begin=0, end=total_steps, every=every), scope="global"))],
         "nm2:4": [jaxqp.Rule(r".*/kernel", prune=jaxqp.PruneSpec(structure=jaxqp.NM(2, 4)))],
         "movement": [jaxqp.Rule(r".*/kernel", prune=jaxqp.PruneSpec(sparsity=schedule, criterion="movement"))],
         "rigl": [jaxqp.Rule(r".*/kernel", prune=jaxqp.PruneSpec(
-            sparsity=0.8, regrow=jaxqp.RigL(every=EVERY, drop_fraction=0.3, end=total_steps)))],
+            sparsity=0.8, regrow=jaxqp.RigL(every=every, drop_fraction=0.3, end=total_steps)))],
     }
     for name in ("pruned", "pruned+int8", "global90"):  # the same, refreshed apart from the step
         table[name + SEPARATE] = table[name]
@@ -171,6 +177,7 @@ def main(argv=None):
     runs, paths, compile_s, extra = {}, {}, {}, {}
     param_bytes = tree_bytes(params0)
     table = configs(args.steps * args.repeats)
+    every = refresh_every(args.steps * args.repeats)
 
     def build(name):
         """A fresh step of config ``name`` (nothing cached but dot-form choices), compiled and timed."""
@@ -202,17 +209,19 @@ def main(argv=None):
         paths[name] = sorted({entry["path"] for entry in first_used.get(name, used)})
         compile_s[name] = float(np.median([seconds, *builds[name]]))
         extra[name] = {"first_compile_s": round(builds[name][0] if builds[name] else seconds, 3)}
-        if separate:  # the refresh's own compile, paid once per process (steps rebuilt around it reuse it)
+        if separate:  # the refresh's own trace and compile, paid once per process (steps rebuilt around it reuse it)
+            due = at_step(opt_state, every - 1)  # the coming step refreshes
             start = time.perf_counter()
-            refresh_masks_jit.lower(params, (jaxqp.state_of(opt_state),), (True,)).compile()
-            extra[name]["refresh_compile_s"] = round(time.perf_counter() - start, 3)
+            jax.block_until_ready(t.refresh(params, due))  # the first refresh: trace, compile and run
+            first = time.perf_counter() - start
+            extra[name]["refresh_compile_s"] = round(first - median_seconds(lambda: t.refresh(params, due), 3), 3)
             step = with_refresh(t, step)
         params, opt_state, _ = jax.block_until_ready(step(params, opt_state, x, y))
         runs[name] = [step, params, opt_state, []]
         extra[name]["state_bytes_ratio"] = round(tree_bytes(jaxqp.state_of(opt_state)) / param_bytes, 4)
         if rules and any(rule.prune is not None for rule in rules):
-            # one step that refreshes the masks (the new step is a multiple of EVERY) against one that does not
-            refreshing, plain_state = at_step(opt_state, EVERY - 1), at_step(opt_state, EVERY)
+            # one step that refreshes the masks (the new step is a multiple of `every`) against one that does not
+            refreshing, plain_state = at_step(opt_state, every - 1), at_step(opt_state, every)
             refresh = median_seconds(lambda: step(params, refreshing, x, y), args.repeats)
             plain = median_seconds(lambda: step(params, plain_state, x, y), args.repeats)
             extra[name]["refresh_ratio"] = round(refresh / plain, 4)
