@@ -17,7 +17,7 @@ step's (medians of ``--builds`` fresh builds each, built round-robin over the co
 one compile moves by 10-30% and compiles slow down as the process ages; ``first_compile_s`` is
 the first build's, which includes timing the integer dot forms);
 ``refresh_ratio``, one step that refreshes the masks over one that does not (the median of
-``--repeats`` calls each, same inputs); and
+``--repeats`` calls each, same inputs);
 ``state_bytes_ratio``, the bytes of the transform state (masks, scores, ranges) over the
 params' bytes; and ``cached_rebuild_s`` / ``cached_rebuild_ratio``, the seconds to rebuild the
 same step with jax's persistent compilation cache on (trace, lower, load the executable an
