@@ -14,6 +14,7 @@ code of that row changes: under 1% of the quantization error (``docs/deploy.md``
 import json
 import os
 import sys
+import tempfile
 
 import flax.linen as nn
 import jax
@@ -110,9 +111,6 @@ def _kernel_weights(model) -> list[tuple[str, np.ndarray]]:
     """Each ``MatMulInteger``'s weight as ONNX Runtime's kernel receives it: the model after ONNX Runtime's
     basic optimizations (constant folding: the ``"halves"`` computed from the stored codes, ``INT4`` cast), and
     the matmul's form read from the graph (u8 x s8 with one zero point, or the split's stacked rows)."""
-    import os
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

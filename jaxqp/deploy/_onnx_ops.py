@@ -184,8 +184,6 @@ class IntMatmulPlugin(PrimitiveLeafPlugin):
         kind = eqn.params["kind"]
         if kind == "split":
             acc = _split_product(g, scaled, weight, (n, k, f))
-        elif kind == "halves":
-            acc = _halves_product(g, _quantize(g, scaled, 128, (n, k)), weight, (n, k, f))
         else:  # codes + 128: QuantizeLinear with scale 1 rounds half to even and adds the zero point
             shifted = _quantize(g, scaled, 128, (n, k))
             zero_points = [g.const("a_zero_point", np.uint8(128))]
@@ -193,6 +191,8 @@ class IntMatmulPlugin(PrimitiveLeafPlugin):
                 zero_points.append(g.const("b_zero_point", np.uint8(128)))
             elif kind == "int4":
                 weight = g.op("Cast", weight, to=int(ir.DataType.INT8.value), shape=(k, f), dtype=ir.DataType.INT8)
+            elif kind == "halves":
+                shifted, weight = _halves(g, shifted, weight, (n, k, f))
             acc = g.op("MatMulInteger", shifted, weight, *zero_points, shape=(n, f), dtype=ir.DataType.INT32)
         # float(acc) * row scale in one DequantizeLinear (per row: axis 0), then the output scale
         row_scale = g.op("Squeeze", scale, g.const("axis1", np.array([1], np.int64)), shape=(n,))
@@ -210,8 +210,8 @@ def _quantize(g: _Graph, scaled: Any, zero_point: int, shape: tuple) -> Any:
                 g.const("zero_point", np.uint8(zero_point)), shape=shape, dtype=ir.DataType.UINT8)
 
 
-def _halves_product(g: _Graph, shifted: Any, weight: Any, dims: tuple) -> Any:
-    """int32 ``codes @ weight`` as ``[a, a] @ [w - h; h]`` with ``h = trunc(w / 2)``: one u8 x s8 matmul over 2K.
+def _halves(g: _Graph, shifted: Any, weight: Any, dims: tuple) -> tuple[Any, Any]:
+    """``([a, a], [w - h; h])`` with ``h = trunc(w / 2)``: one u8 x s8 matmul over 2K gives ``codes @ weight``.
 
     ``shifted`` holds the activation codes + 128 (uint8, zero point 128). Both halves of the
     weight lie in [-64, 64] (``h`` in [-63, 63], ``w - h`` in [-64, 64]), so no two products
@@ -224,10 +224,9 @@ def _halves_product(g: _Graph, shifted: Any, weight: Any, dims: tuple) -> Any:
     i8 = ir.DataType.INT8
     half = g.op("Div", weight, g.const("two_i8", np.int8(2)), shape=(k, f), dtype=i8)  # truncates toward 0
     rest = g.op("Sub", weight, half, shape=(k, f), dtype=i8)
-    stacked_w = g.op("Concat", rest, half, axis=0, shape=(2 * k, f), dtype=i8)
+    stacked = g.op("Concat", rest, half, axis=0, shape=(2 * k, f), dtype=i8)
     doubled = g.op("Concat", shifted, shifted, axis=1, shape=(n, 2 * k), dtype=ir.DataType.UINT8)
-    return g.op("MatMulInteger", doubled, stacked_w, g.const("a_zero_point", np.uint8(128)), shape=(n, f),
-                dtype=ir.DataType.INT32)
+    return doubled, stacked
 
 
 def _split_product(g: _Graph, scaled: Any, weight: Any, dims: tuple) -> Any:
