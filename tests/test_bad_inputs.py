@@ -203,3 +203,78 @@ def test_functions_given_the_wrong_kind_of_object_say_which():
     exported = jaxqp.export(params, state)
     with pytest.raises(TypeError, match=r"prepare: min_int_size='a' must be an int"):
         jaxqp.prepare(exported, min_int_size="a")
+
+
+_EMPTY_SPECS = [QuantSpec(bits=8), QuantSpec(bits=4, symmetric=False), QuantSpec(bits=8, calibration="mse"),
+                QuantSpec(bits=8, calibration="percentile", symmetric=False), QuantSpec(bits=4, format="pow2"),
+                QuantSpec(bits=8, format="e4m3"), QuantSpec(bits=2, format="ternary"), QuantSpec(bits=1),
+                QuantSpec(bits=4, group_size=2), QuantSpec(bits=8, axis=None)]
+
+
+@pytest.mark.parametrize("spec", _EMPTY_SPECS, ids=str)
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0), (0, 0)])
+def test_fake_quant_weight_of_an_array_without_entries_returns_it(spec, shape):
+    w = jnp.ones(shape)
+    y = jaxqp.fake_quant_weight(w, spec)  # no "zero-size array to reduction" from deep inside
+    assert y.shape == shape and y.dtype == w.dtype
+
+
+def test_scales_of_channels_without_entries_are_those_of_all_zero_channels():
+    from jaxqp import numerics
+
+    empty, zeros = jnp.ones((0, 3)), jnp.zeros((5, 3))
+    np.testing.assert_array_equal(numerics.symmetric_scale(empty, 8), numerics.symmetric_scale(zeros, 8))
+    np.testing.assert_array_equal(numerics.symmetric_scale(empty, 8), np.ones((1, 3)))
+    for got, want in zip(numerics.affine_scale(empty, 8), numerics.affine_scale(zeros, 8)):
+        np.testing.assert_array_equal(got, want)
+    for method in ("max", "percentile"):
+        for symmetric in (True, False):
+            lo, hi = numerics.observe_range(empty, (0,), method, symmetric=symmetric)
+            np.testing.assert_array_equal(np.asarray(hi), np.zeros((1, 3)))
+            np.testing.assert_array_equal(np.asarray(lo), np.zeros((1, 3)))
+    # the guard reads the static shape: a non-empty tensor's range is untouched
+    x = jnp.array([[-3.0, 1.0], [2.0, -0.5]])
+    np.testing.assert_array_equal(numerics.observe_range(x, (0,), symmetric=False)[0], [[-3.0, -0.5]])
+
+
+def test_fake_quant_weight_refuses_an_integer_array():
+    with pytest.raises(TypeError, match=r"fake_quant_weight: w must be a float array, got dtype int32"):
+        jaxqp.fake_quant_weight(jnp.arange(9, dtype=jnp.int32).reshape(3, 3), QuantSpec(bits=2))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("spec", [{"quant": QuantSpec(bits=8)}, {"prune": PruneSpec(sparsity=0.25)},
+                                  {"quant": QuantSpec(bits=4, format="pow2")}], ids=["int8", "pruned", "pow2"])
+def test_export_refuses_a_kept_nan_or_infinity_naming_the_leaf(bad, spec):
+    kernel = jnp.arange(1.0, 17.0).reshape(4, 4).at[2, 3].set(bad)
+    params = {"dense": {"kernel": kernel, "bias": jnp.full(4, bad)}}  # a float leaf passes as it is
+    state = jaxqp.transform([Rule(".*kernel", **spec)]).init(params)
+    with pytest.raises(ValueError, match=r"export: 'dense/kernel' holds .*kept values \(the first at index "
+                                         r"\(2, 3\)\).*must be finite.*Did training diverge"):
+        jaxqp.export(params, state)
+
+
+def test_export_accepts_a_nan_that_the_mask_prunes():
+    t = jaxqp.transform([Rule("kernel", prune=PruneSpec(sparsity=0.25), quant=QuantSpec(bits=8))])
+    state = t.init({"kernel": jnp.arange(1.0, 17.0).reshape(4, 4)})
+    assert not bool(np.asarray(t.masks(state)["kernel"])[0, 0])  # the smallest entry is pruned
+    params = {"kernel": jnp.arange(1.0, 17.0).reshape(4, 4).at[0, 0].set(np.nan)}  # not kept: no matter
+    exported = jaxqp.export(params, state)
+    np.testing.assert_array_equal(jaxqp.dequantize(exported)["kernel"], t.apply(params, state)["kernel"])
+
+
+def test_wrapped_update_names_gradients_of_another_tree():
+    import optax
+
+    params = {"a": {"kernel": jnp.ones((2, 3))}, "b": {"kernel": jnp.ones((3, 2))}}
+    t = jaxqp.transform([Rule(".*kernel", quant=QuantSpec(bits=8))])
+    tx = jaxqp.wrap(optax.sgd(0.1), t)
+    opt_state = tx.init(params)
+    with pytest.raises(ValueError, match=r"wrap: grads and params are different trees \(missing from grads: "
+                                         r"\['b/kernel'\]; not in params: \[\]\)"):
+        tx.update({"a": params["a"]}, opt_state, params)
+    with pytest.raises(ValueError, match=r"wrap: the gradient of 'a/kernel' has shape \(3, 2\) but the param "
+                                         r"has shape \(2, 3\)"):
+        tx.update({"a": {"kernel": jnp.ones((3, 2))}, "b": params["b"]}, opt_state, params)
+    with pytest.raises(ValueError, match=r"params do not match the jaxqp state.*missing from params: \['b/kernel'\]"):
+        tx.update({"a": params["a"]}, opt_state, {"a": params["a"]})

@@ -111,6 +111,27 @@ def _nm_codes(codes, mask, nm: NM | None, q, build):
     return NMArray.from_codes(codes, mask, nm.n, nm.m, axis, lambda c: build(c, group=group))
 
 
+def _require_finite(path: str, leaf, view: LeafView) -> None:
+    """Refuses a NaN or infinity that a compressed leaf would keep.
+
+    No integer code or scale holds one: a NaN would vanish into code 0 under a scale of 1.0 (its whole channel mis-scaled), an
+    infinity would decode to NaN: either way a model that looks fine and is not. Entries the
+    mask prunes are not kept, so they may hold anything.
+    """
+    values = np.asarray(leaf)
+    bad = ~np.isfinite(values)
+    if view.mask is not None:
+        bad &= np.asarray(view.mask, bool)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"jaxqp.export: '{path}' holds {int(np.isnan(values[bad]).sum())} NaN and "
+            f"{int(np.isinf(values[bad]).sum())} infinite kept values (the first at index {first}); "
+            "a compressed leaf must be finite (a NaN would become code 0 and mis-scale its channel). Did training diverge? Export params from before "
+            "the divergence (e.g. a restored checkpoint), or leave this leaf float with a rule without "
+            "a spec placed first.")
+
+
 def _abstract_nbytes(tree) -> int:
     return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(tree))
 
@@ -162,9 +183,10 @@ def export(params: Any, state: Any) -> Any:
 
     Raises:
       ValueError: if ``state`` was not made for ``params``' tree, a ``refresh="separate"``
-        state missed a mask refresh (``t.refresh`` not called before a due step), or a
-        transformed leaf has shards in another process (``jax.distributed``): gather it
-        first (the message says how).
+        state missed a mask refresh (``t.refresh`` not called before a due step), a
+        transformed leaf keeps a NaN or an infinity (the message names the leaf and the first
+        index), or a transformed leaf has shards in another process (``jax.distributed``):
+        gather it first (the message says how). Nothing is compressed before these checks.
     """
     flat, treedef, views = leaf_views(params, state)
     require_refreshed(state, "jaxqp.export")
@@ -172,5 +194,6 @@ def export(params: Any, state: Any) -> Any:
         if view.quant is not None or view.mask is not None:
             for array in (leaf, view.mask):
                 require_on_this_host("jaxqp.export", path, array, "export builds each compressed leaf on this host")
+            _require_finite(path, leaf, view)
     out = [_export_leaf(leaf, view) for (_, leaf), view in zip(flat, views)]
     return jax.tree_util.tree_unflatten(treedef, out)

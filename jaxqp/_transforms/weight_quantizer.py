@@ -159,14 +159,26 @@ def fake_quant_weight(w: jax.Array, spec: QuantSpec, learned: Learned | None = N
       The fake-quantized weight, of ``w``'s dtype.
 
     Raises:
-      TypeError: if ``spec`` is not a QuantSpec or ``w`` is not an array.
+      TypeError: if ``spec`` is not a QuantSpec or ``w`` is not a float array (the
+        transform leaves integer leaves alone too).
       ValueError: if ``spec`` needs ``learned`` or ``key`` and it is not given.
+
+    A ``w`` with no entries (a zero-size axis) comes back as it is: its channels get scale 1.0.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> fake_quant_weight(jnp.array([[0.5, -2.0], [1.0, 0.26]]), QuantSpec(bits=4))
+      Array([[ 0.42857146, -2.        ],
+             [ 1.        ,  0.2857143 ]], dtype=float32)
     """
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"fake_quant_weight: spec must be a jaxqp.QuantSpec, e.g. QuantSpec(bits=8); got "
                         f"{type(spec).__name__}")
     if not hasattr(w, "shape") or not hasattr(w, "dtype"):
         raise TypeError(f"fake_quant_weight: w must be an array, got {type(w).__name__}")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise TypeError(f"fake_quant_weight: w must be a float array, got dtype {w.dtype}: integer tensors "
+                        "hold no weights to quantize (cast first, e.g. w.astype(jnp.float32))")
     if spec.format == "pow2":
         return straight_through(w, pow2_values(w, spec.bits, spec.axis))
     if spec.format in ("e4m3", "e5m2"):

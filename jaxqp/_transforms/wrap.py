@@ -93,6 +93,24 @@ def _split_grads(updates):
     return updates, None
 
 
+def _check_grads(grads, params) -> None:
+    """Refuses gradients of another tree than ``params`` (naming the paths), before any update."""
+    if jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params):
+        mismatched = [(path, jnp.shape(g), jnp.shape(p)) for (path, g), (_, p)
+                      in zip(paths_and_leaves(grads)[0], paths_and_leaves(params)[0])
+                      if jnp.shape(g) != jnp.shape(p)]
+        if mismatched:
+            path, got, want = mismatched[0]
+            raise ValueError(f"jaxqp.wrap: the gradient of '{path}' has shape {got} but the param has shape "
+                             f"{want}. Fix: pass grads = jax.grad(loss_fn)(params) of these params")
+        return
+    got = {path for path, _ in paths_and_leaves(grads)[0]}
+    want = {path for path, _ in paths_and_leaves(params)[0]}
+    raise ValueError(f"jaxqp.wrap: grads and params are different trees (missing from grads: "
+                     f"{sorted(want - got)[:5]}; not in params: {sorted(got - want)[:5]}). Fix: pass "
+                     "tx.update(grads, opt_state, params) with grads = jax.grad(loss_fn)(params) of these params")
+
+
 def _mask_updates(updates, params, masks):
     flat_u, treedef = paths_and_leaves(updates)
     flat_p, _ = paths_and_leaves(params)
@@ -149,6 +167,9 @@ def wrap(tx: optax.GradientTransformation, t: ParamTransform,
                 "call tx.update(grads, opt_state, params)"
             )
         updates, state_grads = _split_grads(updates)
+        for transform_state in transform_states(state.transform):  # another model's params: named first
+            transform_state.plan.check(params)
+        _check_grads(updates, params)
         learns = _has_learned(state.transform)
         if learns and state_grads is None:
             raise ValueError(

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._linear import Axis, _finite_positive, compute_dtype, reciprocal, reduce_axes
+from ._linear import Axis, _finite_positive, compute_dtype, reciprocal, reduce_axes, reduce_or_zero
 
 FP8_DTYPES = {"e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}
 TERNARY_THRESHOLD = 0.7
@@ -82,7 +82,7 @@ def ternary_codes(x: jax.Array, axis: Axis) -> tuple[jax.Array, jax.Array]:
     x = jnp.asarray(x, compute_dtype(x.dtype))
     axes = reduce_axes(x.ndim, axis)
     absx = jnp.abs(x)
-    threshold = TERNARY_THRESHOLD * jnp.mean(absx, axis=axes, keepdims=True)
+    threshold = TERNARY_THRESHOLD * reduce_or_zero(jnp.mean, absx, axes)
     keep = absx > threshold
     scale = _channel_mean(jnp.where(keep, absx, 0), keep, axes)
     return jnp.where(keep, jnp.sign(x), 0.0), scale
@@ -124,7 +124,7 @@ def pow2_codes_of(x: jax.Array, bits: int, axis: Axis = -1) -> tuple[jax.Array, 
     """
     x = jnp.asarray(x, compute_dtype(x.dtype))
     levels = 2 ** (bits - 1) - 1
-    absmax = jnp.max(jnp.abs(x), axis=reduce_axes(x.ndim, axis), keepdims=True)
+    absmax = reduce_or_zero(jnp.max, jnp.abs(x), reduce_axes(x.ndim, axis))
     emax = log2_round(jnp.where(absmax > 0, absmax, jnp.ones_like(absmax)))
     emin = emax - (levels - 1)
     k = log2_round(jnp.where(x != 0, x, jnp.ones_like(x)))
@@ -205,7 +205,7 @@ def fp8_round(x: jax.Array, fmt: str) -> jax.Array:
 def fp8_scale(x: jax.Array, fmt: str, axis: Axis = -1) -> jax.Array:
     """Absmax scale mapping the channel's max ``|x|`` to the format's largest value."""
     x = jnp.asarray(x, compute_dtype(x.dtype))
-    absmax = jnp.max(jnp.abs(x), axis=reduce_axes(x.ndim, axis), keepdims=True)
+    absmax = reduce_or_zero(jnp.max, jnp.abs(x), reduce_axes(x.ndim, axis))
     return _finite_positive(absmax * reciprocal(fp8_max(fmt)))
 
 

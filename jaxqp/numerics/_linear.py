@@ -6,7 +6,8 @@ Conventions (DESIGN.md §4, pinned in ``tests/test_quant.py``):
 * ``x_hat = (clip(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``;
 * symmetric scales use the narrow signed range ``[-(2^(b-1)-1), 2^(b-1)-1]`` and
   zero point 0; affine scales use the full range and an integer zero point in it;
-* an all-zero tensor or channel gets scale 1.0 (finite), and 0 maps to exactly 0;
+* an all-zero tensor or channel gets scale 1.0 (finite), and 0 maps to exactly 0; so
+  does a channel with no entries (a zero-size axis reduced: range ``[0, 0]``);
 * a scale divides a range by a constant as a product with the float32
   reciprocal, e.g. ``absmax * f32(1 / qmax)``: XLA rewrites division by a
   constant into that product under jit, so writing it so makes jit and eager
@@ -80,6 +81,30 @@ def reduce_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
     return tuple(a for a in range(ndim) if a not in kept)
 
 
+def reduce_or_zero(reduce, x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``reduce(x, axis=axes, keepdims=True)``, or zeros when a reduced axis holds no entries.
+
+    JAX's max and min of nothing have no identity (they raise); jaxqp's ranges always include
+    0, so a channel without entries gets the range ``[0, 0]`` and hence scale 1.0, like an
+    all-zero channel. The test is on the static shape: no operation is added otherwise.
+
+    Args:
+      reduce: a reduction taking ``axis`` and ``keepdims``, e.g. ``jnp.max``.
+      x: the tensor.
+      axes: the non-negative axes reduced.
+
+    Returns:
+      The reduction, with the reduced axes kept as size 1.
+
+    Example:
+      >>> reduce_or_zero(jnp.max, jnp.ones((0, 3)), (0,)).shape
+      (1, 3)
+    """
+    if any(x.shape[a] == 0 for a in axes):
+        return jnp.zeros(tuple(1 if i in axes else d for i, d in enumerate(x.shape)), x.dtype)
+    return reduce(x, axis=axes, keepdims=True)
+
+
 def reciprocal(n: int | float) -> np.float32:
     """``1 / n`` rounded once to float32: the constant XLA multiplies by for ``x / n``."""
     return np.float32(1.0) / np.float32(n)
@@ -107,7 +132,7 @@ def symmetric_scale(x: jax.Array, bits: int, axis: Axis = -1, *, narrow: bool = 
     """
     x = jnp.asarray(x, compute_dtype(x.dtype))
     _, qmax = int_range(bits, narrow=narrow)
-    absmax = jnp.max(jnp.abs(x), axis=reduce_axes(x.ndim, axis), keepdims=True)
+    absmax = reduce_or_zero(jnp.max, jnp.abs(x), reduce_axes(x.ndim, axis))
     return _finite_positive(absmax * reciprocal(qmax))
 
 
@@ -127,8 +152,8 @@ def affine_scale(x: jax.Array, bits: int, axis: Axis = -1) -> tuple[jax.Array, j
     x = jnp.asarray(x, compute_dtype(x.dtype))
     qmin, qmax = int_range(bits)
     axes = reduce_axes(x.ndim, axis)
-    lo = jnp.minimum(jnp.min(x, axis=axes, keepdims=True), 0)
-    hi = jnp.maximum(jnp.max(x, axis=axes, keepdims=True), 0)
+    lo = jnp.minimum(reduce_or_zero(jnp.min, x, axes), 0)
+    hi = jnp.maximum(reduce_or_zero(jnp.max, x, axes), 0)
     scale = _finite_positive((hi - lo) * reciprocal(qmax - qmin))
     zero_point = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
     return scale, zero_point

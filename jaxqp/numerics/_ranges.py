@@ -30,11 +30,13 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._linear import Axis, _finite_positive, compute_dtype, dequantize, quantize, reciprocal
+from ._linear import Axis, _finite_positive, compute_dtype, dequantize, quantize, reciprocal, reduce_or_zero
 
 MSE_RATIOS = np.float32(1.0) - np.float32(0.025) * np.arange(25, dtype=np.float32)
 CALIBRATIONS = ("max", "percentile", "mse")
@@ -106,17 +108,17 @@ def observe_range(x: jax.Array, axes: tuple[int, ...], method: str = "max", *, s
     if method == "percentile":
         q = jnp.asarray(percentile, x.dtype)
         if symmetric:
-            hi = jnp.nanpercentile(jnp.abs(x), q, axis=axes, keepdims=True, method="higher")
+            hi = reduce_or_zero(functools.partial(jnp.nanpercentile, q=q, method="higher"), jnp.abs(x), axes)
             lo = -hi
         else:
-            lo = jnp.nanpercentile(x, 100 - q, axis=axes, keepdims=True, method="lower")
-            hi = jnp.nanpercentile(x, q, axis=axes, keepdims=True, method="higher")
+            lo = reduce_or_zero(functools.partial(jnp.nanpercentile, q=100 - q, method="lower"), x, axes)
+            hi = reduce_or_zero(functools.partial(jnp.nanpercentile, q=q, method="higher"), x, axes)
     elif symmetric:
-        hi = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
+        hi = reduce_or_zero(jnp.max, jnp.abs(x), axes)
         lo = -hi
     else:
-        lo = jnp.min(x, axis=axes, keepdims=True)
-        hi = jnp.max(x, axis=axes, keepdims=True)
+        lo = reduce_or_zero(jnp.min, x, axes)
+        hi = reduce_or_zero(jnp.max, x, axes)
     return jnp.minimum(lo, 0), jnp.maximum(hi, 0)
 
 
