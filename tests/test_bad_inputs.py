@@ -278,3 +278,33 @@ def test_wrapped_update_names_gradients_of_another_tree():
         tx.update({"a": {"kernel": jnp.ones((3, 2))}, "b": params["b"]}, opt_state, params)
     with pytest.raises(ValueError, match=r"params do not match the jaxqp state.*missing from params: \['b/kernel'\]"):
         tx.update({"a": params["a"]}, opt_state, {"a": params["a"]})
+
+
+def test_chain_refuses_two_quantizers_of_one_path_and_an_empty_chain():
+    params = {"k": jax.random.normal(jax.random.key(0), (16, 8))}
+    q8, q4 = (jaxqp.transform([Rule("k", quant=QuantSpec(bits=b))]) for b in (8, 4))
+    # before: accepted, and the export decoded to other values than the trained model's (by up to 0.18)
+    with pytest.raises(ValueError, match=r"chain: 'k' gets a QuantSpec from transform 0 and from transform 1"):
+        jaxqp.chain(q8, q4).init(params)
+    a8, a4 = (jaxqp.transform([Rule("k", act=ActSpec(bits=b))]) for b in (8, 4))
+    with pytest.raises(ValueError, match=r"chain: 'k' gets an ActSpec from transform 0 and from transform 2"):
+        jaxqp.chain(a8, q4, a4).init(params)
+    with pytest.raises(ValueError, match=r"chain: give at least one transform"):
+        jaxqp.chain()
+    # pruning and quantizing one path from two transforms stays the way to compose them
+    t = jaxqp.chain(jaxqp.transform([Rule("k", prune=PruneSpec(sparsity=0.5))]), q4)
+    state = t.init(params)
+    np.testing.assert_array_equal(jaxqp.dequantize(jaxqp.export(params, state))["k"], t.apply(params, state)["k"])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_calibrate_refuses_a_batch_with_nan_or_infinity_naming_the_layer(bad):
+    model, x = _Two(), jnp.ones((2, 4))
+    params = model.init(jax.random.key(0), x)["params"]
+    t = jaxqp.transform([Rule(".*kernel", act=ActSpec(bits=8, range="static"))])
+    forward = lambda s, b: jaxqp.linen_apply(model, s, {"params": params}, b)
+    good = jnp.ones((2, 4))
+    with pytest.raises(ValueError, match=r"calibrate: the input of 'body/kernel' held NaN or an infinity in batch 1"):
+        jaxqp.calibrate(t.init(params), forward, [good, good.at[1, 2].set(bad)])
+    calibrated = jaxqp.calibrate(t.init(params), forward, [good])  # finite batches calibrate as before
+    assert np.isfinite(float(calibrated.ranges["body/kernel"]["hi"]))

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._specs.activation import ActSpec
 from . import input_quantizer
@@ -97,6 +98,20 @@ def quantize_input(x: jax.Array, state: Any, path: str) -> tuple[jax.Array, dict
     return y, ({path: seen} if seen else {})
 
 
+def _require_finite(seen: dict[str, list]) -> None:
+    """Refuses a NaN or infinity observed at a layer's input: a static range or Wanda score made of it
+    would turn every later quantized output into NaN."""
+    for path, per_batch in seen.items():
+        for i, stats in enumerate(per_batch):
+            values = {name: np.asarray(v) for name, v in stats.items()}
+            if not all(np.isfinite(v).all() for v in values.values()):
+                shown = ", ".join(f"{name}={v.ravel()[:3].tolist()}" for name, v in sorted(values.items()))
+                raise ValueError(
+                    f"calibrate: the input of '{path}' held NaN or an infinity in batch {i} (observed {shown}); "
+                    "its calibrated range would make every quantized output NaN. Fix: check that batch (and "
+                    "the layers before this one) for NaN and infinite values")
+
+
 def calibrate(state: Any, forward: Callable[[Any, Any], tuple[Any, dict]], batches: Iterable, params: Any=None) -> Any:
     """Post-training calibration of every quantized input (PTQ).
 
@@ -125,7 +140,8 @@ def calibrate(state: Any, forward: Callable[[Any, Any], tuple[Any, dict]], batch
     Raises:
       TypeError: if ``forward`` is not callable.
       ValueError: if ``state`` holds no transform state or nothing to calibrate (no quantized
-        input, no Wanda kernel), ``batches`` is empty, or ``forward`` misses a quantized input.
+        input, no Wanda kernel), ``batches`` is empty, ``forward`` misses a quantized input,
+        or a layer's input held a NaN or an infinity (the message names the layer and batch).
     """
     if not callable(forward):
         raise TypeError(f"calibrate: forward must be forward(state, batch) -> (output, observed), got "
@@ -153,6 +169,7 @@ def calibrate(state: Any, forward: Callable[[Any, Any], tuple[Any, dict]], batch
         raise ValueError(f"calibrate: no input was observed for {missing}: the forward never ran the layers "
                          "owning these kernels through jaxqp (or no batch was given). Fix: build forward on "
                          "jaxqp.linen_apply / jaxqp.nnx_apply / jaxqp.quantize_input and pass batches.")
+    _require_finite(seen)
 
     def calibrated(s: TransformState) -> TransformState:
         ranges, inputs, scores = dict(s.ranges), dict(s.learned.get("inputs", {})), dict(s.scores)
