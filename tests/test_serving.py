@@ -348,3 +348,37 @@ def test_nnx_serving_swaps_embeddings_and_decodes_other_kernels():
     tokens = jnp.array([[3, 1, 63, 0]])
     want = nnx.merge(graphdef, t.apply(params, state))(tokens)
     np.testing.assert_allclose(np.asarray(serving(tokens)), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+class _TwoDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(16, name="out")(nn.relu(nn.Dense(32, name="h")(x)))
+
+
+@pytest.mark.parametrize("pow2", [False, True], ids=["absmax", "pow2"])
+@pytest.mark.parametrize("path", ["int8", "int8_t", "bf16"])
+def test_integer_paths_keep_a_nan_or_infinite_row_non_finite(path, pow2):
+    # before: the row's scale became 1.0 and its codes were cast from NaN, so the row came out finite
+    model = _TwoDense()
+    x = jax.random.normal(jax.random.key(1), (8, 24))
+    params = model.init(jax.random.key(0), x)["params"]
+    t = jaxqp.transform([Rule(".*kernel", quant=QuantSpec(bits=8, scale_pow2=pow2))])
+    served = jaxqp.prepare(jaxqp.export(params, t.init(params)), path=path, pow2_inputs=pow2)
+    bad = x.at[0, 3].set(jnp.nan).at[1, 5].set(jnp.inf)
+    apply = jax.jit(jaxqp.linen_serving_apply(model))
+    y, clean = np.asarray(apply(served, bad)), np.asarray(apply(served, x))
+    assert np.isnan(y[0]).all() and not np.isfinite(y[1]).any()  # as the float model's rows
+    assert bits_equal(y[2:], clean[2:])  # the other rows untouched, bit for bit
+
+
+def test_the_integer_training_forward_keeps_a_nan_row_nan():
+    model = _TwoDense()
+    x = jax.random.normal(jax.random.key(1), (8, 24))
+    params = model.init(jax.random.key(0), x)["params"]
+    t = jaxqp.transform([Rule(".*kernel", quant=QuantSpec(bits=8, scale_pow2=True),
+                              act=jaxqp.ActSpec(bits=8, symmetric=True, per_token=True, scale_pow2=True,
+                                                integer=True))])
+    state = t.init(params)
+    y, _ = jaxqp.linen_apply(model, state, {"params": t.apply(params, state)}, x.at[0, 3].set(jnp.nan))
+    assert np.isnan(np.asarray(y[0])).all() and np.isfinite(np.asarray(y[1:])).all()

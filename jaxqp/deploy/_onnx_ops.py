@@ -176,8 +176,9 @@ class IntMatmulPlugin(PrimitiveLeafPlugin):
         absmax = g.op("ReduceMax", g.op("Abs", rows, shape=(n, k)), g.const("axes", np.array([1], np.int64)),
                       keepdims=1, shape=(n, 1))
         scale = g.op("Mul", absmax, g.const("inv127", reciprocal(127)), shape=(n, 1))
-        positive = g.op("Greater", scale, g.const("zero", np.float32(0)), shape=(n, 1), dtype=ir.DataType.BOOL)
-        scale = g.op("Where", positive, scale, g.const("one", np.float32(1)), shape=(n, 1))
+        # 1.0 for an all-zero row; a NaN or infinite scale is kept (as jaxqp's nonzero_scale does)
+        zero = g.op("Equal", scale, g.const("zero", np.float32(0)), shape=(n, 1), dtype=ir.DataType.BOOL)
+        scale = g.op("Where", zero, g.const("one", np.float32(1)), scale, shape=(n, 1))
         if eqn.params["pow2"]:
             scale = _pow2_ceil(g, scale, (n, 1))
         scaled = g.op("Mul", rows, g.op("Reciprocal", scale, shape=(n, 1)), shape=(n, k))  # |scaled| <= 127

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._formats import pow2_ceil
-from ._linear import _finite_positive, reciprocal
+from ._linear import nonzero_scale, reciprocal
 from ._path_choice import decide, note, row_bucket
 
 
@@ -41,7 +41,10 @@ def pow2_codes(x: jax.Array, bits: int, axis: int | None) -> tuple[jax.Array, ja
     """Symmetric codes (int8) and power-of-two scales of 2-D ``x``, reduced over ``axis`` (None: all)."""
     qmax = 2 ** (bits - 1) - 1
     absmax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
-    scale = pow2_ceil(_finite_positive(absmax * reciprocal(qmax)))
+    scale = nonzero_scale(absmax * reciprocal(qmax))
+    # a row holding NaN or an infinity keeps its non-finite scale (pow2_ceil would make it 1.0),
+    # so its outputs are NaN or infinite as in float, not values from codes cast from NaN
+    scale = jnp.where(jnp.isfinite(scale), pow2_ceil(scale), scale)
     codes = jnp.clip(jnp.round(x / scale), -qmax, qmax)
     return codes.astype(jnp.int8), scale
 

@@ -116,6 +116,26 @@ def _finite_positive(scale: jax.Array) -> jax.Array:
     return jnp.where(scale > 0, scale, jnp.ones_like(scale))
 
 
+def nonzero_scale(scale: jax.Array) -> jax.Array:
+    """A row scale for integer codes: 1.0 where ``scale`` is 0 (an all-zero row: codes 0), else ``scale``.
+
+    Unlike :func:`_finite_positive`, a NaN or infinite scale (its row holds a NaN or an
+    infinity) is kept: an integer path then returns NaN or infinities for that row, as the
+    float model does, instead of finite values computed from codes cast from NaN.
+
+    Args:
+      scale: the non-negative scales (absmax times a constant).
+
+    Returns:
+      The scales to divide by.
+
+    Example:
+      >>> nonzero_scale(jnp.array([0.0, 0.5, jnp.nan]))
+      Array([1. , 0.5, nan], dtype=float32)
+    """
+    return jnp.where(scale == 0, jnp.ones_like(scale), scale)
+
+
 def symmetric_scale(x: jax.Array, bits: int, axis: Axis = -1, *, narrow: bool = True) -> jax.Array:
     """Absmax scale ``max|x| * f32(1 / qmax)`` per channel along ``axis`` (None: per tensor).
 

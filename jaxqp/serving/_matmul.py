@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..numerics._int_dot import padded_rows, pow2_codes
-from ..numerics._linear import reciprocal
+from ..numerics._linear import nonzero_scale, reciprocal
 from ..numerics._path_choice import decide, note, row_bucket
 from ._hooks import PATHS, current_hook, current_override
 from ._kernels import GeneralKernel, ServingKernel, _Int8Codes
@@ -54,8 +54,7 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
       ``(codes, scale)``: int8 codes and the float32 ``(rows, 1)`` scale.
     """
     x = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x), axis=1, keepdims=True) * reciprocal(127)
-    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    scale = nonzero_scale(jnp.max(jnp.abs(x), axis=1, keepdims=True) * reciprocal(127))  # NaN rows stay NaN
     # times the reciprocal, as XLA computes x / scale under jit: eager, jit and ONNX agree
     codes = jnp.clip(jnp.round(x * (1.0 / scale)), -127, 127).astype(jnp.int8)
     return codes, scale
