@@ -6,6 +6,21 @@ import numpy as np
 from flax import nnx
 
 
+def counted_jit(fn, **jit_kwargs):
+    """``(jax.jit(fn), traces)``: ``traces`` gets one entry per trace, i.e. per compile.
+
+    "Compiles once" is asserted as ``len(traces) == 1``, not with ``jitted._cache_size()``: in
+    long xdist workers that C++ dispatch cache read 0 after calls that did not retrace (jax 0.10).
+    """
+    traces = []
+
+    def counting(*args, **kwargs):
+        traces.append(1)
+        return fn(*args, **kwargs)
+
+    return jax.jit(counting, **jit_kwargs), traces
+
+
 def bits_equal(a, b) -> bool:
     """Bit-for-bit equality of two arrays: same dtype, shape and bytes, so -0.0 and +0.0 differ.
 

@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import counted_jit
 
 import jaxqp
 from jaxqp import ActSpec, QuantSpec, Rule
@@ -176,19 +177,20 @@ def test_training_with_every_input_kind_compiles_once():
         out, observed = jaxqp.linen_apply(model, s, {"params": t.apply(p, s)}, x)
         return optax.softmax_cross_entropy_with_integer_labels(out, y).mean(), observed
 
-    @jax.jit
-    def step(params, opt_state):
+    def train(params, opt_state):
         state = jaxqp.state_of(opt_state)
         (loss, observed), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True, allow_int=True)(
             params, state)
         updates, opt_state = tx.update(grads, opt_state, params, observed=observed)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    step, traces = counted_jit(train)
+
     first = None
     for _ in range(30):
         params, opt_state, loss = step(params, opt_state)
         first = float(loss) if first is None else first
-    assert step._cache_size() == 1
+    assert len(traces) == 1
     assert float(loss) < 0.5 * first
     state = jaxqp.state_of(opt_state)
     assert int(state.ranges["layers_0/kernel"]["count"]) == 30

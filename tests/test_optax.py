@@ -98,8 +98,7 @@ def test_second_step_does_not_recompile():
     step = make_step(model, t, tx, traces)
     for _ in range(15):  # crosses several mask refreshes and the end of the schedule
         params, opt_state, _ = step(params, opt_state)
-    assert len(traces) == 1
-    assert step._cache_size() == 1
+    assert len(traces) == 1  # (not step._cache_size(): see helpers.counted_jit)
 
 
 def test_pruned_updates_and_moments():

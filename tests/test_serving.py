@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import bits_equal
+from helpers import bits_equal, counted_jit
 
 import jaxqp
 from jaxqp import PruneSpec, QuantSpec, Rule
@@ -175,7 +175,7 @@ def test_linen_serving_matches_float_model_within_activation_rounding():
     state = t.init(params)
     served = jaxqp.prepare(jaxqp.export(params, state), path="int8")
     assert isinstance(served["Dense_0"]["kernel"], ServingKernel)
-    serve = jax.jit(jaxqp.linen_serving_apply(model))
+    serve, traces = counted_jit(jaxqp.linen_serving_apply(model))
     got = np.asarray(serve(served, x))
     want = np.asarray(model.apply({"params": t.apply(params, state)}, x))
     np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05)
@@ -185,7 +185,7 @@ def test_linen_serving_matches_float_model_within_activation_rounding():
     np.testing.assert_array_equal(np.asarray(hidden), reference_int8_matmul(x, served["Dense_0"]["kernel"])
                                   + np.asarray(served["Dense_0"]["bias"]))
     serve(served, x + 1.0)
-    assert serve._cache_size() == 1
+    assert len(traces) == 1
 
 
 class Custom(nn.Module):

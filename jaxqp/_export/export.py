@@ -114,9 +114,9 @@ def _nm_codes(codes, mask, nm: NM | None, q, build):
 def _require_finite(path: str, leaf, view: LeafView) -> None:
     """Refuses a NaN or infinity that a compressed leaf would keep.
 
-    No integer code or scale holds one: a NaN would vanish into code 0 under a scale of 1.0 (its whole channel mis-scaled), an
-    infinity would decode to NaN: either way a model that looks fine and is not. Entries the
-    mask prunes are not kept, so they may hold anything.
+    No integer code or scale holds one: a NaN would vanish into code 0 under a scale of 1.0
+    (its whole channel mis-scaled), an infinity would decode to NaN: either way a model that
+    looks fine and is not. Entries the mask prunes are not kept, so they may hold anything.
     """
     values = np.asarray(leaf)
     bad = ~np.isfinite(values)
@@ -127,9 +127,9 @@ def _require_finite(path: str, leaf, view: LeafView) -> None:
         raise ValueError(
             f"jaxqp.export: '{path}' holds {int(np.isnan(values[bad]).sum())} NaN and "
             f"{int(np.isinf(values[bad]).sum())} infinite kept values (the first at index {first}); "
-            "a compressed leaf must be finite (a NaN would become code 0 and mis-scale its channel). Did training diverge? Export params from before "
-            "the divergence (e.g. a restored checkpoint), or leave this leaf float with a rule without "
-            "a spec placed first.")
+            "a compressed leaf must be finite (a NaN would become code 0 and mis-scale its channel). "
+            "Did training diverge? Export params from before the divergence (e.g. a restored "
+            "checkpoint), or leave this leaf float with a rule without a spec placed first.")
 
 
 def _abstract_nbytes(tree) -> int:
