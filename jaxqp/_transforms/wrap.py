@@ -96,14 +96,14 @@ def _split_grads(updates):
 def _check_grads(grads, params) -> None:
     """Refuses gradients of another tree than ``params`` (naming the paths), before any update."""
     if jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params):
-        mismatched = [(path, jnp.shape(g), jnp.shape(p)) for (path, g), (_, p)
-                      in zip(paths_and_leaves(grads)[0], paths_and_leaves(params)[0])
-                      if jnp.shape(g) != jnp.shape(p)]
-        if mismatched:
-            path, got, want = mismatched[0]
-            raise ValueError(f"jaxqp.wrap: the gradient of '{path}' has shape {got} but the param has shape "
-                             f"{want}. Fix: pass grads = jax.grad(loss_fn)(params) of these params")
-        return
+        shapes = zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(params))
+        if all(jnp.shape(g) == jnp.shape(p) for g, p in shapes):
+            return
+        path, got, want = next((path, jnp.shape(g), jnp.shape(p)) for (path, g), (_, p)
+                               in zip(paths_and_leaves(grads)[0], paths_and_leaves(params)[0])
+                               if jnp.shape(g) != jnp.shape(p))
+        raise ValueError(f"jaxqp.wrap: the gradient of '{path}' has shape {got} but the param has shape "
+                         f"{want}. Fix: pass grads = jax.grad(loss_fn)(params) of these params")
     got = {path for path, _ in paths_and_leaves(grads)[0]}
     want = {path for path, _ in paths_and_leaves(params)[0]}
     raise ValueError(f"jaxqp.wrap: grads and params are different trees (missing from grads: "
