@@ -308,3 +308,31 @@ def test_calibrate_refuses_a_batch_with_nan_or_infinity_naming_the_layer(bad):
         jaxqp.calibrate(t.init(params), forward, [good, good.at[1, 2].set(bad)])
     calibrated = jaxqp.calibrate(t.init(params), forward, [good])  # finite batches calibrate as before
     assert np.isfinite(float(calibrated.ranges["body/kernel"]["hi"]))
+
+
+def test_numerics_primitives_refuse_static_arguments_out_of_range():
+    # before: an axis past the last wrapped around (a modulo), bits=0 gave a negative qmax, and a
+    # sparsity of 1.5 or a mask of 4 in every 2 returned masks; each silently
+    from jaxqp import numerics
+
+    x = jnp.arange(24.0).reshape(4, 6)
+    cases = [
+        (lambda: numerics.symmetric_scale(x, 8, axis=5), r"axis 5 is out of range for an array of 2 dimensions"),
+        (lambda: jaxqp.fake_quant_weight(x, QuantSpec(bits=8, axis=3)), r"axis 3 is out of range"),
+        (lambda: numerics.symmetric_scale(x, 0), r"int_range: bits=0; expected an int in \[2, 16\]"),
+        (lambda: numerics.int_range(17, signed=False), r"bits=17; expected an int in \[1, 16\]"),
+        (lambda: numerics.fake_quant(x, jnp.ones(()), None, 5, -5), r"fake_quant: qmin=5, qmax=-5"),
+        (lambda: numerics.magnitude_mask(x, 1.5), r"magnitude_mask: sparsity=1.5; expected a fraction"),
+        (lambda: numerics.global_magnitude_masks([x], -0.1), r"global_magnitude_masks: sparsity=-0.1"),
+        (lambda: numerics.nm_mask(x, 4, 2), r"nm_mask: n=4, m=2; expected ints with 1 <= n < m"),
+        (lambda: numerics.nm_mask(x, 2, 4, axis=2), r"nm_mask: axis 2 is out of range"),
+        (lambda: numerics.channel_mask(x, 0.5, axis=-3), r"channel_mask: axis -3 is out of range"),
+        (lambda: numerics.block_mask(x, 0.5, (0, 2)), r"block_mask: block=\(0, 2\)"),
+        (lambda: numerics.threshold_mask(x, -1.0), r"threshold_mask: threshold=-1.0"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    # traced values (a schedule's sparsity under jit) are not checked, and still work
+    masks = jax.jit(lambda s: numerics.magnitude_mask(x, s))(jnp.float32(0.5))
+    assert int((~masks).sum()) == 12

@@ -55,12 +55,30 @@ def int_range(bits: int, *, signed: bool = True, narrow: bool = False) -> tuple[
 
     Returns:
       ``(qmin, qmax)``.
+
+    Raises:
+      ValueError: if ``bits`` is not an int in [1, 16] (a signed narrow range needs 2).
     """
+    check_bits("int_range", bits, 2 if signed and narrow else 1)
     if signed:
         qmax = 2 ** (bits - 1) - 1
         qmin = -qmax if narrow else -qmax - 1
         return qmin, qmax
     return 0, 2**bits - 1
+
+
+def check_bits(fn: str, bits, smallest: int = 1, largest: int = 16) -> None:
+    """Refuses a code width that is not an int in ``[smallest, largest]``, naming ``fn``."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not smallest <= bits <= largest:
+        raise ValueError(f"{fn}: bits={bits!r}; expected an int in [{smallest}, {largest}], e.g. bits=8")
+
+
+def check_axes(fn: str, ndim: int, axes) -> None:
+    """Refuses an axis outside ``[-ndim, ndim)`` (numpy would raise; a modulo would wrap it silently)."""
+    for a in (axes,) if isinstance(axes, (int, np.integer)) else axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"{fn}: axis {a} is out of range for an array of {ndim} dimensions; "
+                             f"use an axis in [{-ndim}, {ndim - 1}] (None: per tensor)")
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -77,6 +95,7 @@ def reduce_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
     if axis is None:
         return tuple(range(ndim))
     kept = (axis,) if isinstance(axis, int) else tuple(axis)
+    check_axes("the channel axis", ndim, kept)
     kept = {a % ndim for a in kept}
     return tuple(a for a in range(ndim) if a not in kept)
 
@@ -266,6 +285,9 @@ def fake_quant(
       >>> fake_quant(jnp.array([0.3, 2.5, 9.0]), jnp.array(1.0), None, -7, 7)
       Array([0., 2., 7.], dtype=float32)
     """
+    if not (isinstance(qmin, (int, np.integer)) and isinstance(qmax, (int, np.integer)) and qmin < qmax):
+        raise ValueError(f"fake_quant: qmin={qmin!r}, qmax={qmax!r}; expected ints with qmin < qmax, "
+                         "e.g. int_range(8, narrow=True)")
     if ste not in ("clipped", "identity"):
         raise ValueError(f"ste={ste!r}: use 'clipped' or 'identity'")
     dtype = compute_dtype(x.dtype)

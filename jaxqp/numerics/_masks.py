@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._linear import check_axes
+
 
 def prune_count(sparsity: float | jax.Array, size: int) -> jax.Array:
     """Number of entries pruned for ``sparsity`` of ``size``: ``round(sparsity * size)``.
@@ -129,6 +131,12 @@ def _first_index_reaching(flags: list[jax.Array], indices: list[jax.Array], need
     return jnp.where(need > 0, hi, -1)
 
 
+def _check_fraction(fn: str, name: str, value) -> None:
+    """Refuses a concrete ``value`` outside [0, 1] (a traced one, from a schedule under jit, passes)."""
+    if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and not 0 <= value <= 1:
+        raise ValueError(f"{fn}: {name}={value!r}; expected a fraction in [0, 1], e.g. {name}=0.5")
+
+
 def global_magnitude_masks(
     xs: list[jax.Array], sparsity: float | jax.Array, prev_masks: list | None = None
 ) -> list[jax.Array]:
@@ -152,6 +160,7 @@ def global_magnitude_masks(
       >>> a, b
       (Array([ True, False], dtype=bool), Array([ True, False,  True], dtype=bool))
     """
+    _check_fraction("global_magnitude_masks", "sparsity", sparsity)
     prev_masks = prev_masks if prev_masks is not None else [None] * len(xs)
     scores = [_sortable_scores(x, p) for x, p in zip(xs, prev_masks, strict=True)]
     k = prune_count(sparsity, sum(s.size for s in scores))
@@ -184,6 +193,7 @@ def magnitude_mask(x: jax.Array, sparsity: float | jax.Array, prev_mask: jax.Arr
     Returns:
       The mask, True where kept.
     """
+    _check_fraction("magnitude_mask", "sparsity", sparsity)
     return global_magnitude_masks([x], sparsity, [prev_mask])[0]
 
 
@@ -227,6 +237,9 @@ def nm_mask(x: jax.Array, n: int, m: int, axis: int = -2, prev_mask: jax.Array |
       >>> nm_mask(jnp.array([[1.0, -4.0, 3.0, 2.0, 5.0, 0.0]]), 2, 4, axis=-1)
       Array([[False,  True,  True, False,  True,  True]], dtype=bool)
     """
+    check_axes("nm_mask", x.ndim, axis)
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (n, m)) or not 1 <= n < m:
+        raise ValueError(f"nm_mask: n={n!r}, m={m!r}; expected ints with 1 <= n < m, e.g. nm_mask(x, 2, 4)")
     # real entries score bits + 2, entries pruned before 1, padding 0
     scores = _sortable_scores(x, None).reshape(x.shape) + jnp.uint32(1)
     if prev_mask is not None:
@@ -263,6 +276,8 @@ def channel_mask(
       Array([[ True, False,  True],
              [ True, False,  True]], dtype=bool)
     """
+    check_axes("channel_mask", x.ndim, axis)
+    _check_fraction("channel_mask", "sparsity", sparsity)
     axis = axis % x.ndim
     others = tuple(a for a in range(x.ndim) if a != axis)
     norms = jnp.sqrt(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32)), axis=others))
@@ -296,6 +311,10 @@ def block_mask(x: jax.Array, sparsity: float | jax.Array, block: tuple[int, int]
       Array([[ True,  True, False],
              [ True,  True, False]], dtype=bool)
     """
+    check_axes("block_mask", x.ndim, axes)
+    _check_fraction("block_mask", "sparsity", sparsity)
+    if len(block) != 2 or not all(isinstance(b, (int, np.integer)) and b >= 1 for b in block):
+        raise ValueError(f"block_mask: block={block!r}; expected two ints >= 1, e.g. block=(4, 4)")
     a0, a1 = (a % x.ndim for a in axes)
     moved = jnp.moveaxis(jnp.asarray(x, jnp.float32), (a0, a1), (-2, -1))
     rows, cols = moved.shape[-2:]
@@ -324,6 +343,8 @@ def threshold_mask(x: jax.Array, threshold: float | jax.Array, prev_mask: jax.Ar
     Returns:
       The mask.
     """
+    if isinstance(threshold, (int, float, np.number)) and not threshold >= 0:  # concrete; NaN too
+        raise ValueError(f"threshold_mask: threshold={threshold!r}; expected a magnitude >= 0, e.g. 1e-3")
     keep = jnp.abs(x) >= jnp.asarray(threshold, x.dtype)
     return keep if prev_mask is None else keep & prev_mask
 
