@@ -329,6 +329,15 @@ def test_numerics_primitives_refuse_static_arguments_out_of_range():
         (lambda: numerics.channel_mask(x, 0.5, axis=-3), r"channel_mask: axis -3 is out of range"),
         (lambda: numerics.block_mask(x, 0.5, (0, 2)), r"block_mask: block=\(0, 2\)"),
         (lambda: numerics.threshold_mask(x, -1.0), r"threshold_mask: threshold=-1.0"),
+        (lambda: numerics.pow2_values(x, 1), r"pow2: bits=1; expected an int in \[2, 8\]"),
+        (lambda: numerics.fp8_round(x, "e3m4"), r"fp8: fmt='e3m4'; expected one of \('e4m3', 'e5m2'\)"),
+        (lambda: numerics.pact(x, jnp.float32(1.0), 0), r"pact: bits=0"),
+        (lambda: numerics.lsq(x, jnp.ones(()), 5, -5, 1.0), r"lsq: qmin=5, qmax=-5"),
+        (lambda: numerics.erk_sparsities([(4, 6)], 1.5), r"erk_sparsities: sparsity=1.5"),
+        (lambda: numerics.prune_count(-0.5, 10), r"prune_count: sparsity=-0.5"),
+        (lambda: numerics.group_view(x, -1, 0, 0), r"group_view: group_size=0"),
+        (lambda: numerics.expand_groups(jnp.ones((1, 2)), 1, 0, 6), r"expand_groups: group_size=0"),
+        (lambda: numerics.int_dense(x, x.T, 0, 8, True), r"int_dense: x_bits: bits=0"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):

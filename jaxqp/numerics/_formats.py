@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._linear import Axis, _finite_positive, compute_dtype, reciprocal, reduce_axes, reduce_or_zero
+from ._linear import Axis, _finite_positive, check_bits, compute_dtype, reciprocal, reduce_axes, reduce_or_zero
 
 FP8_DTYPES = {"e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}
 TERNARY_THRESHOLD = 0.7
@@ -122,6 +122,7 @@ def pow2_codes_of(x: jax.Array, bits: int, axis: Axis = -1) -> tuple[jax.Array, 
     Returns:
       ``(codes, emin)``.
     """
+    check_bits("pow2", bits, 2, 8)  # a sign, 2^(bits-1)-1 exponents and zero
     x = jnp.asarray(x, compute_dtype(x.dtype))
     levels = 2 ** (bits - 1) - 1
     absmax = reduce_or_zero(jnp.max, jnp.abs(x), reduce_axes(x.ndim, axis))
@@ -180,12 +181,14 @@ def pow2_ceil(scale: jax.Array) -> jax.Array:
 
 def fp8_max(fmt: str) -> float:
     """The largest finite value of the fp8 format (448 for e4m3, 57344 for e5m2)."""
+    if fmt not in FP8_DTYPES:
+        raise ValueError(f"fp8: fmt={fmt!r}; expected one of {tuple(FP8_DTYPES)}")
     return float(jnp.finfo(FP8_DTYPES[fmt]).max)
 
 
 def fp8_cast(x: jax.Array, fmt: str) -> jax.Array:
     """``x`` saturated to the fp8 range and cast to the float8 dtype (round to nearest even)."""
-    big = fp8_max(fmt)
+    big = fp8_max(fmt)  # checks fmt
     return jnp.clip(x, -big, big).astype(FP8_DTYPES[fmt])
 
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._formats import pow2_ceil
-from ._linear import nonzero_scale, reciprocal
+from ._linear import check_bits, nonzero_scale, reciprocal
 from ._path_choice import decide, note, row_bucket
 
 
@@ -228,6 +228,8 @@ def _train_candidates(rows, k, out, x_bits, w_bits, per_token):
 
 
 def _forward(x, w, x_bits, w_bits, per_token):
+    check_bits("int_dense: x_bits", x_bits, 2, 8)  # int8 codes either side
+    check_bits("int_dense: w_bits", w_bits, 2, 8)
     k, out = w.shape
     rows = max(math.prod(x.shape[:-1]), min_rows())
     kind = f"int_dense-a{x_bits}w{w_bits}{'-per_token' if per_token else ''}"

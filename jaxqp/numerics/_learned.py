@@ -28,8 +28,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from ._linear import dequantize, quantize
+from ._linear import check_bits, dequantize, quantize
 
 MIN_STEP = 1e-8
 
@@ -82,6 +83,8 @@ def lsq(x: jax.Array, step: jax.Array, qmin: int, qmax: int, grad_scale: float,
     Returns:
       The fake-quantized values, with LSQ's gradients for ``step`` and ``offset``.
     """
+    if not (isinstance(qmin, (int, np.integer)) and isinstance(qmax, (int, np.integer)) and qmin < qmax):
+        raise ValueError(f"lsq: qmin={qmin!r}, qmax={qmax!r}; expected ints with qmin < qmax, e.g. int_range(4)")
     step = jnp.maximum(jnp.asarray(step, x.dtype), MIN_STEP)
     off = jnp.zeros((), x.dtype) if offset is None else jnp.asarray(offset, x.dtype)
     return _lsq(x, step, off, qmin, qmax, float(grad_scale))
@@ -120,6 +123,7 @@ def pact(x: jax.Array, alpha: jax.Array, bits: int, signed: bool = False) -> jax
     Returns:
       The fake-quantized values, with PACT's gradient for ``alpha``.
     """
+    check_bits("pact", bits, 2 if signed else 1)
     qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
     alpha = jnp.maximum(jnp.asarray(alpha, x.dtype), MIN_STEP)
     return _pact(x, alpha, qmax, bool(signed))

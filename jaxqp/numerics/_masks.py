@@ -30,6 +30,12 @@ import numpy as np
 from ._linear import check_axes
 
 
+def _check_fraction(fn: str, name: str, value) -> None:
+    """Refuses a concrete ``value`` outside [0, 1] (a traced one, from a schedule under jit, passes)."""
+    if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and not 0 <= value <= 1:
+        raise ValueError(f"{fn}: {name}={value!r}; expected a fraction in [0, 1], e.g. {name}=0.5")
+
+
 def prune_count(sparsity: float | jax.Array, size: int) -> jax.Array:
     """Number of entries pruned for ``sparsity`` of ``size``: ``round(sparsity * size)``.
 
@@ -40,6 +46,7 @@ def prune_count(sparsity: float | jax.Array, size: int) -> jax.Array:
     Returns:
       The count, int32.
     """
+    _check_fraction("prune_count", "sparsity", sparsity)
     count = jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
     return jnp.clip(count, 0, size)
 
@@ -129,12 +136,6 @@ def _first_index_reaching(flags: list[jax.Array], indices: list[jax.Array], need
     steps = max(int(total - 1).bit_length(), 1)
     _, hi = jax.lax.fori_loop(0, steps, body, (jnp.int32(0), jnp.int32(max(total - 1, 0))))
     return jnp.where(need > 0, hi, -1)
-
-
-def _check_fraction(fn: str, name: str, value) -> None:
-    """Refuses a concrete ``value`` outside [0, 1] (a traced one, from a schedule under jit, passes)."""
-    if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and not 0 <= value <= 1:
-        raise ValueError(f"{fn}: {name}={value!r}; expected a fraction in [0, 1], e.g. {name}=0.5")
 
 
 def global_magnitude_masks(
@@ -379,6 +380,8 @@ def erk_sparsities(shapes: list[tuple[int, ...]], sparsity: float) -> list[float
       >>> print(*(round(s, 3) for s in erk_sparsities([(3, 3, 1, 16), (3, 3, 16, 32), (512, 10)], 0.9)))
       0.737 0.981 0.832
     """
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"erk_sparsities: sparsity={sparsity!r}; expected a fraction in [0, 1), e.g. 0.9")
     sizes = [math.prod(s) for s in shapes]
     raw = [sum(s) / n for s, n in zip(shapes, sizes)]
     dense: set[int] = set()

@@ -36,7 +36,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._linear import Axis, _finite_positive, compute_dtype, dequantize, quantize, reciprocal, reduce_or_zero
+from ._linear import (
+    Axis,
+    _finite_positive,
+    check_axes,
+    compute_dtype,
+    dequantize,
+    quantize,
+    reciprocal,
+    reduce_or_zero,
+)
 
 MSE_RATIOS = np.float32(1.0) - np.float32(0.025) * np.arange(25, dtype=np.float32)
 CALIBRATIONS = ("max", "percentile", "mse")
@@ -60,6 +69,9 @@ def group_view(
       ``(view, reduce_axes)``.
     """
     ndim = x.ndim
+    check_axes("group_view", ndim, group_axis)
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
+        raise ValueError(f"group_view: group_size={group_size!r}; expected an int >= 1, e.g. 128")
     ga = group_axis % ndim
     n = x.shape[ga]
     groups = -(-n // group_size)
@@ -85,6 +97,9 @@ def expand_groups(scale: jax.Array, group_axis: int, group_size: int, length: in
     Returns:
       The repeated array.
     """
+    check_axes("expand_groups", scale.ndim, group_axis)
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
+        raise ValueError(f"expand_groups: group_size={group_size!r}; expected an int >= 1, e.g. 128")
     ga = group_axis % scale.ndim
     full = jnp.repeat(scale, group_size, axis=ga)
     return jax.lax.slice_in_dim(full, 0, length, axis=ga)
