@@ -1,16 +1,28 @@
 """Helpers shared by the benchmark scripts."""
 
+import argparse
 import json
 import time
 
 import jax
 import numpy as np
 
+from jaxqp._export.atomic import check_writable, replaced_atomically
+
+
+def json_file(path: str) -> str:
+    """The argparse type of ``--json FILE``: refuses, before the run, a path no file can be written to."""
+    try:
+        check_writable("--json", path, ".json")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--json: ")) from err
+    return path
+
 
 def write_json(path, rows) -> None:
-    """Writes ``rows`` to ``path`` as indented JSON (nothing if ``path`` is None)."""
+    """Writes ``rows`` to ``path`` as indented JSON, atomically (nothing if ``path`` is None)."""
     if path:
-        with open(path, "w") as f:
+        with replaced_atomically(path) as tmp, open(tmp, "w") as f:
             json.dump(rows, f, indent=2)
         print(f"wrote {path}")
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import write_json
+from _common import json_file, write_json
 from _mnist1d import CNN1D, batches, data
 from tqdm.auto import tqdm
 
@@ -232,7 +232,7 @@ def main(argv=None):
     parser.add_argument("--calib", type=int, default=8, help="calibration batches of the sweep")
     parser.add_argument("--models", default="cnn,transformer")
     parser.add_argument("--quick", action="store_true", help="a few steps, to check the script runs")
-    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--json", metavar="FILE", type=json_file)
     args = parser.parse_args(argv)
     if args.quick:
         args.pretrain, args.steps, args.seeds, args.calib = 20, 5, 1, 2

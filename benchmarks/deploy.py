@@ -33,7 +33,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import write_json
+from _common import json_file, write_json
 from serving import MLP, Block
 
 import jaxqp
@@ -153,7 +153,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
-    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--json", metavar="FILE", type=json_file)
     parser.add_argument("--no-litert", action="store_true", help="skip LiteRT even where the extra is installed")
     args = parser.parse_args(argv)
     width, d_model, batches = 4096, 512, [1, 2, 8, 32, 256]

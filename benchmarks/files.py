@@ -18,7 +18,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import median_seconds, write_json
+from _common import json_file, median_seconds, write_json
 from serving import MLP
 
 import jaxqp
@@ -29,7 +29,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--width", type=int, default=4096)
-    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--json", metavar="FILE", type=json_file)
     args = parser.parse_args(argv)
     cpu = cpu_info()
     print(f"{cpu['model']}; median of {args.repeats}")

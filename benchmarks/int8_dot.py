@@ -17,7 +17,7 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from _common import write_json
+from _common import json_file, write_json
 from serving import time_calls
 
 from jaxqp.numerics import bf16_int_dot
@@ -48,7 +48,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
-    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--json", metavar="FILE", type=json_file)
     args = parser.parse_args(argv)
     shapes = [(4096, 4096), (512, 2048), (2048, 512), (512, 512)]
     row_counts = [4, 8, 32, 64, 128, 512, 4096]

@@ -26,7 +26,7 @@ import argparse
 
 import jax
 import numpy as np
-from _common import write_json
+from _common import json_file, write_json
 from _mnist1d import CNN1D, Run, batches, data, format_row, summary_row, time_configs, title
 
 import jaxqp
@@ -69,7 +69,7 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--json", metavar="FILE", type=json_file)
     args = parser.parse_args(argv)
     if args.quick:
         args.pretrain, args.steps, args.seeds = 10, 20, 1

@@ -30,7 +30,7 @@ import argparse
 
 import jax
 import numpy as np
-from _common import write_json
+from _common import json_file, write_json
 from _mnist1d import CNN1D, Run, batches, data, format_row, summary_row, time_configs, title
 from _peers import aqt_models, qwix_models
 
@@ -66,7 +66,7 @@ def main(argv=None):
     parser.add_argument("--learned-lr", type=float, default=3e-6, help="adam lr of LSQ steps")
     parser.add_argument("--protocol", choices=["finetune", "scratch"], default="finetune")
     parser.add_argument("--quick", action="store_true", help="a few steps, to check the script runs")
-    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--json", metavar="FILE", type=json_file)
     args = parser.parse_args(argv)
     if args.quick:
         args.pretrain, args.steps, args.seeds = 10, 10, 1

@@ -47,7 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import write_json
+from _common import json_file, write_json
 
 import jaxqp
 from jaxqp.numerics._path_choice import cpu_info, machine_key, record_paths, row_bucket
@@ -276,7 +276,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
-    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--json", metavar="FILE", type=json_file)
     parser.add_argument("--pins", action="store_true",
                         help="also time every config with all its matmuls on each one path (JSON: pinned, best_pinned)")
     parser.add_argument("--models", default="mlp,transformer,lm,equinox",

@@ -24,7 +24,7 @@ import os
 import subprocess
 import sys
 
-from _common import write_json
+from _common import json_file, write_json
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "sharded_layouts.py")
 
@@ -34,7 +34,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=60, help="timed steps per layout and config")
     parser.add_argument("--scale", type=int, default=8,
                         help="multiply the test MLP's widths and batch (8: 512-2048-256, batch 512)")
-    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--json", metavar="FILE", type=json_file)
     args = parser.parse_args(argv)
     proc = subprocess.run([sys.executable, SCRIPT, "--time", str(args.rounds), "--scale", str(args.scale)],
                           capture_output=True, text=True, timeout=3600)

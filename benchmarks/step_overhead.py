@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import median_seconds, write_json
+from _common import json_file, median_seconds, write_json
 
 import jaxqp
 from jaxqp.demo import make_train_step
@@ -160,7 +160,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=20, help="timed blocks per config")
     parser.add_argument("--builds", type=int, default=7, help="fresh builds of each step; compile_s is their median")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
-    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--json", metavar="FILE", type=json_file)
     parser.add_argument("--rebuilds-only", action="store_true", help=argparse.SUPPRESS)  # the child of cached_rebuilds
     args = parser.parse_args(argv)
     if args.quick:

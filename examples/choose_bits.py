@@ -73,6 +73,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--plots", metavar="DIR")
     args = parser.parse_args(argv)
+    if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):  # before the sweep
+        parser.error(f"--plots {args.plots!r} is a file; give a folder for sensitivity.png and pareto.png")
     pretrain, finetune = (30, 10) if args.quick else (2000, 500)
     (x, y), (x_test, y_test) = load_mnist1d(QUICK_SAMPLES if args.quick else 20000)
     params = CNN().init(jax.random.key(0), x[:1])["params"]

@@ -32,6 +32,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="model.tflite", help="where to write the LiteRT model")
     args = parser.parse_args(argv)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out) or not os.path.isdir(folder):  # refused before training, not after
+        parser.error(f"--out {args.out!r}: give a file path in an existing folder")
     from ai_edge_litert.interpreter import Interpreter, OpResolverType  # the optional extra 'litert'
 
     model, packed, (x_test, y_test) = train(60 if args.quick else 600)

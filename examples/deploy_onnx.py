@@ -65,6 +65,9 @@ def main(argv=None):
     parser.add_argument("--bits", type=int, default=8, choices=range(2, 9), metavar="2..8",
                         help="weight bits (7: the export's fast u8 x s8 form is exact on every CPU)")
     args = parser.parse_args(argv)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out) or not os.path.isdir(folder):  # refused before training, not after
+        parser.error(f"--out {args.out!r}: give a file path in an existing folder")
     import onnxruntime as ort  # the optional extra: pip install -e ".[onnx]"
 
     model, packed, (x_test, y_test) = train(60 if args.quick else 600, args.bits)

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 import jaxqp
+from jaxqp._export.atomic import check_writable, replaced_atomically
 
 HIDDEN = (320, 160)  # kernel sizes 64*320, 320*160, 160*10 are multiples of 5: 80% is exact
 BATCH = 64
@@ -307,6 +308,13 @@ def main(argv=None) -> int:
     steps = 150 if args.quick else args.steps
     if steps < 30:
         parser.error("--steps must be at least 30")
+    if args.json:  # refused before training, not after
+        try:
+            check_writable("--json", args.json, ".json")
+        except ValueError as err:
+            parser.error(str(err))
+    if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
+        parser.error(f"--plots: {args.plots!r} is a file; give a folder for sensitivity.png and pareto.png")
     backend = jax.default_backend()
     print(f"jaxqp {jaxqp.__version__} demo: MLP on sklearn digits, {steps} steps per config, backend {backend}")
     data = load_digits(args.seed)
@@ -335,7 +343,7 @@ def main(argv=None) -> int:
             print(f"  budget {size:6d} bytes: uniform NLL {uniform:.4f}, allocated ({chosen} bytes) {allocated:.4f}")
         print(f"wrote {', '.join(drawn['files'])}")
     if args.json:
-        with open(args.json, "w") as f:
+        with replaced_atomically(args.json) as tmp, open(tmp, "w") as f:
             json.dump(rows, f, indent=2)
         print(f"wrote {args.json}")
     return 0

@@ -139,3 +139,34 @@ def test_prune_quality_quick_writes_rows(tmp_path):
     for name, sparsity in want.items():  # exact zeros over the pruned kernels, at the end of training
         assert by[name]["sparsity"] == pytest.approx(sparsity, abs=2e-3), name
     assert all(r["nll"] > 0 and r["step_ratio"] > 0 for r in rows)
+
+
+def test_demo_and_benchmarks_refuse_an_unwritable_json_before_running(tmp_path, capsys):
+    # before: the demo trained for a minute, then failed with FileNotFoundError on --json
+    from jaxqp import demo
+
+    missing = str(tmp_path / "no" / "such" / "demo.json")
+    for argv, message in ((["--json", missing], r"--json: the folder of .* does not exist"),
+                          (["--json", str(tmp_path)], r"--json: .* is a folder"),
+                          (["--plots", __file__], r"--plots: .* is a file; give a folder")):
+        with pytest.raises(SystemExit):
+            demo.main(argv)
+        assert re.search(message, capsys.readouterr().err)
+    proc = subprocess.run([sys.executable, "benchmarks/step_overhead.py", "--quick", "--json", missing],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and re.search(r"argument --json: the folder of .* does not exist", proc.stderr)
+
+
+def test_benchmark_json_is_written_atomically(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _common import write_json
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "rows.json"
+    out.write_text("[]")
+    with pytest.raises(TypeError):  # not JSON-serializable: the old file stays whole, no temporary is left
+        write_json(str(out), [{"bad": object()}])
+    assert out.read_text() == "[]" and [p.name for p in tmp_path.iterdir()] == ["rows.json"]
+    write_json(str(out), [{"ok": 1}])
+    assert json.loads(out.read_text()) == [{"ok": 1}]

@@ -116,3 +116,14 @@ def test_equinox_qat_quick(capsys):
     assert "layers/1/weight" in out
     if importlib.util.find_spec("jax2onnx") and importlib.util.find_spec("onnxruntime"):  # CI installs the extra
         assert "largest difference from jaxqp's integer path 0\n" in out  # ONNX Runtime: bit for bit
+
+
+@pytest.mark.parametrize("name,argv,message", [
+    ("deploy_onnx", ["--out", "/nonexistent-folder/model.onnx"], "--out '/nonexistent-folder/model.onnx': give a file"),
+    ("deploy_litert", ["--out", "."], "--out '.': give a file path in an existing folder"),
+    ("choose_bits", ["--plots", __file__], "is a file; give a folder"),
+])
+def test_examples_refuse_an_unwritable_output_before_training(capsys, name, argv, message):
+    with pytest.raises(SystemExit):
+        load(name).main(argv)
+    assert message in capsys.readouterr().err
