@@ -162,6 +162,33 @@ def test_serving_functions_refuse_what_prepare_did_not_make():
         jaxqp.nnx_serving_model(None, exported)
 
 
+def test_serving_an_export_that_was_not_prepared_names_the_leaf():
+    # before: "Could not convert QArray(...)" from flax (linen), "'QArray' object is not
+    # subscriptable" when the NNX model was called
+    model, x = _Two(), jnp.ones((2, 4))
+    params = model.init(jax.random.key(0), x)["params"]
+    exported = jaxqp.export(params, jaxqp.transform([Rule(".*kernel", quant=QuantSpec(bits=8))]).init(params))
+    apply = jaxqp.linen_serving_apply(model)
+    for serve in (apply, jax.jit(apply)):
+        with pytest.raises(ValueError, match=r"linen_serving_apply: 'body/kernel' is a QArray, not a served "
+                                             r"kernel; serve jaxqp\.prepare\(exported\)"):
+            serve(exported, x)
+    assert apply(jaxqp.prepare(exported), x).shape == (2, 3)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.body = nnx.Linear(4, 8, rngs=rngs)
+
+        def __call__(self, x):
+            return self.body(x)
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+    nnx_exported = jaxqp.export(state, jaxqp.transform([Rule(".*kernel", quant=QuantSpec(bits=8))]).init(state))
+    with pytest.raises(ValueError, match=r"nnx_serving_model: 'body/kernel' is a QArray, not a served kernel"):
+        jaxqp.nnx_serving_model(graphdef, nnx_exported)
+    assert jaxqp.nnx_serving_model(graphdef, jaxqp.prepare(nnx_exported))(x).shape == (2, 8)
+
+
 def test_equinox_serving_model_refuses_a_model_that_is_not_a_module():
     pytest.importorskip("equinox")
     _, exported = _exported()

@@ -16,13 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._export.atomic import check_writable, replaced_atomically
-from .._export.compressed import Compressed
-from ..serving._kernels import _Int8Codes
-
-
-def path_name(path) -> str:
-    """``a/b/0/kernel`` for a ``jax.tree_util`` key path."""
-    return "/".join(str(getattr(e, "key", getattr(e, "idx", getattr(e, "name", e)))) for e in path)
+from .._specs.paths import path_str
+from ..serving._kernels import require_prepared
 
 
 def check_request(where: str, apply_fn: Any, served: Any, file: Any, suffix: str) -> None:
@@ -42,13 +37,10 @@ def check_request(where: str, apply_fn: Any, served: Any, file: Any, suffix: str
                         f"jaxqp.linen_serving_apply(model); got {type(apply_fn).__name__}")
     if file is not None:
         check_writable(where, file, suffix)
-    leaves = jax.tree_util.tree_leaves_with_path(served, is_leaf=lambda x: isinstance(x, Compressed))
-    for path, leaf in leaves:
-        if isinstance(leaf, Compressed) and not isinstance(leaf, _Int8Codes):
-            raise ValueError(f"{where}: '{path_name(path)}' is a {type(leaf).__name__}, not a served "
-                             "kernel; export the model from jaxqp.prepare(tree), not jaxqp.export(...) itself")
+    require_prepared(where, served, "export the model from jaxqp.prepare(tree), not jaxqp.export(...) itself")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(served):
         if isinstance(leaf, jax.core.Tracer):
-            raise ValueError(f"{where}: '{path_name(path)}' is traced; call {where} outside jit")
+            raise ValueError(f"{where}: '{path_str(path)}' is traced; call {where} outside jit")
 
 
 def input_specs(where: str, inputs: tuple, dynamic_batch: bool) -> list:

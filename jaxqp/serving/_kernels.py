@@ -21,11 +21,13 @@ import dataclasses
 import functools
 import json
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from .._export.compressed import Compressed
+from .._specs.paths import path_str
 from ..numerics._int_dot import int_dot
 from ..numerics._packing import nibble_parts, unpack_nibbles
 from ._hooks import current_hook
@@ -275,3 +277,25 @@ _register(GeneralKernel, "jaxqp.serving.GeneralKernel")
 def _parts_product(codes: jax.Array, parts: list, path: str) -> jax.Array:
     """int32 ``codes (n, K)`` times ``(out, K)`` int8 codes given in column parts."""
     return functools.reduce(jnp.add, [int_dot(codes[:, columns], part, path, 1) for columns, part in parts])
+
+
+def require_prepared(where: str, tree: Any, fix: str) -> None:
+    """Refuses a tree holding a compressed leaf that only :func:`jaxqp.prepare` makes servable.
+
+    An exported but unprepared tree otherwise fails deep inside flax or the model ("Could not
+    convert QArray", "'QArray' object is not subscriptable"). The walk reads the tree's
+    structure only, so it adds nothing to a traced function.
+
+    Args:
+      where: the public function, for the message.
+      tree: the tree about to be served or exported.
+      fix: what to do instead, for the message.
+
+    Raises:
+      ValueError: naming the first such leaf's path and type.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: isinstance(x, Compressed))
+    for keypath, leaf in leaves:
+        if isinstance(leaf, Compressed) and not isinstance(leaf, _Int8Codes):
+            raise ValueError(f"{where}: '{path_str(keypath)}' is a {type(leaf).__name__}, not a served kernel; "
+                             f"{fix}")

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from .._adapters.inputs import as_tuple, trailing_contraction
-from ._kernels import GeneralKernel, ServingKernel
+from ._kernels import GeneralKernel, ServingKernel, require_prepared
 from ._matmul import int8_matmul, int8_matmul_general
 from ._model_choice import timed_as_a_whole
 
@@ -155,6 +155,7 @@ def linen_serving_apply(model: nn.Module, *, measure_model: bool = True) -> Call
     """
 
     def run(params, *args, **kwargs):
+        require_prepared("linen_serving_apply", params, "serve jaxqp.prepare(exported), not the export itself")
         params = _unused_to_float(model, params, args, kwargs)
         with nn.intercept_methods(_interceptor):
             return model.apply({"params": params}, *args, **kwargs)

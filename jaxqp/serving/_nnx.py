@@ -26,7 +26,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from ._kernels import GeneralKernel, ServingKernel
+from ._kernels import GeneralKernel, ServingKernel, require_prepared
 from ._matmul import int8_matmul
 from ._model_choice import timed_as_a_whole
 
@@ -117,6 +117,7 @@ def nnx_serving_model(graphdef: Any, served: Any, *rest: Any) -> nnx.Module:
       decoded to float.
     """
     _check_graphdef("nnx_serving_model", graphdef)
+    require_prepared("nnx_serving_model", served, "serve jaxqp.prepare(exported), not the export itself")
     model = nnx.merge(graphdef, served, *rest)
     _decode_others(model)
     swapped = _swap(model)
