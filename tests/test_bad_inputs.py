@@ -146,6 +146,22 @@ def test_freeze_masks_of_a_tree_without_state_is_an_error():
         jaxqp.freeze_masks(params)
     state = jaxqp.transform([Rule("w", prune=PruneSpec(sparsity=0.5))]).init(params)
     assert bool(jaxqp.freeze_masks(state).frozen)
+    # before: a state that prunes nothing was "frozen" silently, and frozen="yes" was taken as True
+    quantized = jaxqp.transform([Rule("w", quant=QuantSpec(bits=8))]).init(params)
+    with pytest.raises(ValueError, match=r"freeze_masks: no rule of this state prunes, so there is no mask"):
+        jaxqp.freeze_masks(quantized)
+    with pytest.raises(TypeError, match=r"freeze_masks: frozen must be a bool .* got 'yes'"):
+        jaxqp.freeze_masks(state, frozen="yes")
+    assert not bool(jaxqp.freeze_masks(state, jnp.array(False)).frozen)
+
+
+def test_rewind_with_a_state_that_prunes_nothing_is_an_error():
+    params = {"w": jnp.arange(1.0, 5.0)}
+    quantized = jaxqp.transform([Rule("w", quant=QuantSpec(bits=8))]).init(params)
+    with pytest.raises(ValueError, match=r"rewind: the state holds no pruning mask .* unchanged"):
+        jaxqp.rewind(params, quantized)
+    pruned = jaxqp.transform([Rule("w", prune=PruneSpec(sparsity=0.5))]).init(params)
+    np.testing.assert_array_equal(jaxqp.rewind(params, pruned)["w"], [0.0, 0.0, 3.0, 4.0])
 
 
 def test_serving_functions_refuse_what_prepare_did_not_make():

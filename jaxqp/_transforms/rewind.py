@@ -39,8 +39,12 @@ def rewind(early_params: Any, state: Any) -> Any:
       ``early_params`` with pruned entries exactly 0.
 
     Raises:
-      ValueError: if ``early_params`` has another tree structure than ``state``'s plan.
+      ValueError: if ``early_params`` has another tree structure than ``state``'s plan, or
+        ``state`` holds no mask (no rule prunes: rewinding would return ``early_params`` as is).
     """
     flat, treedef, views = leaf_views(early_params, state)
+    if all(view.mask is None for view in views):
+        raise ValueError("jaxqp.rewind: the state holds no pruning mask (no rule prunes), so rewinding would "
+                         "return early_params unchanged; pass the state of the pruned run (lottery ticket)")
     out = [leaf if view.mask is None else apply_mask(leaf, view.mask) for (_, leaf), view in zip(flat, views)]
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .transform import TransformState
 
@@ -68,7 +69,9 @@ def freeze_masks(tree: Any, frozen: bool = True) -> Any:
       ``tree`` with every transform state's ``frozen`` flag set.
 
     Raises:
-      ValueError: if ``tree`` holds no transform state (nothing would be frozen).
+      ValueError: if ``tree`` holds no transform state, or none of its rules prunes (nothing
+        would be frozen).
+      TypeError: if ``frozen`` is not a bool.
 
     Example:
       >>> import jax.numpy as jnp, jaxqp
@@ -81,4 +84,11 @@ def freeze_masks(tree: Any, frozen: bool = True) -> Any:
     if not transform_states(tree):
         raise ValueError("jaxqp.freeze_masks: no jaxqp state found in the tree, so there is no mask to freeze; pass "
                          "t.init(params)'s result, or the optimizer state of jaxqp.wrap(optax_tx, t)")
+    if not any(leaf.prune is not None for s in transform_states(tree) for leaf in s.plan.leaves):
+        raise ValueError("jaxqp.freeze_masks: no rule of this state prunes, so there is no mask to freeze (the "
+                         "quantizers go on either way); call it only for a transform with a PruneSpec")
+    is_bool_array = hasattr(frozen, "dtype") and jnp.issubdtype(frozen.dtype, jnp.bool_) and jnp.ndim(frozen) == 0
+    if not (isinstance(frozen, (bool, np.bool_)) or is_bool_array):
+        raise TypeError(f"jaxqp.freeze_masks: frozen must be a bool (True freezes, False lets masks refresh "
+                        f"again), got {frozen!r}")
     return map_states(tree, lambda s: dataclasses.replace(s, frozen=jnp.asarray(frozen, bool)))
