@@ -202,6 +202,13 @@ def test_bad_inputs_get_clear_errors(swept):
         Candidate("keep", quant=Q(bits=4))
     with pytest.raises(ValueError, match="measure=False and proxy=False"):
         sensitivity(mlp_loss, params, batches, CANDIDATES, measure=False, proxy=False)
+    # before: re.error from deep inside, an all-float "allocation", and an IndexError
+    with pytest.raises(ValueError, match=r"allocate: exclude='\(' is not a valid regular expression"):
+        allocate(s, 10**6, exclude="(")
+    with pytest.raises(ValueError, match=r"allocate: exclude='\.\*' matches every candidate"):
+        allocate(s, 10**6, exclude=".*")
+    with pytest.raises(ValueError, match=r"pareto_front: costs and deltas must both be \(layers, options\)"):
+        jaxqp.choose.pareto_front(np.ones((2, 3)), np.ones((2, 2)))
 
 
 def test_candidate_names():

@@ -66,6 +66,9 @@ def pareto_front(costs: np.ndarray, deltas: np.ndarray, fixed: int = 0, limit: f
       The :class:`Front`.
     """
     costs, deltas = np.asarray(costs, np.int64), np.asarray(deltas, np.float64)
+    if costs.ndim != 2 or costs.shape != deltas.shape:
+        raise ValueError(f"pareto_front: costs and deltas must both be (layers, options), got shapes {costs.shape} "
+                         f"and {deltas.shape}")
     points_bytes, points_delta = np.array([fixed], np.int64), np.array([0.0])
     parents, options = [], []
     for i in range(costs.shape[0]):
@@ -153,7 +156,13 @@ def allocate(sensitivity: Sensitivity, budget_bytes: int, *, keep: bool = True, 
     costs = sensitivity.bytes.copy()
     names = list(sensitivity.names)
     if exclude is not None:
-        dropped = [j for j, n in enumerate(names) if re.fullmatch(exclude, n)]
+        try:
+            dropped = [j for j, n in enumerate(names) if re.fullmatch(exclude, n)]
+        except re.error as err:
+            raise ValueError(f"allocate: exclude={exclude!r} is not a valid regular expression ({err})") from err
+        if len(dropped) == len(names):
+            raise ValueError(f"allocate: exclude={exclude!r} matches every candidate ({names}), so nothing is left to "
+                             "choose; exclude fewer (a regex on candidate names, e.g. 'nm.*')")
         costs[:, dropped] = -1
     costs = np.where(np.isfinite(scores), costs, -1)
     if keep:
