@@ -118,11 +118,11 @@ def _require_finite(path: str, leaf, view: LeafView) -> None:
     (its whole channel mis-scaled), an infinity would decode to NaN: either way a model that
     looks fine and is not. Entries the mask prunes are not kept, so they may hold anything.
     """
-    values = np.asarray(leaf)
-    bad = ~np.isfinite(values)
+    bad = ~jnp.isfinite(jnp.asarray(leaf))  # on the leaf's devices: a host copy only for the message
     if view.mask is not None:
-        bad &= np.asarray(view.mask, bool)
-    if bad.any():
+        bad &= jnp.asarray(view.mask, bool)
+    if bool(bad.any()):
+        values, bad = np.asarray(leaf), np.asarray(bad)
         first = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(
             f"jaxqp.export: '{path}' holds {int(np.isnan(values[bad]).sum())} NaN and "
