@@ -388,3 +388,17 @@ def test_numerics_primitives_refuse_static_arguments_out_of_range():
     # traced values (a schedule's sparsity under jit) are not checked, and still work
     masks = jax.jit(lambda s: numerics.magnitude_mask(x, s))(jnp.float32(0.5))
     assert int((~masks).sum()) == 12
+
+
+def test_masks_state_of_and_integer_inputs():
+    params = {"a": {"kernel": jnp.arange(12.0).reshape(4, 3)}}
+    t = jaxqp.transform([Rule(".*kernel", prune=PruneSpec(sparsity=0.5), act=ActSpec(bits=4))])
+    state = t.init(params)
+    with pytest.raises(TypeError, match=r"t\.masks: state must be the jaxqp state .* got dict"):
+        t.masks(params)  # before: AttributeError: 'dict' object has no attribute 'plan'
+    assert jaxqp.state_of(state) is state  # before: "expected one jaxqp state in opt_state, found 0"
+    # an integer input is quantized as floats and stays float (before: the values were cast back and truncated)
+    x = jnp.array([[0, 3, 700, 1000]], jnp.int32)
+    y, _ = jaxqp.quantize_input(x, state, "a/kernel")
+    want, _ = jaxqp.quantize_input(x.astype(jnp.float32), state, "a/kernel")
+    assert y.dtype == jnp.float32 and bool((y == want).all()) and float(y[0, 2]) != 700.0

@@ -83,8 +83,13 @@ def _state(values: dict | None, spec: ActSpec, what: str) -> dict:
 
 def fake_quant_input(x: jax.Array, spec: ActSpec, ranges: dict | None, learned: dict | None,
                    calibrating: bool = False) -> tuple[jax.Array, dict]:
-    """``(x_hat, observed)`` for one layer input; see the module docstring."""
-    dtype = x.dtype
+    """``(x_hat, observed)`` for one layer input; see the module docstring.
+
+    ``x_hat`` has ``x``'s dtype when that is a float; an integer input (pixel values, counts)
+    gives float ``x_hat``, as the layer would compute with: the quantized values are not
+    integers, and casting them back would truncate them.
+    """
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else compute_dtype(x.dtype)
     x = jnp.asarray(x, compute_dtype(dtype))
     if calibrating:
         lo, hi = _observe(x, spec)

@@ -328,6 +328,9 @@ def transform(rules: Sequence[Rule] | Rule, *, seed: int | None = None, refresh:
 
 def enforced_masks(state: TransformState) -> Masks:
     """The masks :func:`jaxqp.wrap` (and ``t.refresh``) enforce on params: straight-through leaves train dense."""
+    if not isinstance(state, TransformState):
+        raise TypeError("t.masks: state must be the jaxqp state returned by t.init(params) (inside an optimizer: "
+                        f"jaxqp.state_of(opt_state)), got {type(state).__name__}")
     soft = {e.path for e in state.plan.leaves if e.prune is not None and e.prune.straight_through}
     return {path: m for path, m in state.masks.items() if path not in soft}
 

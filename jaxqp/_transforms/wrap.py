@@ -43,7 +43,7 @@ import optax
 from .._specs.paths import paths_and_leaves
 from .rigl import reset_moments
 from .state_tree import learned_of, needs_grads, transform_states, with_learned
-from .transform import ParamTransform
+from .transform import ParamTransform, TransformState
 
 
 class WrapState(NamedTuple):
@@ -211,11 +211,15 @@ def state_of(opt_state: Any) -> Any:
       opt_state: the optimizer state.
 
     Returns:
-      The :class:`TransformState` (or a chain's tuple of them).
+      The :class:`TransformState` (or a chain's tuple of them); given one (or such a tuple)
+      itself, that same state.
 
     Raises:
       ValueError: if ``opt_state`` holds no jaxqp state.
     """
+    if isinstance(opt_state, TransformState) or (
+            isinstance(opt_state, tuple) and opt_state and all(isinstance(s, TransformState) for s in opt_state)):
+        return opt_state  # already the transform state (t.init's result): no optimizer around it
     found = [
         node
         for node in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, WrapState))
