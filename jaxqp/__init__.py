@@ -29,9 +29,10 @@ from ._specs.rules import LeafPlan, Plan, Rule, resolve
 from ._specs.schedules import Schedule, constant, iterative, one_shot, polynomial
 from ._tools.summary import Summary, summary
 from ._transforms.activations import calibrate, quantize_input
+from ._transforms.chain import chain
 from ._transforms.rewind import rewind
 from ._transforms.state_tree import freeze_masks
-from ._transforms.transform import ParamTransform, TransformState, chain, transform
+from ._transforms.transform import ParamTransform, TransformState, transform
 from ._transforms.weight_quantizer import fake_quant_weight
 from ._transforms.wrap import WrapState, state_of, wrap
 from .serving import export_serving, linen_serving_apply, load_serving, nnx_serving_model, prepare
