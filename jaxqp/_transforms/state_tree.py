@@ -87,7 +87,8 @@ def freeze_masks(tree: Any, frozen: bool = True) -> Any:
     if not any(leaf.prune is not None for s in transform_states(tree) for leaf in s.plan.leaves):
         raise ValueError("jaxqp.freeze_masks: no rule of this state prunes, so there is no mask to freeze (the "
                          "quantizers go on either way); call it only for a transform with a PruneSpec")
-    is_bool_array = hasattr(frozen, "dtype") and jnp.issubdtype(frozen.dtype, jnp.bool_) and jnp.ndim(frozen) == 0
+    dtype = getattr(frozen, "dtype", None)
+    is_bool_array = dtype is not None and jnp.issubdtype(dtype, jnp.bool_) and jnp.ndim(frozen) == 0
     if not (isinstance(frozen, (bool, np.bool_)) or is_bool_array):
         raise TypeError(f"jaxqp.freeze_masks: frozen must be a bool (True freezes, False lets masks refresh "
                         f"again), got {frozen!r}")
