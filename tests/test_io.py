@@ -173,3 +173,16 @@ def test_committed_files_of_every_format_version_load_bit_exact(version):
     assert back["c"].bitmask is not None and back["c"].kept == round(0.1 * 64 * 16)
     assert back["d"].index.size == -(-(2 * 64 // 8 * 16 * 3) // 8)  # 3-bit positions, 2 of every 8
     assert back["e"].index.size == -(-(2 * 16 * 5) // 8)  # 5-bit positions, 1 of every 32
+
+
+def test_scalars_keep_their_shape(tmp_path):
+    # before: np.ascontiguousarray turned every 0-d leaf (an optimizer's count, a learned
+    # temperature) into shape (1,), so the loaded tree differed from the saved one
+    tree = {"count": jnp.asarray(7, jnp.int32), "temperature": jnp.float32(0.5), "host": np.float32(1.5),
+            "one": jnp.ones((1,)), "none": jnp.ones((0, 3))}
+    path = tmp_path / "scalars.jaxqp"
+    jaxqp.save(path, tree)
+    back = jaxqp.load(path)
+    for key, value in tree.items():
+        assert back[key].shape == np.shape(value) and back[key].dtype == np.asarray(value).dtype, key
+        np.testing.assert_array_equal(back[key], value)

@@ -80,7 +80,7 @@ class _Writer:
         array = np.asarray(array)
         if str(array.dtype) not in _CODES:
             raise TypeError(f"jaxqp.save: '{name}' has dtype {array.dtype}, which safetensors cannot store")
-        self.tensors[name] = np.ascontiguousarray(array)
+        self.tensors[name] = np.ascontiguousarray(array).reshape(array.shape)  # ascontiguousarray makes 0-d 1-d
         return name
 
 
