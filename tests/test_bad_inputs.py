@@ -205,6 +205,21 @@ def test_serving_an_export_that_was_not_prepared_names_the_leaf():
     assert jaxqp.nnx_serving_model(graphdef, jaxqp.prepare(nnx_exported))(x).shape == (2, 8)
 
 
+def test_prepare_refuses_a_pin_that_would_do_nothing_and_a_negative_size():
+    params = {"a": {"kernel": jax.random.normal(jax.random.key(0), (64, 32))}}
+    asymmetric = jaxqp.export(params, jaxqp.transform([Rule(".*kernel", quant=QuantSpec(bits=8, symmetric=False))])
+                              .init(params))
+    # before: path="int8" was accepted and every kernel decoded to float all the same
+    with pytest.raises(ValueError, match=r"prepare: path='int8' pins the kernels served from codes, but this tree "
+                                         r"has none"):
+        jaxqp.prepare(asymmetric, path="int8")
+    assert isinstance(jaxqp.prepare(asymmetric)["a"]["kernel"], jax.Array)  # auto decodes them, as documented
+    symmetric = jaxqp.export(params, jaxqp.transform([Rule(".*kernel", quant=QuantSpec(bits=8))]).init(params))
+    with pytest.raises(ValueError, match=r"prepare: min_int_size=-1 must be >= 0"):
+        jaxqp.prepare(symmetric, min_int_size=-1)
+    assert jaxqp.prepare(symmetric, path="int8")["a"]["kernel"].path == "int8"
+
+
 def test_equinox_serving_model_refuses_a_model_that_is_not_a_module():
     pytest.importorskip("equinox")
     _, exported = _exported()

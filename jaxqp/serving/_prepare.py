@@ -42,7 +42,7 @@ from .._export.sparse_array import SparseArray
 from .._export.value_arrays import Fp8Array, Pow2Array
 from ..numerics._packing import pack_nibbles
 from ._hooks import PINS
-from ._kernels import GeneralKernel, ServingKernel
+from ._kernels import GeneralKernel, ServingKernel, _Int8Codes
 
 MIN_INT_SIZE = 1  # every servable kernel keeps its codes (0.2 decoded kernels under 65536 entries)
 MIN_POW2_EXPONENT = -126  # 2^emin stays a normal float32
@@ -138,7 +138,8 @@ def prepare(tree: Any, min_int_size: int = MIN_INT_SIZE, pow2_inputs: bool = Fal
       kernels and float arrays elsewhere.
 
     Raises:
-      ValueError: for an unknown ``path``.
+      ValueError: for an unknown ``path``, a negative ``min_int_size``, or an integer ``path``
+        pinned on an exported tree with no kernel served from codes (the pin would do nothing).
       TypeError: for a ``keep_float`` that is not a bool or a ``min_int_size`` that is not an int.
     """
     if path not in PINS:
@@ -148,6 +149,17 @@ def prepare(tree: Any, min_int_size: int = MIN_INT_SIZE, pow2_inputs: bool = Fal
     if isinstance(min_int_size, bool) or not isinstance(min_int_size, (int, np.integer)):
         raise TypeError(f"prepare: min_int_size={min_int_size!r} must be an int (kernels with fewer entries are "
                         f"decoded to float), e.g. {MIN_INT_SIZE}")
+    if min_int_size < 0:
+        raise ValueError(f"prepare: min_int_size={min_int_size} must be >= 0 (0 or 1: every kernel from codes)")
     options = _Options(int(min_int_size), bool(pow2_inputs), bool(dense_general), path, keep_float)
     is_leaf = lambda x: isinstance(x, (QArray, SparseArray, NMArray, Pow2Array, Fp8Array))
-    return jax.tree_util.tree_map(lambda x: _prepare_leaf(x, options), tree, is_leaf=is_leaf)
+    served = jax.tree_util.tree_map(lambda x: _prepare_leaf(x, options), tree, is_leaf=is_leaf)
+    kernels = [x for x in jax.tree_util.tree_leaves(served, is_leaf=lambda x: isinstance(x, _Int8Codes))
+               if isinstance(x, _Int8Codes)]
+    compressed = any(is_leaf(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_leaf))
+    if path not in ("auto", "float") and compressed and not kernels:
+        raise ValueError(f"prepare: path={path!r} pins the kernels served from codes, but this tree has none "
+                         "(zero-point, per-group, 5-8-bit pow2 and fp8 kernels, and kernels under min_int_size, "
+                         "decode to float here): the pin would change nothing. Use path='auto', or a symmetric "
+                         "per-channel QuantSpec")
+    return served
