@@ -8,9 +8,8 @@ Example:
 
 from __future__ import annotations
 
-import jax
-
-from .transform import Masks, ParamTransform, TransformState
+from .state_tree import transform_states
+from .transform import Masks, ParamTransform
 
 
 def _require_one_quantizer(states) -> None:
@@ -18,8 +17,7 @@ def _require_one_quantizer(states) -> None:
     for field, what in (("quant", "a QuantSpec"), ("act", "an ActSpec")):
         first: dict[str, int] = {}
         for i, state in enumerate(states):  # a chained chain's states are a tuple of them
-            nodes = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, TransformState))
-            for leaf in (leaf for node in nodes if isinstance(node, TransformState) for leaf in node.plan.leaves):
+            for leaf in (leaf for s in transform_states(state) for leaf in s.plan.leaves):
                 if getattr(leaf, field) is None:
                     continue
                 if leaf.path in first:

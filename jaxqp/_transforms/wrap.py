@@ -93,8 +93,12 @@ def _split_grads(updates):
     return updates, None
 
 
-def _check_grads(grads, params) -> None:
-    """Refuses gradients of another tree than ``params`` (naming the paths), before any update."""
+def _check_grads(grads, params, transform_state) -> None:
+    """Refuses gradients of another tree than ``params`` (naming the paths), before any update.
+
+    When the trees differ, ``params`` are checked against the transform state first, so that
+    another model's params are named as such (``t.update`` checks them on the normal path).
+    """
     if jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params):
         shapes = zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(params))
         if all(jnp.shape(g) == jnp.shape(p) for g, p in shapes):
@@ -104,6 +108,8 @@ def _check_grads(grads, params) -> None:
                                if jnp.shape(g) != jnp.shape(p))
         raise ValueError(f"jaxqp.wrap: the gradient of '{path}' has shape {got} but the param has shape "
                          f"{want}. Fix: pass grads = jax.grad(loss_fn)(params) of these params")
+    for s in transform_states(transform_state):
+        s.plan.check(params)
     got = {path for path, _ in paths_and_leaves(grads)[0]}
     want = {path for path, _ in paths_and_leaves(params)[0]}
     raise ValueError(f"jaxqp.wrap: grads and params are different trees (missing from grads: "
@@ -167,9 +173,7 @@ def wrap(tx: optax.GradientTransformation, t: ParamTransform,
                 "call tx.update(grads, opt_state, params)"
             )
         updates, state_grads = _split_grads(updates)
-        for transform_state in transform_states(state.transform):  # another model's params: named first
-            transform_state.plan.check(params)
-        _check_grads(updates, params)
+        _check_grads(updates, params, state.transform)
         learns = _has_learned(state.transform)
         if learns and state_grads is None:
             raise ValueError(

@@ -28,9 +28,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ._linear import check_bits, dequantize, quantize
+from ._linear import check_bits, check_code_range, dequantize, quantize
 
 MIN_STEP = 1e-8
 
@@ -83,8 +82,7 @@ def lsq(x: jax.Array, step: jax.Array, qmin: int, qmax: int, grad_scale: float,
     Returns:
       The fake-quantized values, with LSQ's gradients for ``step`` and ``offset``.
     """
-    if not (isinstance(qmin, (int, np.integer)) and isinstance(qmax, (int, np.integer)) and qmin < qmax):
-        raise ValueError(f"lsq: qmin={qmin!r}, qmax={qmax!r}; expected ints with qmin < qmax, e.g. int_range(4)")
+    check_code_range("lsq", qmin, qmax)
     step = jnp.maximum(jnp.asarray(step, x.dtype), MIN_STEP)
     off = jnp.zeros((), x.dtype) if offset is None else jnp.asarray(offset, x.dtype)
     return _lsq(x, step, off, qmin, qmax, float(grad_scale))

@@ -73,6 +73,19 @@ def check_bits(fn: str, bits, smallest: int = 1, largest: int = 16) -> None:
         raise ValueError(f"{fn}: bits={bits!r}; expected an int in [{smallest}, {largest}], e.g. bits=8")
 
 
+def check_size(fn: str, name: str, value) -> None:
+    """Refuses a ``value`` that is not an int >= 1 (a group size, a block side), naming ``fn``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{fn}: {name}={value!r}; expected an int >= 1, e.g. {name}=128")
+
+
+def check_code_range(fn: str, qmin, qmax) -> None:
+    """Refuses a code range that is not two ints with ``qmin < qmax``, naming ``fn``."""
+    if not (isinstance(qmin, (int, np.integer)) and isinstance(qmax, (int, np.integer)) and qmin < qmax):
+        raise ValueError(f"{fn}: qmin={qmin!r}, qmax={qmax!r}; expected ints with qmin < qmax, "
+                         "e.g. int_range(8, narrow=True)")
+
+
 def check_axes(fn: str, ndim: int, axes) -> None:
     """Refuses an axis outside ``[-ndim, ndim)`` (numpy would raise; a modulo would wrap it silently)."""
     for a in (axes,) if isinstance(axes, (int, np.integer)) else axes:
@@ -285,9 +298,7 @@ def fake_quant(
       >>> fake_quant(jnp.array([0.3, 2.5, 9.0]), jnp.array(1.0), None, -7, 7)
       Array([0., 2., 7.], dtype=float32)
     """
-    if not (isinstance(qmin, (int, np.integer)) and isinstance(qmax, (int, np.integer)) and qmin < qmax):
-        raise ValueError(f"fake_quant: qmin={qmin!r}, qmax={qmax!r}; expected ints with qmin < qmax, "
-                         "e.g. int_range(8, narrow=True)")
+    check_code_range("fake_quant", qmin, qmax)
     if ste not in ("clipped", "identity"):
         raise ValueError(f"ste={ste!r}: use 'clipped' or 'identity'")
     dtype = compute_dtype(x.dtype)

@@ -40,6 +40,7 @@ from ._linear import (
     Axis,
     _finite_positive,
     check_axes,
+    check_size,
     compute_dtype,
     dequantize,
     quantize,
@@ -70,8 +71,7 @@ def group_view(
     """
     ndim = x.ndim
     check_axes("group_view", ndim, group_axis)
-    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
-        raise ValueError(f"group_view: group_size={group_size!r}; expected an int >= 1, e.g. 128")
+    check_size("group_view", "group_size", group_size)
     ga = group_axis % ndim
     n = x.shape[ga]
     groups = -(-n // group_size)
@@ -98,8 +98,7 @@ def expand_groups(scale: jax.Array, group_axis: int, group_size: int, length: in
       The repeated array.
     """
     check_axes("expand_groups", scale.ndim, group_axis)
-    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
-        raise ValueError(f"expand_groups: group_size={group_size!r}; expected an int >= 1, e.g. 128")
+    check_size("expand_groups", "group_size", group_size)
     ga = group_axis % scale.ndim
     full = jnp.repeat(scale, group_size, axis=ga)
     return jax.lax.slice_in_dim(full, 0, length, axis=ga)
